@@ -1,0 +1,71 @@
+# Fedge: the two commands a user needs are `make demo` and `make test`.
+# Everything they need is installed here, into .venv, on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url <your CPU wheel index>".
+TORCH_PIP_ARGS ?=
+STAMP := $(VENV)/.fedge-installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup broker test test-fast test-integration lint demo bench dist clean
+
+help:
+	@echo "make demo   - set everything up and run the product tour"
+	@echo "make test   - set everything up, lint, type-check and run the tests"
+	@echo "make lint   - ruff + mypy --strict"
+	@echo "make bench  - run the benchmarks in bench/"
+	@echo "make dist   - build the wheel and the .deb packages into dist/"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+	  { echo "Fedge needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)). Set PYTHON=/path/to/python3.11."; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first and pinned: a bare requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(STAMP) broker
+
+# Mosquitto is a real dependency of the integration tests and the demo.
+broker:
+	@if command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "Installing Mosquitto with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+	  echo "Mosquitto is missing. Install it (Debian/Ubuntu: sudo apt-get install mosquitto) and run make again."; \
+	  exit 1; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent cloud_coordinator protocols tests bench
+	$(BIN)/ruff format --check agent cloud_coordinator protocols tests bench
+	$(BIN)/mypy agent cloud_coordinator protocols bench
+
+test: setup lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/fedge-coordinator demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.codec
+
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --wheel --sdist --outdir dist .
+	bash packaging/build-deb.sh dist
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,113 @@
+"""Split blobs into `BlobChunk` messages and put them back together, verifying sha256.
+
+`Reassembly` is pure state: feed it chunks in any order, duplicates included; it knows
+which indices are still missing (so a transfer can resume after a reconnect) and hands
+out the blob only once every chunk is in and the hash matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+from protocols.errors import DecodeError
+from protocols.messages import BlobChunk
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MAX_BLOB_SIZE = 2 * 1024**3
+
+
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
+    """Lowercase hex sha256 of `data`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def split_blob(
+    blob: bytes | bytearray | memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[BlobChunk]:
+    """Yield the chunks of `blob`, each carrying at most `chunk_size` bytes (zero-copy views)."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    view = memoryview(blob).cast("B")
+    digest = sha256_hex(view)
+    count = max(1, -(-view.nbytes // chunk_size))
+    for index in range(count):
+        part = view[index * chunk_size : (index + 1) * chunk_size]
+        yield BlobChunk(digest, index, count, view.nbytes, chunk_size, part)
+
+
+class Reassembly:
+    """Collects the chunks of one blob; `result` returns it once complete and verified."""
+
+    def __init__(self, first: BlobChunk, max_size: int = MAX_BLOB_SIZE) -> None:
+        _check_header(first, max_size)
+        self.sha256 = first.blob_sha256
+        self.count = first.count
+        self.size = first.size
+        self.chunk_size = first.chunk_size
+        self._buffer = bytearray(self.size)
+        self._have: set[int] = set()
+
+    @property
+    def complete(self) -> bool:
+        """True once every chunk has arrived."""
+        return len(self._have) == self.count
+
+    def missing(self) -> list[int]:
+        """Indices not yet received, in order."""
+        return [i for i in range(self.count) if i not in self._have]
+
+    def received_bytes(self) -> int:
+        """Bytes received so far (each chunk counted once)."""
+        return sum(self._expected_len(i) for i in self._have)
+
+    def _expected_len(self, index: int) -> int:
+        start = index * self.chunk_size
+        return min(self.chunk_size, self.size - start)
+
+    def add(self, chunk: BlobChunk) -> bool:
+        """Store `chunk`; return True if it was new. DecodeError if it does not belong here."""
+        if (chunk.blob_sha256, chunk.count, chunk.size, chunk.chunk_size) != (
+            self.sha256,
+            self.count,
+            self.size,
+            self.chunk_size,
+        ):
+            raise DecodeError("chunk does not match its blob's header", reason="bad_chunk")
+        if not 0 <= chunk.index < self.count:
+            raise DecodeError(
+                f"chunk index {chunk.index} outside 0..{self.count - 1}", reason="bad_chunk"
+            )
+        data = memoryview(chunk.data)
+        expected = self._expected_len(chunk.index)
+        if data.nbytes != expected:
+            raise DecodeError(
+                f"chunk {chunk.index} has {data.nbytes} bytes, expected {expected}",
+                reason="bad_chunk",
+            )
+        if chunk.index in self._have:
+            return False
+        start = chunk.index * self.chunk_size
+        self._buffer[start : start + data.nbytes] = data
+        self._have.add(chunk.index)
+        return True
+
+    def result(self) -> bytes:
+        """The verified blob; DecodeError if chunks are missing or the hash does not match."""
+        if not self.complete:
+            raise DecodeError(f"{len(self.missing())} chunks still missing", reason="incomplete")
+        blob = bytes(self._buffer)
+        if sha256_hex(blob) != self.sha256:
+            raise DecodeError("reassembled blob does not match its sha256", reason="hash_mismatch")
+        return blob
+
+
+def _check_header(chunk: BlobChunk, max_size: int) -> None:
+    if not 0 <= chunk.size <= max_size:
+        raise DecodeError(
+            f"blob of {chunk.size} bytes exceeds the cap of {max_size}", reason="too_large"
+        )
+    if chunk.chunk_size <= 0 or chunk.count != max(1, -(-chunk.size // chunk.chunk_size)):
+        raise DecodeError("chunk count does not match size and chunk size", reason="bad_chunk")
+    if len(chunk.blob_sha256) != 64:
+        raise DecodeError("blob sha256 must be 64 hex digits", reason="bad_chunk")

@@ -1,0 +1,291 @@
+"""Every wire message of protocol v1, as a frozen dataclass, and its codec.
+
+A payload is one msgpack map whose first keys are ``v`` (the major version of that kind)
+and ``kind``; the message's own fields follow. Decoders ignore unknown keys, so a minor
+version may add fields (always with defaults); a different major version is rejected by
+`VersionError`, naming both versions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from protocols import schema, wire
+from protocols.errors import DecodeError, EncodeError, VersionError
+from protocols.schema import Binary, Scalar
+from protocols.tensors import WireTensor
+from protocols.topics import valid_id
+
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+def _ids(**values: str) -> None:
+    for what, value in values.items():
+        if not valid_id(value):
+            raise ValueError(f"{what} {value!r} is not a valid identifier")
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """Retained presence of a device: ``online`` on connect, ``offline`` on exit or as Will."""
+
+    KIND: ClassVar[str] = "status"
+    VERSION: ClassVar[int] = 1
+    device_id: str
+    state: str
+    ts: float
+    agent_version: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _ids(device_id=self.device_id)
+        if self.state not in (ONLINE, OFFLINE):
+            raise ValueError(f"state must be {ONLINE!r} or {OFFLINE!r}, not {self.state!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """Periodic device health, sent at QoS 0."""
+
+    KIND: ClassVar[str] = "telemetry"
+    VERSION: ClassVar[int] = 1
+    device_id: str
+    ts: float
+    seq: int
+    uptime_s: float
+    cpu_percent: float
+    mem_rss_bytes: int
+    mem_available_bytes: int
+    load1: float = 0.0
+    queue_depth: int = 0
+    agent_version: str = ""
+    model_versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _ids(device_id=self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """An instruction from the coordinator to one device."""
+
+    KIND: ClassVar[str] = "cmd"
+    VERSION: ClassVar[int] = 1
+    cmd_id: str
+    action: str
+    ts: float
+    args: dict[str, Scalar] = field(default_factory=dict)
+    ttl_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Acknowledges a command, task or update by its reference; ``ok`` false says why."""
+
+    KIND: ClassVar[str] = "ack"
+    VERSION: ClassVar[int] = 1
+    ref: str
+    ok: bool
+    ts: float
+    reason: str = ""
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a model bundle, addressed by content."""
+
+    name: str
+    sha256: str
+    size: int
+
+    def __post_init__(self) -> None:
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        if self.size < 0:
+            raise ValueError("size must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, element type and shape (-1 for a free dimension) of a model input or output."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelManifest:
+    """A model version: its files, schema and labels; signed by the coordinator."""
+
+    KIND: ClassVar[str] = "manifest"
+    VERSION: ClassVar[int] = 1
+    name: str
+    version: str
+    created: float
+    files: tuple[FileEntry, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parent_version: str | None = None
+    labels: tuple[str, ...] = ()
+    preprocessing: dict[str, Scalar] = field(default_factory=dict)
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _ids(model_name=self.name, version=self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class TrainTask:
+    """Asks a device to train one round of a job from a base version."""
+
+    KIND: ClassVar[str] = "task"
+    VERSION: ClassVar[int] = 1
+    task_id: str
+    job_id: str
+    round: int
+    model_name: str
+    base_version: str
+    deadline: float
+    compression: str = "f32"
+    hyperparams: dict[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _ids(job_id=self.job_id, model_name=self.model_name)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUpdate:
+    """A device's trained delta from ``base_version``; deduplicated on its `key`."""
+
+    KIND: ClassVar[str] = "update"
+    VERSION: ClassVar[int] = 1
+    device_id: str
+    job_id: str
+    round: int
+    base_version: str
+    seq: int
+    num_samples: int
+    tensors: tuple[WireTensor, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _ids(device_id=self.device_id, job_id=self.job_id)
+        if self.num_samples < 0 or self.round < 0 or self.seq < 0:
+            raise ValueError("round, seq and num_samples must be >= 0")
+
+    @property
+    def key(self) -> tuple[str, str, int, str, int]:
+        """The deduplication key (device, job, round, base version, seq)."""
+        return (self.device_id, self.job_id, self.round, self.base_version, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class BlobChunk:
+    """Part ``index`` of ``count`` of the blob whose sha256 is ``blob_sha256``."""
+
+    KIND: ClassVar[str] = "chunk"
+    VERSION: ClassVar[int] = 1
+    blob_sha256: str
+    index: int
+    count: int
+    size: int
+    chunk_size: int
+    data: Binary
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    """Asks the cloud model for a prediction; the answer goes to ``reply_to``."""
+
+    KIND: ClassVar[str] = "infer_req"
+    VERSION: ClassVar[int] = 1
+    request_id: str
+    model_name: str
+    inputs: tuple[WireTensor, ...]
+    reply_to: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResponse:
+    """The cloud model's answer to an `InferenceRequest`, or the error that prevented one."""
+
+    KIND: ClassVar[str] = "infer_resp"
+    VERSION: ClassVar[int] = 1
+    request_id: str
+    model_version: str
+    outputs: tuple[WireTensor, ...] = ()
+    error: str = ""
+
+
+Message = (
+    Status
+    | Telemetry
+    | Command
+    | Ack
+    | ModelManifest
+    | TrainTask
+    | ModelUpdate
+    | BlobChunk
+    | InferenceRequest
+    | InferenceResponse
+)
+MESSAGE_TYPES: tuple[type[Any], ...] = (
+    Status, Telemetry, Command, Ack, ModelManifest, TrainTask,
+    ModelUpdate, BlobChunk, InferenceRequest, InferenceResponse,
+)  # fmt: skip
+_BY_KIND: dict[str, type[Any]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
+M = TypeVar("M")
+
+
+def _check_finite(value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EncodeError("NaN or Inf in a message field")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item)
+
+
+def encode(message: Message) -> bytes:
+    """Serialize `message` as one versioned msgpack map."""
+    fields = schema.to_map(message)
+    for value in fields.values():
+        _check_finite(value)
+    return wire.pack_map({"v": message.VERSION, "kind": message.KIND, **fields})
+
+
+def decode(
+    data: bytes | bytearray | memoryview, max_bytes: int = wire.DEFAULT_MAX_BYTES
+) -> Message:
+    """Decode any v1 message; raise DecodeError (VersionError for a foreign major version)."""
+    fields = wire.unpack_map(data, max_bytes)
+    kind = fields.get("kind")
+    cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise DecodeError(f"unknown message kind {kind!r}", reason="unknown_kind")
+    version = fields.get("v")
+    if version != cls.VERSION:
+        raise VersionError(
+            f"message kind {kind!r} has major version {version!r}; this side speaks {cls.VERSION}",
+        )
+    message: Message = schema.from_map(cls, fields)
+    return message
+
+
+def decode_as(
+    cls: type[M], data: bytes | bytearray | memoryview, max_bytes: int = wire.DEFAULT_MAX_BYTES
+) -> M:
+    """Decode a message that must be of type `cls`; DecodeError (reason ``wrong_kind``) if not."""
+    message = decode(data, max_bytes)
+    if not isinstance(message, cls):
+        raise DecodeError(
+            f"expected a {cls.KIND!r} message, got {message.KIND!r}",  # type: ignore[attr-defined]
+            reason="wrong_kind",
+        )
+    return message
