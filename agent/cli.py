@@ -1,0 +1,91 @@
+"""``fedge-agent``: the device daemon's command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from protocols import __version__
+from protocols.config import EXIT_CONFIG, ConfigError, as_toml
+from protocols.logs import setup_logging
+
+EPILOG = """\
+configuration (later wins): defaults < config file < FEDGE_* environment < flags.
+config file: --config, $FEDGE_CONFIG, /etc/fedge/agent.toml, ~/.config/fedge/agent.toml.
+environment: FEDGE_DEVICE_ID, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT, FEDGE_MQTT_TLS_CA, ...
+exit status: 0 clean stop, 78 invalid configuration, 1 unexpected error.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedge-agent",
+        description="Fedge edge agent: keeps a device online with the fleet, reports its health, "
+        "and (with the train extra) trains on local data.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"fedge-agent {__version__}")
+    p.add_argument("--config", metavar="PATH", help="TOML config file")
+    p.add_argument("--device-id", help="this device's id (default: host name)")
+    p.add_argument("--fleet", help="fleet this device belongs to")
+    p.add_argument("--data-dir", help="where the agent keeps its state")
+    p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
+    p.add_argument("--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds")
+    p.add_argument("--telemetry-interval", type=float, metavar="S", help="seconds between reports")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "text", "journal"])
+    p.add_argument(
+        "--print-config", action="store_true", help="print the effective configuration and exit"
+    )
+    return p
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    mqtt: dict[str, Any] = {}
+    for key in ("device_id", "fleet", "data_dir", "log_level", "log_format"):
+        if getattr(args, key) is not None:
+            flags[key] = getattr(args, key)
+    if args.telemetry_interval is not None:
+        flags["telemetry_interval_s"] = args.telemetry_interval
+    if args.broker:
+        host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+        mqtt["host"] = host
+        if port:
+            mqtt["port"] = port
+    if args.keepalive is not None:
+        mqtt["keepalive"] = args.keepalive
+    if mqtt:
+        flags["mqtt"] = mqtt
+    return flags
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent until SIGTERM/SIGINT; return its exit status."""
+    args = _parser().parse_args(argv)
+    from agent.config import load_config  # after argparse, so --help stays instant
+
+    try:
+        config = load_config(_flags(args), os.environ, args.config)
+    except ConfigError as exc:
+        print(f"fedge-agent: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.print_config:
+        sys.stdout.write(as_toml(config))
+        return 0
+    setup_logging(config.log_level, config.log_format, "fedge-agent")
+    from agent.daemon import Agent
+
+    agent = Agent(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: agent.request_stop())
+    return agent.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

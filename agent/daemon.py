@@ -1,0 +1,170 @@
+"""The agent daemon: presence, telemetry and commands over one MQTT session.
+
+On connect it publishes a retained ``online`` status; its Last Will is a retained
+``offline`` status for the same session, so the fleet sees a crash within 1.5 keepalives.
+On `request_stop` (SIGTERM) it publishes ``offline`` itself, disconnects cleanly and
+returns 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from agent import systemd
+from agent.config import AgentConfig
+from agent.lifecycle import Event, Lifecycle, State
+from agent.telemetry import HealthProbe
+from protocols import __version__
+from protocols.errors import DecodeError
+from protocols.messages import OFFLINE, ONLINE, Ack, Command, Status, Telemetry, decode_as, encode
+from protocols.mqtt import (
+    InboundMessage,
+    MqttClient,
+    MqttError,
+    NotConnectedError,
+    Will,
+    settings_from_config,
+)
+from protocols.topics import DeviceChannel, device_topic
+
+log = logging.getLogger(__name__)
+SHUTDOWN_PUBLISH_TIMEOUT_S = 2.0
+
+
+class Agent:
+    """One device's daemon; `run` blocks until `request_stop`."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.session_ts = time.time()
+        self.lifecycle = Lifecycle()
+        self.health = HealthProbe()
+        self.telemetry_sent = 0
+        self.commands_rejected = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        dev = config.device_id
+        self._status_topic = device_topic(dev, DeviceChannel.STATUS)
+        self._telemetry_topic = device_topic(dev, DeviceChannel.TELEMETRY)
+        self._cmd_topic = device_topic(dev, DeviceChannel.CMD)
+        self._ack_topic = device_topic(dev, DeviceChannel.ACK)
+        will = Will(
+            self._status_topic, self._status(OFFLINE, "connection lost"), qos=1, retain=True
+        )
+        self.mqtt = MqttClient(
+            settings_from_config(config.mqtt, client_id=dev, will=will),
+            on_message=self._on_message,
+            on_connection=self._on_connection,
+        )
+        self.mqtt.subscribe(self._cmd_topic, qos=1)
+
+    def _status(self, state: str, reason: str = "") -> bytes:
+        return encode(Status(self.config.device_id, state, self.session_ts, __version__, reason))
+
+    def _event(self, event: Event) -> State:
+        with self._lock:
+            return self.lifecycle.apply(event)
+
+    # --- callbacks from the MQTT thread ------------------------------------------------
+    def _on_connection(self, up: bool) -> None:
+        state = self._event(Event.UP if up else Event.DOWN)
+        if up and state is State.ONLINE:
+            self.mqtt.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+            systemd.notify(f"READY=1\nSTATUS=online via {self.config.mqtt.host}")
+            log.info("online as %s", self.config.device_id)
+        elif state is State.RECONNECTING:
+            systemd.notify("STATUS=offline, reconnecting")
+            log.warning("broker connection lost; working offline until it is back")
+
+    def _on_message(self, message: InboundMessage) -> None:
+        try:
+            command = decode_as(Command, message.payload, self.config.mqtt.max_payload_bytes)
+        except DecodeError as exc:
+            self.commands_rejected += 1
+            log.warning("rejected command on %s (%s): %s", message.topic, exc.reason, exc)
+            return
+        ok, reason = self._execute(command)
+        ack = Ack(command.cmd_id, ok, time.time(), reason)
+        try:
+            self.mqtt.publish(self._ack_topic, encode(ack), qos=1)
+        except MqttError as exc:
+            log.warning("could not acknowledge command %s: %s", command.cmd_id, exc)
+
+    def _execute(self, command: Command) -> tuple[bool, str]:
+        if command.ttl_s > 0 and time.time() > command.ts + command.ttl_s:
+            return False, "expired"
+        if command.action == "ping":
+            return True, ""
+        if command.action == "telemetry":
+            self._publish_telemetry()
+            return True, ""
+        return False, f"unknown action {command.action!r}"
+
+    # --- main loop ---------------------------------------------------------------------
+    def _publish_telemetry(self) -> None:
+        h = self.health.sample()
+        with self._lock:
+            self.telemetry_sent += 1
+            seq = self.telemetry_sent
+        message = Telemetry(
+            device_id=self.config.device_id,
+            ts=time.time(),
+            seq=seq,
+            uptime_s=round(self.health.uptime_s(), 3),
+            cpu_percent=h.cpu_percent,
+            mem_rss_bytes=h.mem_rss_bytes,
+            mem_available_bytes=h.mem_available_bytes,
+            load1=h.load1,
+            agent_version=__version__,
+        )
+        try:
+            self.mqtt.publish(self._telemetry_topic, encode(message), qos=0)
+        except NotConnectedError:
+            log.debug("offline: telemetry %d skipped", seq)
+
+    def request_stop(self) -> None:
+        """Ask `run` to shut down cleanly (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Connect, then publish telemetry until stopped; return the exit status (0)."""
+        self._event(Event.CONNECT)
+        log.info(
+            "fedge-agent %s starting: device %s, broker %s:%d",
+            __version__,
+            self.config.device_id,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+        )
+        self.mqtt.start()
+        watchdog = systemd.watchdog_interval_s()
+        interval = self.config.telemetry_interval_s
+        tick = min(interval, watchdog) if watchdog else interval
+        next_telemetry = time.monotonic() + min(1.0, interval)
+        while not self._stop.wait(max(0.0, min(tick, next_telemetry - time.monotonic()))):
+            if watchdog:
+                systemd.notify("WATCHDOG=1")
+            if time.monotonic() >= next_telemetry:
+                if self.mqtt.connected:
+                    self._publish_telemetry()
+                next_telemetry = time.monotonic() + interval
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        self._event(Event.STOP)
+        systemd.notify("STOPPING=1\nSTATUS=shutting down")
+        if self.mqtt.connected:
+            try:
+                handle = self.mqtt.publish(
+                    self._status_topic, self._status(OFFLINE, "shutdown"), qos=1, retain=True
+                )
+                if not handle.wait(SHUTDOWN_PUBLISH_TIMEOUT_S):
+                    log.warning("broker did not confirm the offline status in time")
+            except MqttError as exc:
+                log.warning("could not publish the offline status: %s", exc)
+        self.mqtt.stop()
+        self._event(Event.DONE)
+        log.info("stopped")
+        return 0

@@ -1,0 +1,21 @@
+"""The agent's error tree.
+
+AgentError
+├── ConfigError (protocols.config)  bad configuration; the daemon exits with status 78
+└── IllegalTransitionError          a lifecycle event that is not allowed in the current state
+"""
+
+from __future__ import annotations
+
+from protocols.config import ConfigError
+
+
+class AgentError(Exception):
+    """Base of the agent's own errors."""
+
+
+class IllegalTransitionError(AgentError):
+    """A lifecycle event arrived in a state where it is not allowed."""
+
+
+__all__ = ["AgentError", "ConfigError", "IllegalTransitionError"]

@@ -1,0 +1,173 @@
+"""``fedge-coordinator``: serve the fleet, inspect it, or run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from protocols import __version__
+from protocols.config import EXIT_CONFIG, ConfigError, as_toml
+from protocols.logs import setup_logging
+
+EPILOG = """\
+configuration (later wins): defaults < config file < FEDGE_* environment < flags.
+config file: --config, $FEDGE_CONFIG, /etc/fedge/coordinator.toml, ~/.config/fedge/coordinator.toml.
+exit status: 0 ok, 1 error, 78 invalid configuration.
+"""
+
+
+COMMANDS = ("serve", "devices", "rejections", "demo")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="TOML config file")
+    p.add_argument("--data-dir", help="where the coordinator keeps its state")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedge-coordinator",
+        description="Fedge cloud coordinator: device registry, aggregation, model publishing, API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"fedge-coordinator {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the coordinator (default)")
+    _common(serve)
+    serve.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
+    serve.add_argument("--http", metavar="HOST:PORT", help="bind the HTTP API here")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", choices=["auto", "text", "journal"])
+    serve.add_argument("--print-config", action="store_true", help="print the effective config")
+    devices = sub.add_parser("devices", help="print the fleet as a table")
+    _common(devices)
+    devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    devices.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
+    rejections = sub.add_parser("rejections", help="print counts of rejected messages")
+    _common(rejections)
+    rejections.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    demo = sub.add_parser("demo", help="run the product tour on this machine")
+    demo.add_argument("--agents", type=int, default=3, help="agent processes to start (default 3)")
+    demo.add_argument(
+        "--broker", metavar="HOST[:PORT]", help="use this broker instead of starting one"
+    )
+    demo.add_argument(
+        "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
+    )
+    demo.add_argument(
+        "--embedded",
+        choices=["auto", "mosquitto", "amqtt"],
+        default="auto",
+        help="broker to start when none is configured (auto: mosquitto if installed)",
+    )
+    demo.add_argument(
+        "--workdir", default="fedge-demo", help="state and logs (default ./fedge-demo)"
+    )
+    return p
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        flags["data_dir"] = args.data_dir
+    for key in ("log_level", "log_format"):
+        if getattr(args, key, None):
+            flags[key] = getattr(args, key)
+    if getattr(args, "broker", None):
+        host, sep, port = args.broker.rpartition(":")
+        flags["mqtt"] = {"host": host, "port": port} if sep else {"host": args.broker}
+    if getattr(args, "http", None):
+        host, _, port = args.http.rpartition(":")
+        flags["http_host"], flags["http_port"] = host or "127.0.0.1", port
+    return flags
+
+
+def _serve(args: argparse.Namespace, config: Any) -> int:
+    if args.print_config:
+        sys.stdout.write(as_toml(config))
+        return 0
+    setup_logging(config.log_level, config.log_format, "fedge-coordinator")
+    from cloud_coordinator.service import Coordinator
+
+    coordinator = Coordinator(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: coordinator.request_stop())
+    return coordinator.run()
+
+
+def _devices(args: argparse.Namespace, db: Path) -> int:
+    from cloud_coordinator.fleet_view import device_table
+    from cloud_coordinator.registry import read_devices
+
+    while True:
+        devices = read_devices(db)
+        if args.json:
+            print(json.dumps({"devices": [d.as_json() for d in devices]}, indent=2))
+        else:
+            if args.watch:
+                print("\033[H\033[J", end="")
+            print(device_table(devices))
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def _rejections(args: argparse.Namespace, db: Path) -> int:
+    from cloud_coordinator.registry import read_rejections
+
+    counts = read_rejections(db)
+    if args.json:
+        rows = [{"channel": c, "reason": r, "count": n} for (c, r), n in counts.items()]
+        print(json.dumps({"rejections": rows}, indent=2))
+    elif not counts:
+        print("no rejected messages")
+    else:
+        print(f"{'CHANNEL':<12} {'REASON':<16} COUNT")
+        for (channel, reason), n in counts.items():
+            print(f"{channel:<12} {reason:<16} {n}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedge-coordinator``; returns the exit status."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or (words[0] not in COMMANDS and words[0] not in ("-h", "--help", "--version")):
+        words.insert(0, "serve")
+    args = _parser().parse_args(words)
+    command: str = args.command
+    if command == "demo":
+        from cloud_coordinator.demo import run_demo
+
+        kind = None if args.embedded == "auto" else args.embedded
+        return run_demo(args.agents, args.broker, args.duration, Path(args.workdir), kind)
+    from cloud_coordinator.config import load_config
+    from cloud_coordinator.errors import StoreError
+
+    try:
+        config = load_config(_flags(args), os.environ, args.config)
+    except ConfigError as exc:
+        print(f"fedge-coordinator: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        if command == "serve":
+            return _serve(args, config)
+        if command == "devices":
+            return _devices(args, config.db_path)
+        return _rejections(args, config.db_path)
+    except StoreError as exc:
+        print(f"fedge-coordinator: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

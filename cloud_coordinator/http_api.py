@@ -1,0 +1,130 @@
+"""The coordinator's HTTP API (stdlib server, one thread per request).
+
+GET /healthz          liveness and broker connection
+GET /metrics          Prometheus text: devices online, messages accepted and rejected
+GET /v1/devices       the fleet as JSON
+GET /v1/rejections    rejection counts by channel and reason
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cloud_coordinator.errors import StoreError
+from cloud_coordinator.registry import read_devices, read_rejections
+from protocols import __version__
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiState:
+    """What the API reads: the registry file and live counters from the running service."""
+
+    db_path: Path
+    mqtt_connected: Callable[[], bool]
+    accepted: Callable[[], dict[str, int]]
+
+
+def _metrics(state: ApiState) -> str:
+    devices = read_devices(state.db_path)
+    rejections = read_rejections(state.db_path)
+    online = sum(d.online for d in devices)
+    lines = [
+        "# HELP fedge_devices Devices known to the registry, by state.",
+        "# TYPE fedge_devices gauge",
+        f'fedge_devices{{state="online"}} {online}',
+        f'fedge_devices{{state="offline"}} {len(devices) - online}',
+        "# HELP fedge_mqtt_connected 1 while the coordinator is connected to the broker.",
+        "# TYPE fedge_mqtt_connected gauge",
+        f"fedge_mqtt_connected {int(state.mqtt_connected())}",
+        "# HELP fedge_messages_accepted_total Device messages applied, by channel (since start).",
+        "# TYPE fedge_messages_accepted_total counter",
+    ]
+    lines += [
+        f'fedge_messages_accepted_total{{channel="{c}"}} {n}'
+        for c, n in sorted(state.accepted().items())
+    ]
+    lines += [
+        "# HELP fedge_messages_rejected_total Device messages rejected, by channel and reason.",
+        "# TYPE fedge_messages_rejected_total counter",
+    ]
+    lines += [
+        f'fedge_messages_rejected_total{{channel="{c}",reason="{r}"}} {n}'
+        for (c, r), n in rejections.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = f"fedge-coordinator/{__version__}"
+    state: ApiState  # set on the subclass made by `serve`
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http %s", format % args)
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, value: object) -> None:
+        self._send(status, json.dumps(value).encode(), "application/json")
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        try:
+            if path == "/healthz":
+                self._json(200, {"status": "ok", "mqtt_connected": self.state.mqtt_connected()})
+            elif path == "/metrics":
+                self._send(200, _metrics(self.state).encode(), "text/plain; version=0.0.4")
+            elif path == "/v1/devices":
+                devices = read_devices(self.state.db_path)
+                self._json(200, {"devices": [d.as_json() for d in devices]})
+            elif path == "/v1/rejections":
+                counts = read_rejections(self.state.db_path)
+                rows = [{"channel": c, "reason": r, "count": n} for (c, r), n in counts.items()]
+                self._json(200, {"rejections": rows})
+            else:
+                self._json(
+                    404,
+                    {"error": f"no such endpoint {path}", "see": "/healthz, /metrics, /v1/devices"},
+                )
+        except StoreError as exc:
+            self._json(503, {"error": str(exc)})
+
+
+class ApiServer:
+    """Serves the API on a background thread until `stop`."""
+
+    def __init__(self, host: str, port: int, state: ApiState) -> None:
+        handler = type("Handler", (_Handler,), {"state": state})
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="http-api", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 was asked for)."""
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,121 @@
+"""Turns inbound MQTT messages into registry changes; rejects bad ones with a counted reason.
+
+Nothing a device sends can raise out of `Ingest.handle`: every `DecodeError` (bad topic,
+malformed msgpack, wrong kind, foreign version, a payload naming another device, a status
+from an older session) is counted by (channel, reason) and logged, rate-limited.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Protocol
+
+from protocols.errors import DecodeError
+from protocols.messages import Ack, Status, Telemetry, decode_as
+from protocols.topics import DeviceChannel, DeviceTopic, parse_topic
+
+log = logging.getLogger(__name__)
+_LOG_FIRST = 5
+_LOG_EVERY = 1000
+
+
+class DeviceStore(Protocol):
+    """Where ingested device state goes (the SQLite `Registry`, or a fake in tests)."""
+
+    def apply_status(self, status: Status, now: float) -> bool:
+        """Record presence; False if the status is from an older session."""
+
+    def record_telemetry(self, telemetry: Telemetry, now: float) -> None:
+        """Keep the latest telemetry."""
+
+    def touch(self, device_id: str, now: float) -> None:
+        """Note that a device was heard from."""
+
+    def count_rejection(self, channel: str, reason: str, n: int = 1) -> None:
+        """Persist a rejection count."""
+
+
+#: Device channels the coordinator subscribes to in this version.
+SUBSCRIBED = (DeviceChannel.STATUS, DeviceChannel.TELEMETRY, DeviceChannel.ACK)
+
+
+class Ingest:
+    """Decodes and applies device messages; keeps in-memory counters for /metrics."""
+
+    def __init__(self, store: DeviceStore, max_payload_bytes: int) -> None:
+        self.store = store
+        self.max_payload_bytes = max_payload_bytes
+        self.accepted: Counter[str] = Counter()
+        self.rejected: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+        self._handlers: dict[DeviceChannel, Callable[[str, bytes, float], None]] = {
+            DeviceChannel.STATUS: self._status,
+            DeviceChannel.TELEMETRY: self._telemetry,
+            DeviceChannel.ACK: self._ack,
+        }
+
+    def handle(self, topic: str, payload: bytes, now: float) -> bool:
+        """Apply one message; False (and a counted reason) if it was rejected."""
+        channel = "unknown"
+        try:
+            parsed = parse_topic(topic)
+            if not isinstance(parsed, DeviceTopic):
+                raise DecodeError(f"{topic} is not a device topic", reason="topic")
+            channel = parsed.channel.value
+            handler = self._handlers.get(parsed.channel)
+            if handler is None:
+                raise DecodeError(f"nothing handles {channel} yet", reason="unsupported")
+            handler(parsed.device_id, payload, now)
+        except DecodeError as exc:
+            self._reject(channel, exc.reason, topic, exc)
+            return False
+        with self._lock:
+            self.accepted[channel] += 1
+        return True
+
+    def _reject(self, channel: str, reason: str, topic: str, exc: Exception) -> None:
+        with self._lock:
+            self.rejected[(channel, reason)] += 1
+            n = self.rejected[(channel, reason)]
+        self.store.count_rejection(channel, reason)
+        if n <= _LOG_FIRST or n % _LOG_EVERY == 0:
+            log.warning("rejected message on %s (%s, #%d): %s", topic, reason, n, exc)
+
+    @staticmethod
+    def _same_device(topic_device: str, payload_device: str) -> None:
+        if topic_device != payload_device:
+            raise DecodeError(
+                f"payload names device {payload_device!r} on {topic_device!r}'s topic",
+                reason="device_mismatch",
+            )
+
+    def _status(self, device_id: str, payload: bytes, now: float) -> None:
+        status = decode_as(Status, payload, self.max_payload_bytes)
+        self._same_device(device_id, status.device_id)
+        if not self.store.apply_status(status, now):
+            raise DecodeError("status from an older session", reason="stale")
+        log.info(
+            "device %s is %s%s",
+            device_id,
+            status.state,
+            f" ({status.reason})" if status.reason else "",
+        )
+
+    def _telemetry(self, device_id: str, payload: bytes, now: float) -> None:
+        telemetry = decode_as(Telemetry, payload, self.max_payload_bytes)
+        self._same_device(device_id, telemetry.device_id)
+        self.store.record_telemetry(telemetry, now)
+
+    def _ack(self, device_id: str, payload: bytes, now: float) -> None:
+        ack = decode_as(Ack, payload, self.max_payload_bytes)
+        self.store.touch(device_id, now)
+        log.info(
+            "device %s acknowledged %s: %s %s",
+            device_id,
+            ack.ref,
+            "ok" if ack.ok else "failed",
+            ack.reason,
+        )

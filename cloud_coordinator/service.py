@@ -1,0 +1,92 @@
+"""The coordinator service: MQTT ingest into the registry, plus the HTTP API.
+
+Threads: paho's network thread only enqueues; one ingest thread owns the SQLite writer;
+the HTTP server answers from read-only connections. `run` blocks until `request_stop`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from cloud_coordinator.config import CoordinatorConfig
+from cloud_coordinator.http_api import ApiServer, ApiState
+from cloud_coordinator.ingest import SUBSCRIBED, Ingest
+from cloud_coordinator.registry import Registry
+from protocols import __version__
+from protocols.mqtt import InboundMessage, MqttClient, settings_from_config
+from protocols.topics import all_devices_filter
+
+log = logging.getLogger(__name__)
+QUEUE_LIMIT = 100_000
+
+
+class Coordinator:
+    """One coordinator process."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.registry = Registry(config.db_path)
+        self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes)
+        self._inbox: queue.Queue[InboundMessage | None] = queue.Queue(QUEUE_LIMIT)
+        self._stop = threading.Event()
+        self.dropped = 0
+        self.mqtt = MqttClient(
+            settings_from_config(
+                config.mqtt, client_id=f"fedge-coordinator-{config.coordinator_id}"
+            ),
+            on_message=self._enqueue,
+        )
+        for channel in SUBSCRIBED:
+            self.mqtt.subscribe(all_devices_filter(channel), qos=1)
+        self.api = ApiServer(
+            config.http_host,
+            config.http_port,
+            ApiState(
+                config.db_path, lambda: self.mqtt.connected, lambda: dict(self.ingest.accepted)
+            ),
+        )
+        self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
+
+    def _enqueue(self, message: InboundMessage) -> None:
+        try:
+            self._inbox.put(message, timeout=1.0)
+        except queue.Full:
+            self.dropped += 1
+            log.error("ingest queue full (%d); dropped a message on %s", QUEUE_LIMIT, message.topic)
+
+    def _drain(self) -> None:
+        while (message := self._inbox.get()) is not None:
+            try:
+                self.ingest.handle(message.topic, message.payload, time.time())
+            except Exception:  # the supervisor of the ingest loop: log, keep serving
+                log.exception("unexpected error ingesting %s", message.topic)
+
+    def request_stop(self) -> None:
+        """Ask `run` to return (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self) -> int:
+        """Serve until stopped; return the exit status."""
+        log.info(
+            "fedge-coordinator %s: broker %s:%d, API http://%s:%d, state %s",
+            __version__,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+            self.config.http_host,
+            self.api.port,
+            self.config.db_path,
+        )
+        self._worker.start()
+        self.api.start()
+        self.mqtt.start()
+        self._stop.wait()
+        log.info("stopping")
+        self.mqtt.stop()
+        self._inbox.put(None)
+        self._worker.join(timeout=10)
+        self.api.stop()
+        self.registry.close()
+        return 0

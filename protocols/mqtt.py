@@ -1,0 +1,334 @@
+"""The one paho-mqtt adapter that agent and coordinator share.
+
+It owns everything paho: MQTT 5 (or 3.1.1) sessions, TLS and mutual TLS, the Last Will,
+persistent sessions, QoS 1 with a bounded in-flight window and queue, reconnects with
+exponential backoff from a randomised first delay, and clean shutdown. Callers see only
+this module's types: `InboundMessage` on their callback, `PublishHandle` from `publish`,
+and exceptions from the `MqttError` tree::
+
+    MqttError
+    ├── ConnectError     could not (re)connect in time, or the broker refused us
+    └── PublishError     the publish could not be queued
+        └── NotConnectedError   QoS 0 while offline (QoS 1 is queued and sent on reconnect)
+
+Callbacks run on the client's network thread; they must be quick and never raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from protocols.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Exception):
+    """Base of the MQTT adapter's errors."""
+
+
+class ConnectError(MqttError):
+    """No connection to the broker (refused, unreachable, or not in time)."""
+
+
+class PublishError(MqttError):
+    """A message could not be queued for publishing."""
+
+
+class NotConnectedError(PublishError):
+    """A QoS 0 message was published while offline; it was dropped."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for the broker connection; `cert_file` and `key_file` turn on mutual TLS."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    check_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """The message the broker publishes for us if we vanish without disconnecting."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MqttSettings:
+    """How to reach the broker and behave on the wire."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    keepalive: int = 30
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: str | None = None
+    password: str | None = None
+    tls: TlsSettings | None = None
+    persistent_session: bool = True
+    session_expiry_s: int = 3600
+    max_inflight: int = 20
+    max_queued: int = 10_000
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    will: Will | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A message received from the broker."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    received_at: float = field(default_factory=time.monotonic)
+
+
+class PublishHandle:
+    """Tracks one publish; `wait` blocks until the broker has it (QoS 1: PUBACK)."""
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def mid(self) -> int:
+        """The MQTT message id."""
+        return int(self._info.mid)
+
+    def done(self) -> bool:
+        """True once the message has been handed to (QoS 0) or acknowledged by the broker."""
+        return bool(self._info.is_published())
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds; True when published, False on timeout."""
+        try:
+            self._info.wait_for_publish(timeout)
+        except (ValueError, RuntimeError) as exc:
+            raise PublishError(str(exc)) from exc
+        return self.done()
+
+
+MessageCallback = Callable[[InboundMessage], None]
+ConnectionCallback = Callable[[bool], None]
+
+
+class MqttClient:
+    """A reconnecting MQTT client; start with `start`, end with `stop`."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        on_message: MessageCallback,
+        on_connection: ConnectionCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_message = on_message
+        self._on_connection = on_connection
+        self._subscriptions: dict[str, int] = {}
+        self._connected = threading.Event()
+        self._lock = threading.Lock()
+        self._last_error = ""
+        self._stopping = False
+        self._client = self._make_client()
+
+    # --- setup -------------------------------------------------------------------------
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else not s.persistent_session,
+        )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            client.tls_set(
+                ca_certs=s.tls.ca_file,
+                certfile=s.tls.cert_file,
+                keyfile=s.tls.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            client.tls_insecure_set(not s.tls.check_hostname)
+        if s.will is not None:
+            client.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        client.max_inflight_messages_set(s.max_inflight)
+        client.max_queued_messages_set(s.max_queued)
+        client.connect_timeout = s.connect_timeout_s
+        self._jitter_backoff(client)
+        client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    def _jitter_backoff(self, client: paho.Client) -> None:
+        # paho doubles the delay from min to max; a random first delay spreads a fleet out.
+        s = self.settings
+        first = s.reconnect_min_s * random.uniform(0.5, 1.5)
+        # paho annotates the delays as int but computes with them as seconds; floats are fine.
+        client.reconnect_delay_set(first, max(first, s.reconnect_max_s))  # type: ignore[arg-type]
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin connecting in the background; reconnects until `stop`."""
+        s = self.settings
+        props = None
+        clean_start: bool = not s.persistent_session
+        if s.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s if s.persistent_session else 0
+        self._client.connect_async(
+            s.host, s.port, s.keepalive, clean_start=clean_start, properties=props
+        )
+        self._client.loop_start()
+
+    def wait_connected(self, timeout: float) -> None:
+        """Block until connected; raise ConnectError after `timeout` seconds."""
+        if not self._connected.wait(timeout):
+            detail = f": {self._last_error}" if self._last_error else ""
+            raise ConnectError(
+                f"not connected to {self.settings.host}:{self.settings.port} "
+                f"after {timeout:.1f}s{detail}"
+            )
+
+    @property
+    def connected(self) -> bool:
+        """True while a session with the broker is up."""
+        return self._connected.is_set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect cleanly (the broker discards our Will) and stop the network thread."""
+        self._stopping = True
+        deadline = time.monotonic() + timeout
+        if self._connected.is_set():
+            self._client.disconnect()
+            while self._connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self._client.loop_stop()
+
+    # --- traffic -----------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> PublishHandle:
+        """Queue `payload` for `topic`; QoS 1 survives reconnects, QoS 0 offline raises."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise PublishError(
+                f"outgoing queue full ({self.settings.max_queued} messages): "
+                "the broker is not keeping up"
+            )
+        if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            if qos == 0:
+                raise NotConnectedError(f"not connected; QoS 0 message to {topic} dropped")
+            info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS  # queued by paho; sent after reconnect
+        elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise PublishError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return PublishHandle(info)
+
+    # --- paho callbacks (network thread) -----------------------------------------------
+    def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            self._last_error = f"broker refused the connection: {rc}"
+            log.warning(
+                "MQTT connect to %s:%s refused: %s", self.settings.host, self.settings.port, rc
+            )
+            return
+        self._last_error = ""
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            client.subscribe(subs)
+        self._connected.set()
+        log.info(
+            "MQTT connected to %s:%s (session present: %s)",
+            self.settings.host,
+            self.settings.port,
+            bool(getattr(flags, "session_present", False)),
+        )
+        self._notify(True)
+
+    def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
+        self._last_error = "connection attempt failed"
+        log.debug("MQTT connection attempt to %s:%s failed", self.settings.host, self.settings.port)
+
+    def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if not self._stopping:
+            self._last_error = f"disconnected: {rc}"
+            self._jitter_backoff(client)
+            if was_connected:
+                log.warning("MQTT connection lost (%s); reconnecting", rc)
+        if was_connected:
+            self._notify(False)
+
+    def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        message = InboundMessage(msg.topic, bytes(msg.payload), int(msg.qos), bool(msg.retain))
+        try:
+            self._on_message(message)
+        except Exception:  # a callback bug must not kill the network thread
+            log.exception("message handler failed on %s", msg.topic)
+
+    def _notify(self, up: bool) -> None:
+        if self._on_connection is None:
+            return
+        try:
+            self._on_connection(up)
+        except Exception:
+            log.exception("connection handler failed")
+
+
+def settings_from_config(
+    broker: BrokerConfig,
+    client_id: str,
+    will: Will | None = None,
+    persistent_session: bool = True,
+) -> MqttSettings:
+    """The adapter's settings for `broker`, as one client (`client_id`) with an optional Will."""
+    tls = None
+    if broker.tls_ca is not None:
+        tls = TlsSettings(broker.tls_ca, broker.tls_cert, broker.tls_key, broker.tls_check_hostname)
+    return MqttSettings(
+        host=broker.host,
+        port=broker.port,
+        client_id=client_id,
+        keepalive=broker.keepalive,
+        protocol=broker.protocol,
+        username=broker.username,
+        password=broker.password,
+        tls=tls,
+        persistent_session=persistent_session,
+        will=will,
+    )
