@@ -37,7 +37,8 @@ _MSGPACK_ERRORS: tuple[type[BaseException], ...] = (
 
 _SECRET = os.urandom(8)
 _tokens = itertools.count(int.from_bytes(os.urandom(4), "little"))
-_MARK_LEN = 17  # random token (16 bytes) + ordinal (1 byte), packed as bin8
+_MARK_LEN = 20  # random token (16 bytes) + ordinal (4 bytes), packed as bin8
+_MARK_HEADER = b"\xc4\x14"
 
 
 class _Splicer:
@@ -52,10 +53,8 @@ class _Splicer:
 
     def __call__(self, obj: object) -> object:
         if isinstance(obj, BigBinary):
-            if len(self.views) >= 256:
-                raise EncodeError("more than 256 large binaries in one message")
             self.views.append(obj.view)
-            return self.token + bytes((len(self.views) - 1,))
+            return self.token + (len(self.views) - 1).to_bytes(4, "little")
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
     def splice(self, packed: bytes) -> bytes:
@@ -64,8 +63,8 @@ class _Splicer:
         parts: list[bytes | memoryview] = []
         pos = 0
         for i, view in enumerate(self.views):
-            at = packed.find(self.token + bytes((i,)), pos) - 2
-            if at < pos or packed[at : at + 2] != b"\xc4\x11":
+            at = packed.find(self.token + i.to_bytes(4, "little"), pos) - 2
+            if at < pos or packed[at : at + 2] != _MARK_HEADER:
                 raise EncodeError("internal error: binary marker not found")
             parts += (packed[pos:at], _bin_header(view.nbytes), view)
             pos = at + 2 + _MARK_LEN
@@ -149,6 +148,9 @@ _LEN_S = {
     0xDC: struct.Struct(">H"), 0xDD: struct.Struct(">I"),
     0xDE: struct.Struct(">H"), 0xDF: struct.Struct(">I"),
 }  # fmt: skip
+_EXT_FIXED = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+_EXT_LEN_S = {0xC7: struct.Struct(">B"), 0xC8: struct.Struct(">H"), 0xC9: struct.Struct(">I")}
+_CODE_S = struct.Struct(">b")
 
 
 class _TruncatedError(Exception):
@@ -178,7 +180,7 @@ def _value(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
         return st.unpack_from(buf, pos)[0], pos + st.size
     st = _LEN_S.get(b)
     if st is None:
-        raise DecodeError(f"unsupported msgpack type byte 0x{b:02x}", reason="malformed")
+        return _ext(buf, b, pos)
     n = st.unpack_from(buf, pos)[0]
     pos += st.size
     if b <= 0xC6:
@@ -192,6 +194,30 @@ def _value(buf: memoryview, pos: int, depth: int) -> tuple[Any, int]:
     if b <= 0xDD:
         return _array(buf, n, pos, depth)
     return _map(buf, n, pos, depth)
+
+
+def _ext(buf: memoryview, b: int, pos: int) -> tuple[Any, int]:
+    """An extension value, as msgpack's own unpacker returns it (ExtType or Timestamp)."""
+    n = _EXT_FIXED.get(b)
+    if n is None:
+        st = _EXT_LEN_S.get(b)
+        if st is None:
+            raise DecodeError(f"unsupported msgpack type byte 0x{b:02x}", reason="malformed")
+        n = st.unpack_from(buf, pos)[0]
+        pos += st.size
+    code = _CODE_S.unpack_from(buf, pos)[0]
+    end = pos + 1 + n
+    if end > buf.nbytes:
+        raise _TruncatedError
+    data = buf[pos + 1 : end].tobytes()
+    if code >= 0:
+        return msgpack.ExtType(code, data), end
+    if code != -1:
+        raise DecodeError(f"reserved msgpack extension type {code}", reason="malformed")
+    try:
+        return msgpack.Timestamp.from_bytes(data), end
+    except ValueError as exc:
+        raise DecodeError(f"invalid timestamp: {exc}", reason="malformed") from exc
 
 
 def _text(buf: memoryview, n: int, pos: int) -> tuple[str, int]:
@@ -219,13 +245,16 @@ def _map(buf: memoryview, n: int, pos: int, depth: int) -> tuple[dict[str, Any],
     if pos + 2 * n > buf.nbytes:
         raise _TruncatedError
     out: dict[str, Any] = {}
+    key: Any
     for _ in range(n):
         b = buf[pos]
         if 0xA0 <= b <= 0xBF:
             key, pos = _text(buf, b & 0x1F, pos + 1)
-        else:
+        else:  # like msgpack's strict_map_key: str or bin keys only
             key, pos = _value(buf, pos, depth + 1)
-            if not isinstance(key, str):
+            if isinstance(key, memoryview):
+                key = key.tobytes()
+            elif not isinstance(key, str | bytes):
                 raise DecodeError("map keys must be strings", reason="malformed")
         out[key], pos = _value(buf, pos, depth + 1)
     return out, pos
@@ -234,7 +263,9 @@ def _map(buf: memoryview, n: int, pos: int, depth: int) -> tuple[dict[str, Any],
 def walk(data: bytes | bytearray | memoryview) -> Any:
     """Decode one msgpack value, returning binaries of 4 KiB or more as views of `data`."""
     buf = memoryview(data)
-    if buf.format != "B" or buf.ndim != 1 or not buf.readonly:
+    if not buf.c_contiguous:
+        buf = memoryview(buf.tobytes())
+    elif buf.format != "B" or buf.ndim != 1 or not buf.readonly:
         buf = buf.cast("B").toreadonly()
     try:
         value, pos = _value(buf, 0, 0)
