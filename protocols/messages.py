@@ -247,8 +247,11 @@ M = TypeVar("M")
 def _check_finite(value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise EncodeError("NaN or Inf in a message field")
-    if isinstance(value, dict):
+    elif isinstance(value, dict):
         for item in value.values():
+            _check_finite(item)
+    elif isinstance(value, list):
+        for item in value:
             _check_finite(item)
 
 
@@ -269,7 +272,13 @@ def decode(
     cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise DecodeError(f"unknown message kind {kind!r}", reason="unknown_kind")
-    version = fields.get("v")
+    if "v" not in fields:
+        raise DecodeError("missing field 'v'", reason="missing_field")
+    version = fields["v"]
+    if type(version) is not int:
+        raise DecodeError(
+            f"field 'v' should be int, got {type(version).__name__}", reason="bad_field"
+        )
     if version != cls.VERSION:
         raise VersionError(
             f"message kind {kind!r} has major version {version!r}; this side speaks {cls.VERSION}",
