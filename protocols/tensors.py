@@ -28,6 +28,7 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
     "i8": np.dtype("i1"),
 }
 MAX_ELEMENTS = 1 << 28
+_F32_TINY = float(np.finfo(np.float32).tiny)
 _MAX_RANK = 8
 
 FloatArray = npt.NDArray[np.float32]
@@ -65,6 +66,9 @@ def _as_bytes_view(array: npt.NDArray[np.generic]) -> memoryview:
 def _to_bf16(values: FloatArray) -> npt.NDArray[np.uint16]:
     bits = np.ascontiguousarray(values, dtype="<f4").view("<u4")
     rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = np.isnan(values)
+    if nan.any():  # rounding would carry a NaN's payload into the sign: keep it a (quiet) NaN
+        rounded[nan] = (bits[nan] >> np.uint32(16)) | np.uint32(0x0040)
     return rounded.astype("<u2")
 
 
@@ -72,7 +76,8 @@ def _quantise(values: FloatArray) -> tuple[npt.NDArray[np.int8], float]:
     peak = float(np.max(np.abs(values))) if values.size else 0.0
     if not math.isfinite(peak):
         raise EncodeError("cannot quantise a tensor holding NaN or Inf")
-    scale = peak / 127.0 if peak > 0 else 1.0
+    # The scale must stay a normal float32, or dividing by it overflows (subnormal peaks).
+    scale = max(peak / 127.0, _F32_TINY) if peak > 0 else 1.0
     q = np.clip(np.rint(values / np.float32(scale)), -127, 127).astype(np.int8)
     return q, scale
 
@@ -81,7 +86,8 @@ def _encode_values(name: str, values: FloatArray, dtype: str) -> tuple[Binary, f
     if dtype == "f32":
         return _as_bytes_view(np.asarray(values, dtype="<f4")), 1.0
     if dtype == "f16":
-        return _as_bytes_view(values.astype("<f2")), 1.0
+        with np.errstate(over="ignore"):  # beyond +-65504 becomes +-Inf, which receivers reject
+            return _as_bytes_view(values.astype("<f2")), 1.0
     if dtype == "bf16":
         return _as_bytes_view(_to_bf16(values)), 1.0
     if dtype == "i8":
@@ -122,7 +128,8 @@ def encode_sparse(
     gaps = (
         np.diff(idx, prepend=np.int64(0)).astype(np.uint64) if idx.size else idx.astype(np.uint64)
     )
-    return WireTensor(name, dtype, tuple(shape), data, scale, 0, varint_encode(gaps).tobytes())
+    dims = tuple(int(d) for d in shape)
+    return WireTensor(name, dtype, dims, data, scale, 0, varint_encode(gaps).tobytes())
 
 
 def varint_encode(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
@@ -169,11 +176,13 @@ def varint_decode(buf: Binary, limit: int) -> npt.NDArray[np.int64]:
 def _check_shape(t: WireTensor, max_elements: int) -> int:
     if len(t.shape) > _MAX_RANK or any(d < 0 for d in t.shape):
         raise DecodeError(f"tensor {t.name!r}: bad shape {t.shape}", reason="bad_tensor")
-    size = math.prod(t.shape)
-    if size > max_elements:
+    # Bound the product of the non-zero dimensions too: numpy refuses a shape like (0, 2**70).
+    if math.prod(d or 1 for d in t.shape) > max_elements:
         raise DecodeError(
-            f"tensor {t.name!r}: {size} elements exceed {max_elements}", reason="too_large"
+            f"tensor {t.name!r}: shape {t.shape} exceeds {max_elements} elements",
+            reason="too_large",
         )
+    size = math.prod(t.shape)
     if t.dtype not in DTYPES:
         raise DecodeError(f"tensor {t.name!r}: unknown dtype {t.dtype!r}", reason="bad_tensor")
     if not (math.isfinite(t.scale) and t.scale >= 0) or not -128 <= t.zero_point <= 127:
