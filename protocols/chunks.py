@@ -2,7 +2,8 @@
 
 `Reassembly` is pure state: feed it chunks in any order, duplicates included; it knows
 which indices are still missing (so a transfer can resume after a reconnect) and hands
-out the blob only once every chunk is in and the hash matches.
+out the blob only once every chunk is in and the hash matches. It holds only the bytes
+received so far, never a buffer of the size a (possibly hostile) header claims.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from protocols.messages import BlobChunk
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_BLOB_SIZE = 2 * 1024**3
+_HEX = frozenset("0123456789abcdef")
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -45,21 +47,21 @@ class Reassembly:
         self.count = first.count
         self.size = first.size
         self.chunk_size = first.chunk_size
-        self._buffer = bytearray(self.size)
-        self._have: set[int] = set()
+        self._parts: dict[int, bytes] = {}
+        self._received = 0
 
     @property
     def complete(self) -> bool:
         """True once every chunk has arrived."""
-        return len(self._have) == self.count
+        return len(self._parts) == self.count
 
     def missing(self) -> list[int]:
         """Indices not yet received, in order."""
-        return [i for i in range(self.count) if i not in self._have]
+        return [i for i in range(self.count) if i not in self._parts]
 
     def received_bytes(self) -> int:
         """Bytes received so far (each chunk counted once)."""
-        return sum(self._expected_len(i) for i in self._have)
+        return self._received
 
     def _expected_len(self, index: int) -> int:
         start = index * self.chunk_size
@@ -85,18 +87,17 @@ class Reassembly:
                 f"chunk {chunk.index} has {data.nbytes} bytes, expected {expected}",
                 reason="bad_chunk",
             )
-        if chunk.index in self._have:
+        if chunk.index in self._parts:
             return False
-        start = chunk.index * self.chunk_size
-        self._buffer[start : start + data.nbytes] = data
-        self._have.add(chunk.index)
+        self._parts[chunk.index] = data.tobytes()  # the chunk's buffer may be reused
+        self._received += data.nbytes
         return True
 
     def result(self) -> bytes:
         """The verified blob; DecodeError if chunks are missing or the hash does not match."""
         if not self.complete:
             raise DecodeError(f"{len(self.missing())} chunks still missing", reason="incomplete")
-        blob = bytes(self._buffer)
+        blob = b"".join(self._parts[i] for i in range(self.count))
         if sha256_hex(blob) != self.sha256:
             raise DecodeError("reassembled blob does not match its sha256", reason="hash_mismatch")
         return blob
@@ -109,5 +110,5 @@ def _check_header(chunk: BlobChunk, max_size: int) -> None:
         )
     if chunk.chunk_size <= 0 or chunk.count != max(1, -(-chunk.size // chunk.chunk_size)):
         raise DecodeError("chunk count does not match size and chunk size", reason="bad_chunk")
-    if len(chunk.blob_sha256) != 64:
-        raise DecodeError("blob sha256 must be 64 hex digits", reason="bad_chunk")
+    if len(chunk.blob_sha256) != 64 or not _HEX.issuperset(chunk.blob_sha256):
+        raise DecodeError("blob sha256 must be 64 lowercase hex digits", reason="bad_chunk")
