@@ -33,10 +33,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> bool:
-    """True once something accepts TCP connections on host:port, False after `timeout`."""
+def wait_for_port(
+    host: str, port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> bool:
+    """True once something accepts TCP connections on host:port; False after `timeout`
+    or as soon as `process` (the server expected to listen) has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
         try:
             with socket.create_connection((host, port), timeout=0.2):
                 return True
@@ -111,7 +116,7 @@ class LocalBroker:
             cmd = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
         with open(log_path, "wb") as log_file:
             self._process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
-        if not wait_for_port(self.host, self.port, timeout):
+        if not wait_for_port(self.host, self.port, timeout, self._process):
             self.stop()
             raise RuntimeError(f"{self.kind} did not start on port {self.port}; see {log_path}")
 

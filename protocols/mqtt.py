@@ -243,7 +243,10 @@ class MqttClient:
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> PublishHandle:
         """Queue `payload` for `topic`; QoS 1 survives reconnects, QoS 0 offline raises."""
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        except ValueError as exc:  # bad topic, QoS or payload type
+            raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise PublishError(
                 f"outgoing queue full ({self.settings.max_queued} messages): "

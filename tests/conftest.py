@@ -1,0 +1,21 @@
+"""Shared fixtures: a real Mosquitto per test, started from a config the test writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.broker import Mosquitto
+from tests.pki import TestCA
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto with a plain and an mTLS listener on free loopback ports, stopped by PID."""
+    broker = Mosquitto(tmp_path / "broker", TestCA(tmp_path / "pki"))
+    broker.directory.mkdir(parents=True)
+    broker.start()
+    yield broker
+    broker.stop()
