@@ -1,0 +1,148 @@
+"""The agent's model cache: content-addressed blobs and manifests on disk, with a size cap.
+
+Layout under the root: ``blobs/<sha256>`` (verified on write), ``models/<name>/<version>``
+(encoded manifests), ``models/<name>/current`` and ``previous`` (version pointers, replaced
+atomically). Eviction never touches blobs that the current or previous version uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from protocols.errors import DecodeError
+from protocols.messages import FileEntry, ModelManifest, decode_as, encode
+from protocols.topics import valid_id
+
+
+class ModelStoreError(Exception):
+    """A blob or manifest cannot be stored or found."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ModelStore:
+    """Blobs and manifests of the models this device holds."""
+
+    def __init__(self, root: Path, max_bytes: int = 1024**3) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        (root / "models").mkdir(parents=True, exist_ok=True)
+
+    # --- blobs -------------------------------------------------------------------------
+    def blob_path(self, sha256: str) -> Path:
+        """Where the blob with this hash lives (whether or not it is there)."""
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ModelStoreError(f"not a sha256: {sha256!r}")
+        return self.root / "blobs" / sha256
+
+    def has_blob(self, sha256: str) -> bool:
+        """True if the blob is cached."""
+        return self.blob_path(sha256).is_file()
+
+    def put_blob(self, sha256: str, data: bytes) -> None:
+        """Cache `data` under its hash; ModelStoreError if the hash does not match."""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ModelStoreError(f"blob does not match its sha256 {sha256[:12]}…")
+        _atomic_write(self.blob_path(sha256), data)
+        self.evict()
+
+    def read_blob(self, sha256: str) -> bytes:
+        """The blob's bytes; ModelStoreError if it is not cached."""
+        try:
+            return self.blob_path(sha256).read_bytes()
+        except FileNotFoundError:
+            raise ModelStoreError(f"blob {sha256[:12]}… is not cached") from None
+
+    # --- manifests ---------------------------------------------------------------------
+    def _model_dir(self, name: str) -> Path:
+        if not valid_id(name):
+            raise ModelStoreError(f"invalid model name {name!r}")
+        path = self.root / "models" / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def put_manifest(self, manifest: ModelManifest) -> None:
+        """Keep a manifest (its blobs may still be missing)."""
+        _atomic_write(self._model_dir(manifest.name) / manifest.version, encode(manifest))
+
+    def manifest(self, name: str, version: str) -> ModelManifest | None:
+        """A stored manifest, or None."""
+        if not valid_id(version):
+            return None
+        path = self._model_dir(name) / version
+        try:
+            return decode_as(ModelManifest, path.read_bytes())
+        except (FileNotFoundError, DecodeError):
+            return None
+
+    def missing(self, manifest: ModelManifest) -> list[FileEntry]:
+        """The manifest's files that are not cached yet."""
+        return [f for f in manifest.files if not self.has_blob(f.sha256)]
+
+    def file(self, manifest: ModelManifest, name: str) -> bytes:
+        """The bytes of one file of a manifest."""
+        for entry in manifest.files:
+            if entry.name == name:
+                return self.read_blob(entry.sha256)
+        raise ModelStoreError(f"{manifest.name} {manifest.version} has no file {name!r}")
+
+    # --- versions ----------------------------------------------------------------------
+    def _pointer(self, name: str, which: str) -> str | None:
+        try:
+            text = (self._model_dir(name) / which).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return text or None
+
+    def current(self, name: str) -> ModelManifest | None:
+        """The active version's manifest, or None."""
+        version = self._pointer(name, "current")
+        return None if version is None else self.manifest(name, version)
+
+    def previous(self, name: str) -> ModelManifest | None:
+        """The version active before the current one, or None."""
+        version = self._pointer(name, "previous")
+        return None if version is None else self.manifest(name, version)
+
+    def activate(self, manifest: ModelManifest) -> None:
+        """Make `manifest` current (all its blobs must be cached); the old one becomes previous."""
+        if self.missing(manifest):
+            raise ModelStoreError(f"{manifest.name} {manifest.version} is not fully downloaded")
+        directory = self._model_dir(manifest.name)
+        current = self._pointer(manifest.name, "current")
+        if current == manifest.version:
+            return
+        if current is not None:
+            _atomic_write(directory / "previous", current.encode())
+        _atomic_write(directory / "current", manifest.version.encode())
+
+    def evict(self) -> int:
+        """Delete the least recently written unpinned blobs while over the cap; return count."""
+        pinned: set[str] = set()
+        for model_dir in (self.root / "models").iterdir():
+            for which in ("current", "previous"):
+                manifest = (self.current if which == "current" else self.previous)(model_dir.name)
+                if manifest is not None:
+                    pinned |= {f.sha256 for f in manifest.files}
+        blobs = sorted((self.root / "blobs").iterdir(), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in blobs)
+        removed = 0
+        for path in blobs:
+            if total <= self.max_bytes:
+                break
+            if path.name in pinned or path.name.startswith("."):
+                continue
+            total -= path.stat().st_size
+            path.unlink()
+            removed += 1
+        return removed
