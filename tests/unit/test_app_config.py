@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def load_coord(
 
 
 def test_agent_defaults(empty_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(agent_config.socket, "gethostname", lambda: "edge-box.local")
+    monkeypatch.setattr(socket, "gethostname", lambda: "edge-box.local")
     config = load_agent(empty_file)
     assert config.device_id == "edge-box.local"
     assert Path(config.data_dir).name == "fedge-agent"
@@ -77,7 +78,7 @@ def test_agent_data_dir_for_root_is_var_lib(
 def test_default_device_id_is_a_valid_id_from_the_host_name(
     hostname: str, expected: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(agent_config.socket, "gethostname", lambda: hostname)
+    monkeypatch.setattr(socket, "gethostname", lambda: hostname)
     assert default_device_id() == expected
     assert valid_id(default_device_id())
 

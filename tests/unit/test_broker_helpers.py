@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from cloud_coordinator.broker import (
     LocalBroker,

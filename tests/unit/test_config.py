@@ -317,7 +317,7 @@ def test_broker_keepalive_out_of_range_is_rejected(keepalive: int) -> None:
         ({"tls_cert": "c.pem", "tls_key": "k.pem"}, "tls_cert needs mqtt.tls_ca"),
     ],
 )
-def test_broker_tls_settings_must_be_consistent(tls: dict[str, str], message: str) -> None:
+def test_broker_tls_settings_must_be_consistent(tls: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BrokerConfig(**tls)
     with pytest.raises(ConfigError, match=message):
@@ -328,7 +328,7 @@ def test_broker_tls_settings_must_be_consistent(tls: dict[str, str], message: st
     "tls",
     [{}, {"tls_ca": "ca.pem"}, {"tls_ca": "ca.pem", "tls_cert": "c.pem", "tls_key": "k.pem"}],
 )
-def test_broker_tls_consistent_settings_are_accepted(tls: dict[str, str]) -> None:
+def test_broker_tls_consistent_settings_are_accepted(tls: dict[str, Any]) -> None:
     assert agent(Layer("agent.toml", {"mqtt": tls})).mqtt == BrokerConfig(**tls)
 
 

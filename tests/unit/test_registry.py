@@ -114,7 +114,7 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[sqlite3.Connection]
     real_connect = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        conn = real_connect(*args, **kwargs)
+        conn: sqlite3.Connection = real_connect(*args, **kwargs)
         connections.append(conn)
         return conn
 
