@@ -1,8 +1,10 @@
 """The agent's error tree.
 
 AgentError
-├── ConfigError (protocols.config)  bad configuration; the daemon exits with status 78
-└── IllegalTransitionError          a lifecycle event that is not allowed in the current state
+└── IllegalTransitionError   a lifecycle event that is not allowed in the current state
+
+Shared with the coordinator: `protocols.config.ConfigError` (bad configuration; the daemon
+exits with status 78).
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ exit status: 0 ok, 1 error, 78 invalid configuration.
 COMMANDS = ("serve", "devices", "rejections", "demo")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="PATH", help="TOML config file")
-    p.add_argument("--data-dir", help="where the coordinator keeps its state")
+def _common(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
+    # Accepted before or after the command; the subcommand's copy must not reset the value.
+    p.add_argument("--config", metavar="PATH", default=default, help="TOML config file")
+    p.add_argument("--data-dir", default=default, help="where the coordinator keeps its state")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"fedge-coordinator {__version__}")
+    _common(p, default=None)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the coordinator (default)")
     _common(serve)
@@ -139,7 +141,7 @@ def _rejections(args: argparse.Namespace, db: Path) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedge-coordinator``; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    if not words or (words[0] not in COMMANDS and words[0] not in ("-h", "--help", "--version")):
+    if not any(w in COMMANDS or w in ("-h", "--help", "--version") for w in words):
         words.insert(0, "serve")
     args = _parser().parse_args(words)
     command: str = args.command

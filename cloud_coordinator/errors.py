@@ -1,8 +1,9 @@
 """The coordinator's error tree.
 
 CoordinatorError
-├── ConfigError (protocols.config)  bad configuration; exit status 78
-└── StoreError                      the state database is missing or unusable
+└── StoreError   the state database is missing or unusable
+
+Shared with the agent: `protocols.config.ConfigError` (bad configuration; exit status 78).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class DeviceRecord:
 def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
     try:
         if readonly:
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+            conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=5.0)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
@@ -93,6 +93,7 @@ class Registry:
         self._db = _connect(path, readonly=False)
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
+            self._db.close()
             raise StoreError(
                 f"{path} has schema version {version}; this coordinator knows {SCHEMA_VERSION}. "
                 "Upgrade fedge or point --data-dir elsewhere."

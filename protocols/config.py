@@ -214,6 +214,18 @@ def build(cls: type[C], layers: list[Layer]) -> C:
     return config
 
 
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def as_toml(config: object, indent: str = "") -> str:
     """Render a config dataclass as TOML (sections last), for ``--print-config``."""
     plain: list[str] = []
@@ -231,8 +243,7 @@ def as_toml(config: object, indent: str = "") -> str:
         elif isinstance(value, int | float):
             plain.append(f"{field.name} = {value}")
         else:
-            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-            plain.append(f'{field.name} = "{escaped}"')
+            plain.append(f"{field.name} = {_toml_string(str(value))}")
     return "\n".join(plain) + "\n" + "".join(sections)
 
 

@@ -132,11 +132,6 @@ def _is_open(conn: sqlite3.Connection) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry.__init__ raises StoreError for a newer schema without closing the "
-    "connection it opened (a ResourceWarning on Python >= 3.13)",
-)
 def test_a_refused_database_is_closed(db_path: Path, opened: list[sqlite3.Connection]) -> None:
     db_path.parent.mkdir(parents=True)
     setup = sqlite3.connect(db_path)
@@ -185,12 +180,6 @@ def test_readers_never_create_the_schema(db_path: Path) -> None:
     assert user_version(db_path) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_connect builds the read-only URI as f'file:{path}?mode=ro' without "
-    "percent-encoding, so '#', '?' or '%' in the data directory open the wrong file "
-    "(and '#' drops mode=ro, creating a stray empty database next to it)",
-)
 @pytest.mark.parametrize("dirname", ["a#b", "a?b", "a%41b"])
 def test_a_data_dir_with_uri_characters_can_be_read(tmp_path: Path, dirname: str) -> None:
     path = tmp_path / dirname / "coordinator.db"
