@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from protocols import __version__
-from protocols.config import EXIT_CONFIG, ConfigError, as_toml
+from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
 from protocols.logs import setup_logging
 
 EPILOG = """\
@@ -24,8 +24,8 @@ exit status: 0 clean stop, 78 invalid configuration, 1 unexpected error.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedge-agent",
-        description="Fedge edge agent: keeps a device online with the fleet, reports its health, "
-        "and (with the train extra) trains on local data.",
+        description="Fedge edge agent: keeps a device online with the fleet, reports its health "
+        "and answers the coordinator's commands.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -72,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(_flags(args), os.environ, args.config)
+        if not args.print_config:
+            check_broker_files(config.mqtt)
     except ConfigError as exc:
         print(f"fedge-agent: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -72,7 +72,7 @@ class Agent:
         state = self._event(Event.UP if up else Event.DOWN)
         if up and state is State.ONLINE:
             self.mqtt.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
-            systemd.notify(f"READY=1\nSTATUS=online via {self.config.mqtt.host}")
+            systemd.notify(f"STATUS=online via {self.config.mqtt.host}")
             log.info("online as %s", self.config.device_id)
         elif state is State.RECONNECTING:
             systemd.notify("STATUS=offline, reconnecting")
@@ -139,6 +139,8 @@ class Agent:
             self.config.mqtt.port,
         )
         self.mqtt.start()
+        # Started as far as systemd is concerned; being offline is a state, not a failure.
+        systemd.notify(f"READY=1\nSTATUS=connecting to {self.config.mqtt.host}")
         watchdog = systemd.watchdog_interval_s()
         interval = self.config.telemetry_interval_s
         tick = min(interval, watchdog) if watchdog else interval

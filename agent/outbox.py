@@ -118,6 +118,14 @@ class Outbox:
             )
         return [Pending(row[0], row[1], bytes(row[2]), int(row[3]) + 1) for row in rows]
 
+    def mark_sent(self, key: str) -> None:
+        """Record that the message under `key` was just sent."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET last_sent = ?, attempts = attempts + 1 WHERE key = ?",
+                (time.time(), key),
+            )
+
     def reset_sent(self) -> None:
         """Mark everything unsent (after a reconnect, resend at once)."""
         with self._lock:

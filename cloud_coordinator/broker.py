@@ -57,7 +57,10 @@ def mosquitto_config(port: int, host: str = "127.0.0.1") -> str:
             f"listener {port} {host}",
             "allow_anonymous true",
             "persistence false",
-            "max_queued_messages 0",  # 0 = unlimited: a slow coordinator must not lose updates
+            # Never drop queued QoS 1 silently at the default 1000; 0 (unlimited) is mishandled
+            # by some Mosquitto releases, so a very high count plus a byte cap instead.
+            "max_queued_messages 1000000",
+            "max_queued_bytes 536870912",
             "max_inflight_messages 100",
             "log_type error",
             "log_type warning",

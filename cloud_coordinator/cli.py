@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols import __version__
-from protocols.config import EXIT_CONFIG, ConfigError, as_toml
+from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
 from protocols.logs import setup_logging
 
 EPILOG = """\
@@ -155,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = load_config(_flags(args), os.environ, args.config)
+        if command == "serve" and not args.print_config:
+            check_broker_files(config.mqtt)
     except ConfigError as exc:
         print(f"fedge-coordinator: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

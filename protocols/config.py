@@ -226,6 +226,19 @@ def _toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+def check_broker_files(broker: BrokerConfig) -> None:
+    """ConfigError unless every TLS file the broker settings name exists and is readable."""
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        path = getattr(broker, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"mqtt.{key}: cannot read {path}: {exc.strerror}") from exc
+
+
 def as_toml(config: object, indent: str = "") -> str:
     """Render a config dataclass as TOML (sections last), for ``--print-config``."""
     plain: list[str] = []

@@ -23,7 +23,8 @@ def test_mosquitto_config_listens_on_loopback_and_never_drops_queued_messages() 
     assert text.endswith("\n")
     assert lines[0] == "listener 18830 127.0.0.1"
     assert "allow_anonymous true" in lines
-    assert "max_queued_messages 0" in lines
+    assert "max_queued_messages 1000000" in lines
+    assert "max_queued_bytes 536870912" in lines
     assert "persistence false" in lines
     assert all(len(line.split()) >= 2 for line in lines)  # "option value" per line
 
