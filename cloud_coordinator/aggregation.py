@@ -1,0 +1,315 @@
+"""Aggregation of model updates: wire tensors onto a torch device, folded as they arrive.
+
+The kernels are pure functions over tensors that take a ``device``, so the same code runs
+(and is tested) on ``cpu`` and ``cuda``; the rules are small classes over them. torch stays
+inside this module: rules take `WireTensor`s and hand back numpy arrays.
+
+Every tensor of an update is decoded and checked (names, shape, byte count, indices,
+NaN/Inf) before any of it touches the aggregate, so a bad update leaves it unchanged. A
+rejection raises `AggregationError`, whose ``reason`` is one of `REASONS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from cloud_coordinator.errors import CoordinatorError
+from protocols.errors import DecodeError
+from protocols.tensors import WireTensor, varint_decode
+
+REASONS = frozenset({"bad_shape", "non_finite", "bad_tensor", "bad_weight", "empty", "no_device"})
+
+_WIRE_DTYPES: dict[str, torch.dtype] = {
+    "f32": torch.float32,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "i8": torch.int8,
+}
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class AggregationError(CoordinatorError):
+    """An update (or a request to the aggregate) was refused; ``reason`` says why."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """``cuda`` for "auto" when available, else ``cpu``; "cuda" without a GPU raises."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference == "cpu":
+        return torch.device("cpu")
+    if preference == "cuda":
+        if not torch.cuda.is_available():
+            raise AggregationError(
+                "aggregation device 'cuda' was asked for, but torch sees no CUDA GPU"
+                f" (torch {torch.__version__}); use 'auto' or 'cpu'",
+                reason="no_device",
+            )
+        return torch.device("cuda")
+    raise AggregationError(
+        f"unknown aggregation device {preference!r}; choose 'auto', 'cpu' or 'cuda'",
+        reason="no_device",
+    )
+
+
+@functools.cache
+def _allow_readonly_views() -> None:
+    """Let `torch.frombuffer` view read-only payloads: torch warns once per process, and
+    this module only ever reads such tensors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.frombuffer(memoryview(b"\0\0\0\0").toreadonly(), dtype=torch.uint8)
+
+
+def _raw(t: WireTensor, count: int, device: torch.device) -> torch.Tensor:
+    """`count` elements of `t.data` in their wire dtype, viewed on CPU and moved to `device`."""
+    dtype = _WIRE_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise AggregationError(f"tensor {t.name!r}: unknown dtype {t.dtype!r}", reason="bad_tensor")
+    if not (math.isfinite(t.scale) and t.scale >= 0) or not -128 <= t.zero_point <= 127:
+        raise AggregationError(f"tensor {t.name!r}: bad scale or zero point", reason="bad_tensor")
+    view = memoryview(t.data)
+    if view.nbytes != count * dtype.itemsize:
+        raise AggregationError(
+            f"tensor {t.name!r}: {view.nbytes} data bytes for {count} x {t.dtype}",
+            reason="bad_tensor",
+        )
+    if count == 0:
+        return torch.zeros(0, dtype=dtype, device=device)
+    _allow_readonly_views()
+    # Zero copy on CPU; to another device the compact wire bytes travel, not float32.
+    return torch.frombuffer(view, dtype=dtype).to(device)
+
+
+def _dequantise(raw: torch.Tensor, t: WireTensor) -> torch.Tensor:
+    """float32 values of `raw` (on its own device): f16/bf16 widened, i8 as (q - zp) * scale."""
+    if raw.dtype == torch.float32:
+        return raw
+    if raw.dtype == torch.int8:
+        return raw.to(torch.float32).sub_(t.zero_point).mul_(t.scale)
+    return raw.to(torch.float32)
+
+
+def _check_shape(t: WireTensor, expected_shape: tuple[int, ...]) -> int:
+    if tuple(t.shape) != tuple(expected_shape):
+        raise AggregationError(
+            f"tensor {t.name!r}: shape {tuple(t.shape)} where the model has {expected_shape}",
+            reason="bad_shape",
+        )
+    return math.prod(expected_shape)
+
+
+def sparse_to_torch(
+    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat int64 indices and float32 values of sparse `t` on `device`; no finiteness check."""
+    if t.indices is None:
+        raise AggregationError(f"tensor {t.name!r} is dense", reason="bad_tensor")
+    size = _check_shape(t, expected_shape)
+    try:
+        gaps = varint_decode(t.indices, size)
+    except DecodeError as exc:
+        raise AggregationError(f"tensor {t.name!r}: {exc}", reason="bad_tensor") from exc
+    if gaps.size > 1 and not bool(np.all(gaps[1:])):
+        raise AggregationError(f"tensor {t.name!r}: repeated index", reason="bad_tensor")
+    flat = np.cumsum(gaps)
+    if flat.size and int(flat[-1]) >= size:
+        raise AggregationError(
+            f"tensor {t.name!r}: index {int(flat[-1])} outside {size}", reason="bad_tensor"
+        )
+    values = _dequantise(_raw(t, int(flat.size), device), t)
+    return torch.from_numpy(flat).to(device), values
+
+
+def dense_to_torch(
+    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Dense float32 `t` on `device` (a zero-copy view on CPU for f32); no finiteness check."""
+    if t.indices is not None:
+        raise AggregationError(f"tensor {t.name!r} is sparse", reason="bad_tensor")
+    size = _check_shape(t, expected_shape)
+    return _dequantise(_raw(t, size, device), t).view(expected_shape)
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when no element of `tensors` is NaN or +-Inf; one host sync for all of them."""
+    if not tensors:
+        return True
+    # A NaN or Inf anywhere makes its sum non-finite, so a finite total proves there is none
+    # (one cheap pass, no bool temporaries). Only a non-finite total, which finite values
+    # can also give by overflowing, pays for the exact test.
+    total = torch.stack([x.sum() for x in tensors]).sum()
+    if bool(torch.isfinite(total)):
+        return True
+    return all(bool(torch.isfinite(x).all()) for x in tensors)
+
+
+def decode_to_torch(
+    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
+) -> torch.Tensor:
+    """`t` as a dense float32 tensor on `device`; AggregationError if bad or not finite."""
+    if t.indices is None:
+        out = dense_to_torch(t, device, expected_shape)
+        checked = out
+    else:
+        flat, checked = sparse_to_torch(t, device, expected_shape)
+        out = torch.zeros(math.prod(expected_shape), dtype=torch.float32, device=device)
+        out[flat] = checked
+        out = out.view(expected_shape)
+    if not all_finite([checked]):
+        raise AggregationError(f"tensor {t.name!r} holds NaN or Inf", reason="non_finite")
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedTensor:
+    """One checked tensor of an update: dense values, or (flat indices, values)."""
+
+    name: str
+    values: torch.Tensor
+    flat: torch.Tensor | None = None
+
+
+def decode_update(
+    tensors: Sequence[WireTensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    device: torch.device,
+) -> list[DecodedTensor]:
+    """Every tensor of one update, decoded onto `device` and checked; AggregationError if any
+    is missing, unknown, repeated, misshapen, malformed or not finite."""
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names) or set(names) != set(shapes):
+        missing = sorted(set(shapes) - set(names))
+        extra = sorted(set(names) - set(shapes))
+        raise AggregationError(
+            f"update tensors {names} do not match the model (missing {missing}, unknown"
+            f" {extra}, or repeated)",
+            reason="bad_tensor",
+        )
+    decoded = []
+    for t in tensors:
+        shape = shapes[t.name]
+        if t.indices is None:
+            decoded.append(DecodedTensor(t.name, dense_to_torch(t, device, shape)))
+        else:
+            flat, values = sparse_to_torch(t, device, shape)
+            decoded.append(DecodedTensor(t.name, values, flat))
+    if not all_finite([d.values for d in decoded]):
+        bad = [d.name for d in decoded if not all_finite([d.values])]
+        raise AggregationError(f"tensors {bad} hold NaN or Inf", reason="non_finite")
+    return decoded
+
+
+def fold(acc: torch.Tensor, update: DecodedTensor, weight: float) -> None:
+    """acc += weight * update, in place (sparse updates add at their indices only)."""
+    if update.flat is None:
+        acc.add_(update.values, alpha=weight)
+    else:
+        acc.view(-1).index_add_(0, update.flat, update.values, alpha=weight)
+
+
+class Aggregator(Protocol):
+    """An aggregation rule fed one update at a time."""
+
+    @property
+    def count(self) -> int:
+        """Updates folded in so far."""
+        ...
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights of the updates folded in."""
+        ...
+
+    def add(self, tensors: Sequence[WireTensor], weight: float) -> None:
+        """Fold in one update, or raise AggregationError and leave the aggregate unchanged."""
+        ...
+
+    def result(self) -> dict[str, FloatArray]:
+        """The aggregate, as float32 arrays on the host."""
+        ...
+
+
+class StreamingFedAvg:
+    """Weighted mean of updates (FedAvg), folded in as they arrive in O(model) memory."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], device: torch.device) -> None:
+        self._shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self._device = torch.device(device)
+        self._acc = {
+            name: torch.zeros(shape, dtype=torch.float32, device=self._device)
+            for name, shape in self._shapes.items()
+        }
+        self._count = 0
+        self._total_weight = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        """Where the running sums live."""
+        return self._device
+
+    @property
+    def count(self) -> int:
+        """Updates folded in so far."""
+        return self._count
+
+    @property
+    def total_weight(self) -> float:
+        """Sum of the weights of the updates folded in."""
+        return self._total_weight
+
+    def add(self, tensors: Sequence[WireTensor], weight: float) -> None:
+        """Fold in one update with `weight` (>= 0); all or nothing: AggregationError leaves
+        the aggregate unchanged."""
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
+        decoded = decode_update(tensors, self._shapes, self._device)
+        if weight > 0:
+            for update in decoded:
+                fold(self._acc[update.name], update, weight)
+        self._count += 1
+        self._total_weight += weight
+
+    def result(self) -> dict[str, FloatArray]:
+        """The weighted mean of every tensor, float32 on the host; AggregationError if the
+        total weight is zero."""
+        if self._total_weight <= 0:
+            raise AggregationError(
+                f"no weight to average ({self._count} updates, total weight 0)", reason="empty"
+            )
+        out: dict[str, FloatArray] = {}
+        for name, acc in self._acc.items():
+            mean = torch.div(acc, self._total_weight).cpu()
+            out[name] = mean.numpy()
+        return out
+
+
+__all__ = [
+    "REASONS",
+    "AggregationError",
+    "Aggregator",
+    "DecodedTensor",
+    "StreamingFedAvg",
+    "all_finite",
+    "decode_to_torch",
+    "decode_update",
+    "dense_to_torch",
+    "fold",
+    "pick_device",
+    "sparse_to_torch",
+]
