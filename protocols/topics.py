@@ -2,7 +2,8 @@
 
 Layout (root ``fedge/v1``)::
 
-    fedge/v1/dev/{device}/{status|telemetry|update|cmd|ack|infer/req|infer/resp}
+    fedge/v1/dev/{device}/{status|telemetry|update|ack|blob/req|infer/req}      device -> cloud
+    fedge/v1/dev/{device}/{cmd|task|update/ack|blob|infer/resp}               cloud -> device
     fedge/v1/model/{name}/{manifest|blob}
     fedge/v1/job/{job}/{task|control}
 
@@ -32,6 +33,10 @@ class DeviceChannel(StrEnum):
     ACK = "ack"
     INFER_REQUEST = "infer/req"
     INFER_RESPONSE = "infer/resp"
+    TASK = "task"
+    UPDATE_ACK = "update/ack"
+    BLOB = "blob"
+    BLOB_REQUEST = "blob/req"
 
 
 class ModelChannel(StrEnum):
