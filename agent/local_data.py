@@ -1,0 +1,83 @@
+"""The device's own training data: ``train.npz`` and ``val.npz`` in one directory.
+
+Each file holds two arrays: ``x`` (float32, one row per sample, any trailing shape the
+backbone takes) and ``y`` (int64 class labels, one per row). Files are read with
+``allow_pickle=False``: an object array is refused, never unpickled.
+
+    AgentError (agent.errors)
+    └── LocalDataError   a data file is missing, unreadable or inconsistent
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import AgentError
+
+TRAIN_FILE = "train.npz"
+VAL_FILE = "val.npz"
+
+
+class LocalDataError(AgentError):
+    """The local data directory does not hold usable ``train.npz`` / ``val.npz`` files."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalData:
+    """Training and validation splits of one device."""
+
+    x_train: npt.NDArray[np.float32]
+    y_train: npt.NDArray[np.int64]
+    x_val: npt.NDArray[np.float32]
+    y_val: npt.NDArray[np.int64]
+
+    @property
+    def train_samples(self) -> int:
+        """Number of training samples (the FedAvg weight of this device)."""
+        return int(self.y_train.shape[0])
+
+
+def _read_split(
+    path: Path,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    if not path.is_file():
+        raise LocalDataError(f"missing data file {path.name} in {path.parent}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in ("x", "y") if key not in archive.files]
+            if missing:
+                raise LocalDataError(f"{path}: no array named {' or '.join(missing)}")
+            x = archive["x"]
+            y = archive["y"]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise LocalDataError(f"cannot read {path}: {exc}") from exc
+    if not np.issubdtype(x.dtype, np.floating) or x.ndim < 1:
+        raise LocalDataError(f"{path}: x must be a float array, got {x.dtype} {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise LocalDataError(f"{path}: y must be a 1-D integer array, got {y.dtype} {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise LocalDataError(f"{path}: {x.shape[0]} rows of x but {y.shape[0]} labels")
+    if y.size and int(y.min()) < 0:
+        raise LocalDataError(f"{path}: negative label {int(y.min())}")
+    if not np.isfinite(x).all():
+        raise LocalDataError(f"{path}: x holds NaN or Inf")
+    return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+
+
+def load_local_data(directory: Path | str) -> LocalData:
+    """Both splits from `directory`; LocalDataError naming the file that is missing or bad."""
+    root = Path(directory)
+    train_x, train_y = _read_split(root / TRAIN_FILE)
+    val_x, val_y = _read_split(root / VAL_FILE)
+    if train_y.size == 0:
+        raise LocalDataError(f"{root / TRAIN_FILE}: no training samples")
+    if train_x.shape[1:] != val_x.shape[1:]:
+        raise LocalDataError(
+            f"{root}: train rows have shape {train_x.shape[1:]} but val rows {val_x.shape[1:]}"
+        )
+    return LocalData(train_x, train_y, val_x, val_y)
