@@ -24,8 +24,8 @@ exit status: 0 clean stop, 78 invalid configuration, 1 unexpected error.
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedge-agent",
-        description="Fedge edge agent: keeps a device online with the fleet, reports its health "
-        "and answers the coordinator's commands.",
+        description="Fedge edge agent: keeps a device online with the fleet, reports its health, "
+        "and trains the coordinator's models on local data (training runs in a child process).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -34,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", help="this device's id (default: host name)")
     p.add_argument("--fleet", help="fleet this device belongs to")
     p.add_argument("--data-dir", help="where the agent keeps its state")
+    p.add_argument("--dataset-dir", help="local training data: train.npz and val.npz")
+    p.add_argument(
+        "--no-train",
+        dest="train",
+        action="store_false",
+        default=None,
+        help="refuse training tasks (inference and telemetry only)",
+    )
     p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
     p.add_argument("--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds")
     p.add_argument("--telemetry-interval", type=float, metavar="S", help="seconds between reports")
@@ -48,7 +56,15 @@ def _parser() -> argparse.ArgumentParser:
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flags: dict[str, Any] = {}
     mqtt: dict[str, Any] = {}
-    for key in ("device_id", "fleet", "data_dir", "log_level", "log_format"):
+    for key in (
+        "device_id",
+        "fleet",
+        "data_dir",
+        "dataset_dir",
+        "train",
+        "log_level",
+        "log_format",
+    ):
         if getattr(args, key) is not None:
             flags[key] = getattr(args, key)
     if args.telemetry_interval is not None:

@@ -28,6 +28,8 @@ class AgentConfig:
     telemetry_interval_s: float = 5.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "journal"] = "auto"
+    train: bool = True
+    dataset_dir: str | None = None
     mqtt: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:

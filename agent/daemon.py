@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import systemd
 from agent.config import AgentConfig
@@ -18,7 +20,19 @@ from agent.lifecycle import Event, Lifecycle, State
 from agent.telemetry import HealthProbe
 from protocols import __version__
 from protocols.errors import DecodeError
-from protocols.messages import OFFLINE, ONLINE, Ack, Command, Status, Telemetry, decode_as, encode
+from protocols.messages import (
+    OFFLINE,
+    ONLINE,
+    Ack,
+    BlobChunk,
+    Command,
+    ModelManifest,
+    Status,
+    Telemetry,
+    TrainTask,
+    decode_as,
+    encode,
+)
 from protocols.mqtt import (
     InboundMessage,
     MqttClient,
@@ -27,7 +41,17 @@ from protocols.mqtt import (
     Will,
     settings_from_config,
 )
-from protocols.topics import DeviceChannel, device_topic
+from protocols.topics import (
+    DeviceChannel,
+    DeviceTopic,
+    ModelChannel,
+    ModelTopic,
+    device_topic,
+    parse_topic,
+)
+
+if TYPE_CHECKING:
+    from agent.learning import Learner
 
 log = logging.getLogger(__name__)
 SHUTDOWN_PUBLISH_TIMEOUT_S = 2.0
@@ -42,7 +66,7 @@ class Agent:
         self.lifecycle = Lifecycle()
         self.health = HealthProbe()
         self.telemetry_sent = 0
-        self.commands_rejected = 0
+        self.messages_rejected = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         dev = config.device_id
@@ -59,6 +83,19 @@ class Agent:
             on_connection=self._on_connection,
         )
         self.mqtt.subscribe(self._cmd_topic, qos=1)
+        self.learner: Learner | None = None
+        if config.train:
+            from agent.learning import Learner  # onnxruntime and the outbox: only when training
+
+            self.learner = Learner(
+                dev,
+                Path(config.data_dir),
+                Path(config.dataset_dir or Path(config.data_dir) / "data"),
+                self.mqtt,
+                config.mqtt.max_payload_bytes,
+            )
+            for channel in (DeviceChannel.TASK, DeviceChannel.UPDATE_ACK, DeviceChannel.BLOB):
+                self.mqtt.subscribe(device_topic(dev, channel), qos=1)
 
     def _status(self, state: str, reason: str = "") -> bytes:
         return encode(Status(self.config.device_id, state, self.session_ts, __version__, reason))
@@ -72,6 +109,8 @@ class Agent:
         state = self._event(Event.UP if up else Event.DOWN)
         if up and state is State.ONLINE:
             self.mqtt.publish(self._status_topic, self._status(ONLINE), qos=1, retain=True)
+            if self.learner is not None:
+                self.learner.on_connected()
             systemd.notify(f"STATUS=online via {self.config.mqtt.host}")
             log.info("online as %s", self.config.device_id)
         elif state is State.RECONNECTING:
@@ -79,12 +118,30 @@ class Agent:
             log.warning("broker connection lost; working offline until it is back")
 
     def _on_message(self, message: InboundMessage) -> None:
+        cap = self.config.mqtt.max_payload_bytes
         try:
-            command = decode_as(Command, message.payload, self.config.mqtt.max_payload_bytes)
+            topic = parse_topic(message.topic)
+            if isinstance(topic, DeviceTopic) and topic.channel is DeviceChannel.CMD:
+                self._on_command(decode_as(Command, message.payload, cap))
+            elif self.learner is None:
+                raise DecodeError(
+                    f"training is off; ignoring {message.topic}", reason="unsupported"
+                )
+            elif isinstance(topic, ModelTopic) and topic.channel is ModelChannel.MANIFEST:
+                self.learner.on_manifest(decode_as(ModelManifest, message.payload, cap))
+            elif isinstance(topic, DeviceTopic) and topic.channel is DeviceChannel.TASK:
+                self.learner.on_task(decode_as(TrainTask, message.payload, cap))
+            elif isinstance(topic, DeviceTopic) and topic.channel is DeviceChannel.BLOB:
+                self.learner.on_chunk(decode_as(BlobChunk, message.payload, cap))
+            elif isinstance(topic, DeviceTopic) and topic.channel is DeviceChannel.UPDATE_ACK:
+                self.learner.on_update_ack(decode_as(Ack, message.payload, cap))
+            else:
+                raise DecodeError(f"nothing handles {message.topic}", reason="unsupported")
         except DecodeError as exc:
-            self.commands_rejected += 1
-            log.warning("rejected command on %s (%s): %s", message.topic, exc.reason, exc)
-            return
+            self.messages_rejected += 1
+            log.warning("rejected message on %s (%s): %s", message.topic, exc.reason, exc)
+
+    def _on_command(self, command: Command) -> None:
         ok, reason = self._execute(command)
         ack = Ack(command.cmd_id, ok, time.time(), reason)
         try:
@@ -118,6 +175,8 @@ class Agent:
             mem_available_bytes=h.mem_available_bytes,
             load1=h.load1,
             agent_version=__version__,
+            queue_depth=self.learner.outbox.depth() if self.learner else 0,
+            model_versions=self.learner.model_versions() if self.learner else {},
         )
         try:
             self.mqtt.publish(self._telemetry_topic, encode(message), qos=0)
@@ -138,6 +197,8 @@ class Agent:
             self.config.mqtt.host,
             self.config.mqtt.port,
         )
+        if self.learner is not None:
+            self.learner.start()
         self.mqtt.start()
         # Started as far as systemd is concerned; being offline is a state, not a failure.
         systemd.notify(f"READY=1\nSTATUS=connecting to {self.config.mqtt.host}")
@@ -167,6 +228,8 @@ class Agent:
             except MqttError as exc:
                 log.warning("could not publish the offline status: %s", exc)
         self.mqtt.stop()
+        if self.learner is not None:
+            self.learner.stop()
         self._event(Event.DONE)
         log.info("stopped")
         return 0

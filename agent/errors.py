@@ -1,7 +1,15 @@
 """The agent's error tree.
 
 AgentError
-└── IllegalTransitionError   a lifecycle event that is not allowed in the current state
+├── IllegalTransitionError   a lifecycle event that is not allowed in the current state
+├── ModelStoreError          a model blob or manifest cannot be stored or found (model_store)
+├── TaskFailedError          a training task could not be completed (learning)
+├── LocalDataError           the device's training data is missing or malformed (local_data)
+├── InferenceError           onnxruntime could not load or run a model (onnx_runtime)
+├── CompressionError         an update could not be compressed, e.g. NaN/Inf (compression)
+└── TrainingError            the training child failed (train_worker, trainer)
+    ├── TrainingTimeoutError     it ran past its time and was killed
+    └── WorkerCrashedError       it died; the next task starts a new one
 
 Shared with the coordinator: `protocols.config.ConfigError` (bad configuration; the daemon
 exits with status 78).

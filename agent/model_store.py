@@ -11,12 +11,13 @@ import hashlib
 import os
 from pathlib import Path
 
+from agent.errors import AgentError
 from protocols.errors import DecodeError
 from protocols.messages import FileEntry, ModelManifest, decode_as, encode
 from protocols.topics import valid_id
 
 
-class ModelStoreError(Exception):
+class ModelStoreError(AgentError):
     """A blob or manifest cannot be stored or found."""
 
 

@@ -38,8 +38,8 @@ class JobSpec:
     clip_norm: float = 0.0
     lr: float = 0.05
     momentum: float = 0.9
-    epochs: int = 1
-    batch_size: int = 32
+    epochs: int = 2
+    batch_size: int = 16
     prox_mu: float = 0.0
     max_train_seconds: float = 20.0
     data_seed: int = 0
