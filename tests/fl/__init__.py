@@ -1,0 +1,1 @@
+"""Tests of the federated-learning pieces of the coordinator: templates, data, bundles."""
