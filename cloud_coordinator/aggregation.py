@@ -6,7 +6,10 @@ inside this module: rules take `WireTensor`s and hand back numpy arrays.
 
 Every tensor of an update is decoded and checked (names, shape, byte count, indices,
 NaN/Inf) before any of it touches the aggregate, so a bad update leaves it unchanged. A
-rejection raises `AggregationError`, whose ``reason`` is one of `REASONS`.
+rejection raises `AggregationError`, whose ``reason`` is one of `REASONS`. Finite values
+large enough to overflow the float32 sum (|x| near 3e38) are not refused one by one, as
+that would cost another pass per update: `StreamingFedAvg.result` refuses the overflowed
+aggregate instead.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 @functools.cache
 def _allow_readonly_views() -> None:
-    """Let `torch.frombuffer` view read-only payloads: torch warns once per process, and
-    this module only ever reads such tensors."""
+    """Let `torch.frombuffer` view read-only payloads (we only ever read them)."""
+    # torch warns once per process that it cannot protect a read-only buffer; have it done.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         torch.frombuffer(memoryview(b"\0\0\0\0").toreadonly(), dtype=torch.uint8)
@@ -196,8 +199,8 @@ def decode_update(
     shapes: Mapping[str, tuple[int, ...]],
     device: torch.device,
 ) -> list[DecodedTensor]:
-    """Every tensor of one update, flattened onto `device` and checked; AggregationError if
-    any is missing, unknown, repeated, misshapen, malformed or not finite."""
+    """Every tensor of one update, flat on `device` and checked, or AggregationError."""
+    # Refused: a tensor missing, unknown or repeated, misshapen, malformed, or not finite.
     names = {t.name for t in tensors}
     if len(names) != len(tensors) or names != shapes.keys():
         raise AggregationError(
@@ -254,6 +257,8 @@ class StreamingFedAvg:
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], device: torch.device) -> None:
         self._shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        if any(d < 0 for shape in self._shapes.values() for d in shape):
+            raise ValueError(f"negative dimension in model shapes {self._shapes}")
         self._device = torch.device(device)
         self._acc = {  # flat running sums: sum of weight * update
             name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self._device)
@@ -278,8 +283,7 @@ class StreamingFedAvg:
         return self._total_weight
 
     def add(self, tensors: Sequence[WireTensor], weight: float) -> None:
-        """Fold in one update with `weight` (>= 0); all or nothing: AggregationError leaves
-        the aggregate unchanged."""
+        """Fold in one update of `weight` >= 0, or raise AggregationError and change nothing."""
         weight = float(weight)
         if not (math.isfinite(weight) and weight >= 0):
             raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
@@ -291,17 +295,21 @@ class StreamingFedAvg:
         self._total_weight += weight
 
     def result(self) -> dict[str, FloatArray]:
-        """The weighted mean of every tensor, float32 on the host; AggregationError if the
-        total weight is zero."""
+        """The weighted mean of every tensor, float32 on the host; AggregationError if none."""
         if self._total_weight <= 0:
             raise AggregationError(
                 f"no weight to average ({self._count} updates, total weight 0)", reason="empty"
             )
-        out: dict[str, FloatArray] = {}
-        for name, acc in self._acc.items():
-            mean = torch.div(acc, self._total_weight).view(self._shapes[name]).cpu()
-            out[name] = mean.numpy()
-        return out
+        means = [torch.div(acc, self._total_weight) for acc in self._acc.values()]
+        if not all_finite(means):
+            raise AggregationError(
+                "the weighted sum overflowed float32: some update held values near 3e38",
+                reason="non_finite",
+            )
+        return {
+            name: mean.view(self._shapes[name]).cpu().numpy()
+            for name, mean in zip(self._acc, means, strict=True)
+        }
 
 
 __all__ = [

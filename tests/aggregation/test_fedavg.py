@@ -166,3 +166,19 @@ def test_result_is_a_host_copy(device: torch.device) -> None:
     first["a"][:] = 99  # the caller may scribble on what it got
     agg.add(_update(np.ones(6), np.ones(4)), 1.0)
     np.testing.assert_array_equal(agg.result()["a"], np.ones((2, 3), dtype=np.float32))
+
+
+def test_an_overflowed_sum_is_refused_at_result(device: torch.device) -> None:
+    agg = StreamingFedAvg({"b": (4,)}, device)
+    huge = via_wire(encode_dense("b", np.full(4, 3e38, dtype=np.float32)))
+    agg.add(huge, 1.0)  # finite, so accepted
+    np.testing.assert_array_equal(agg.result()["b"], np.full(4, 3e38, dtype=np.float32))
+    agg.add(huge, 1.0)  # 6e38 does not fit a float32
+    with pytest.raises(AggregationError, match="overflowed") as info:
+        agg.result()
+    assert info.value.reason == "non_finite"
+
+
+def test_negative_dimensions_are_a_programming_error(device: torch.device) -> None:
+    with pytest.raises(ValueError, match="negative"):
+        StreamingFedAvg({"a": (2, -1)}, device)
