@@ -15,6 +15,7 @@ from typing import Any, ClassVar, TypeVar
 from protocols import schema, wire
 from protocols.errors import DecodeError, EncodeError, VersionError
 from protocols.schema import Binary, Scalar
+from protocols.model_format import LayerSpec
 from protocols.tensors import WireTensor
 from protocols.topics import valid_id
 
@@ -135,6 +136,7 @@ class ModelManifest:
     labels: tuple[str, ...] = ()
     preprocessing: dict[str, Scalar] = field(default_factory=dict)
     signature: bytes = b""
+    head_layers: tuple[LayerSpec, ...] = ()
 
     def __post_init__(self) -> None:
         _ids(model_name=self.name, version=self.version)
@@ -200,6 +202,21 @@ class BlobChunk:
 
 
 @dataclass(frozen=True, slots=True)
+class BlobRequest:
+    """Asks for chunks of a blob by hash: all of them, or only `indices` (to resume)."""
+
+    KIND: ClassVar[str] = "blob_req"
+    VERSION: ClassVar[int] = 1
+    device_id: str
+    blob_sha256: str
+    indices: tuple[int, ...] = ()
+    request_id: str = ""
+
+    def __post_init__(self) -> None:
+        _ids(device_id=self.device_id)
+
+
+@dataclass(frozen=True, slots=True)
 class InferenceRequest:
     """Asks the cloud model for a prediction; the answer goes to ``reply_to``."""
 
@@ -233,12 +250,13 @@ Message = (
     | TrainTask
     | ModelUpdate
     | BlobChunk
+    | BlobRequest
     | InferenceRequest
     | InferenceResponse
 )
 MESSAGE_TYPES: tuple[type[Any], ...] = (
     Status, Telemetry, Command, Ack, ModelManifest, TrainTask,
-    ModelUpdate, BlobChunk, InferenceRequest, InferenceResponse,
+    ModelUpdate, BlobChunk, BlobRequest, InferenceRequest, InferenceResponse,
 )  # fmt: skip
 _BY_KIND: dict[str, type[Any]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
 M = TypeVar("M")

@@ -1,0 +1,325 @@
+"""The agent's side of federated learning: tasks in, model blobs fetched, head trained in
+the child process, compressed delta out through the durable outbox.
+
+Threads: MQTT callbacks only record what arrived (`on_*`); one learner thread runs tasks
+one at a time and re-sends unacknowledged updates. torch never loads in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.compression import Compressor, clip_by_norm
+from agent.errors import AgentError
+from agent.local_data import load_local_data
+from agent.model_store import ModelStore
+from agent.onnx_runtime import OnnxModel
+from agent.outbox import Outbox
+from agent.trainer import TrainerProcess
+from protocols.chunks import Reassembly
+from protocols.errors import DecodeError
+from protocols.messages import (
+    Ack,
+    BlobChunk,
+    BlobRequest,
+    ModelManifest,
+    ModelUpdate,
+    TrainTask,
+    encode,
+)
+from protocols.model_format import BACKBONE_FILE, HEAD_FILE, unpack_tensors
+from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
+
+log = logging.getLogger(__name__)
+RESEND_AFTER_S = 10.0
+FETCH_RETRY_S = 3.0
+
+
+class Transport(Protocol):
+    """What the learner needs from the MQTT client."""
+
+    @property
+    def connected(self) -> bool:
+        """True while connected."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        """Queue one message."""
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now and after reconnects."""
+
+
+class TaskFailedError(AgentError):
+    """A training task could not be completed; the message says why."""
+
+
+@dataclass
+class _Fetch:
+    sha256: str
+    requested_at: float = 0.0
+    reassembly: Reassembly | None = None
+
+
+def update_key(update: ModelUpdate) -> str:
+    """The reference the coordinator acknowledges an update by (and the outbox key)."""
+    return f"{update.job_id}/{update.round}/{update.base_version}/{update.seq}"
+
+
+class Learner:
+    """Runs training tasks for one device."""
+
+    def __init__(
+        self,
+        device_id: str,
+        data_dir: Path,
+        dataset_dir: Path,
+        transport: Transport,
+        max_payload_bytes: int,
+        train_threads: int = 1,
+    ) -> None:
+        self.device_id = device_id
+        self.transport = transport
+        self.dataset_dir = dataset_dir
+        self.max_payload_bytes = max_payload_bytes
+        self.store = ModelStore(data_dir / "models")
+        self.outbox = Outbox(data_dir / "outbox.db")
+        self.compressor = Compressor(data_dir / "residuals.npz")
+        self.trainer = TrainerProcess(threads=train_threads)
+        self.tasks_done = 0
+        self.tasks_failed = 0
+        self._tasks: queue.Queue[TrainTask | None] = queue.Queue()
+        self._fetches: dict[str, _Fetch] = {}
+        self._models: set[str] = set()
+        self._cond = threading.Condition()
+        self._feature_cache: dict[str, np.ndarray[Any, Any]] = {}
+        self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        self._stop = threading.Event()
+        self._busy = False
+
+    def model_versions(self) -> dict[str, str]:
+        """The active version of every model this device has trained."""
+        versions = {}
+        for name in sorted(self._models):
+            manifest = self.store.current(name)
+            if manifest is not None:
+                versions[name] = manifest.version
+        return versions
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the learner thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current task; close the trainer child and the outbox."""
+        self._stop.set()
+        self._tasks.put(None)
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self.trainer.close()
+        self.outbox.close()
+
+    @property
+    def busy(self) -> bool:
+        """True while a task is running."""
+        return self._busy
+
+    # --- inbound (MQTT thread) ---------------------------------------------------------
+    def on_task(self, task: TrainTask) -> None:
+        """Queue a task (its model topic is subscribed at once so the manifest arrives)."""
+        self._watch_model(task.model_name)
+        self._tasks.put(task)
+
+    def _watch_model(self, name: str) -> None:
+        if name not in self._models:
+            self._models.add(name)
+            self.transport.subscribe(model_topic(name, ModelChannel.MANIFEST), qos=1)
+
+    def on_manifest(self, manifest: ModelManifest) -> None:
+        """Keep a published manifest and start fetching its missing blobs."""
+        self.store.put_manifest(manifest)
+        for entry in self.store.missing(manifest):
+            self._request(entry.sha256)
+        with self._cond:
+            self._cond.notify_all()
+
+    def on_chunk(self, chunk: BlobChunk) -> None:
+        """Add a chunk; a complete, verified blob goes into the model cache."""
+        with self._cond:
+            fetch = self._fetches.get(chunk.blob_sha256)
+            if fetch is None:
+                return  # unrequested or already complete
+            if fetch.reassembly is None:
+                fetch.reassembly = Reassembly(chunk)
+            fetch.reassembly.add(chunk)
+            if not fetch.reassembly.complete:
+                return
+            blob = fetch.reassembly.result()  # DecodeError on a hash mismatch
+            del self._fetches[chunk.blob_sha256]
+        self.store.put_blob(chunk.blob_sha256, blob)
+        with self._cond:
+            self._cond.notify_all()
+
+    def on_update_ack(self, ack: Ack) -> None:
+        """Forget an update the coordinator has acknowledged (or refused for good)."""
+        self.outbox.ack(ack.ref)
+        if not ack.ok:
+            log.warning("coordinator refused update %s: %s", ack.ref, ack.reason)
+
+    def on_connected(self) -> None:
+        """After a (re)connect: resume blob transfers and re-send pending updates at once."""
+        self.outbox.reset_sent()
+        with self._cond:
+            for fetch in self._fetches.values():
+                fetch.requested_at = 0.0
+            self._cond.notify_all()
+
+    # --- blobs -------------------------------------------------------------------------
+    def _request(self, sha256: str) -> None:
+        with self._cond:
+            if sha256 not in self._fetches and not self.store.has_blob(sha256):
+                self._fetches[sha256] = _Fetch(sha256)
+        self._send_requests()
+
+    def _send_requests(self) -> None:
+        now = time.monotonic()
+        with self._cond:
+            due = [f for f in self._fetches.values() if now - f.requested_at > FETCH_RETRY_S]
+            for fetch in due:
+                fetch.requested_at = now
+        if not self.transport.connected:
+            return
+        for fetch in due:
+            missing = tuple(fetch.reassembly.missing()) if fetch.reassembly else ()
+            request = BlobRequest(self.device_id, fetch.sha256, missing, f"{fetch.sha256[:8]}")
+            topic = device_topic(self.device_id, DeviceChannel.BLOB_REQUEST)
+            self.transport.publish(topic, encode(request), qos=1)
+
+    def _wait_for_model(self, task: TrainTask) -> ModelManifest:
+        deadline = min(task.deadline, time.time() + 60)
+        with self._cond:
+            while True:
+                manifest = self.store.manifest(task.model_name, task.base_version)
+                if manifest is not None:
+                    missing = self.store.missing(manifest)
+                    if not missing:
+                        return manifest
+                    for entry in missing:
+                        if entry.sha256 not in self._fetches:
+                            self._fetches[entry.sha256] = _Fetch(entry.sha256)
+                if time.time() >= deadline or self._stop.is_set():
+                    raise TaskFailedError(
+                        f"model {task.model_name} {task.base_version} not here in time"
+                    )
+                self._cond.release()
+                try:
+                    self._send_requests()
+                finally:
+                    self._cond.acquire()
+                self._cond.wait(0.2)
+
+    # --- tasks -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                task = self._tasks.get(timeout=1.0)
+            except queue.Empty:
+                task = None
+            self._resend_due()
+            if task is None:
+                continue
+            self._busy = True
+            try:
+                self._train(task)
+                self.tasks_done += 1
+            except (AgentError, DecodeError, OSError) as exc:
+                self.tasks_failed += 1
+                log.warning("task %s failed: %s", task.task_id, exc)
+            except Exception:  # supervisor of the learner thread: log with traceback, go on
+                self.tasks_failed += 1
+                log.exception("task %s failed unexpectedly", task.task_id)
+            finally:
+                self._busy = False
+
+    def _resend_due(self) -> None:
+        if not self.transport.connected:
+            return
+        for pending in self.outbox.due(RESEND_AFTER_S):
+            self.transport.publish(pending.topic, pending.payload, qos=1)
+
+    def _features(self, manifest: ModelManifest, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        names = {f.name: f.sha256 for f in manifest.files}
+        if BACKBONE_FILE not in names:
+            return x.reshape(len(x), -1).astype(np.float32)
+        key = names[BACKBONE_FILE] + str(x.shape)
+        if key not in self._feature_cache:
+            backbone = OnnxModel.from_bytes(self.store.read_blob(names[BACKBONE_FILE]))
+            self._feature_cache[key] = backbone.run(x).reshape(len(x), -1)
+        return self._feature_cache[key]
+
+    def _train(self, task: TrainTask) -> None:
+        started = time.time()
+        if task.deadline <= started:
+            raise TaskFailedError("task arrived after its deadline")
+        manifest = self._wait_for_model(task)
+        self.store.activate(manifest)
+        data = load_local_data(self.dataset_dir)
+        head = unpack_tensors(self.store.file(manifest, HEAD_FILE))
+        hp = task.hyperparams
+        budget = max(
+            0.5, min(float(hp.get("max_seconds", 20.0)), task.deadline - time.time() - 0.5)
+        )
+        request = {
+            "features": self._features(manifest, data.x_train),
+            "labels": data.y_train,
+            "val_features": self._features(manifest, data.x_val),
+            "val_labels": data.y_val,
+            "head": head,
+            "layers": manifest.head_layers,
+            "lr": float(hp.get("lr", 0.05)),
+            "momentum": float(hp.get("momentum", 0.9)),
+            "epochs": int(hp.get("epochs", 2)),
+            "batch_size": int(hp.get("batch_size", 16)),
+            "prox_mu": float(hp.get("prox_mu", 0.0)),
+            "max_seconds": budget,
+            "seed": int(hp.get("seed", 0)) + task.round,
+        }
+        result = self.trainer.train(request, timeout=budget + 30.0)
+        delta = {name: result["head"][name] - head[name] for name in head}
+        clip = float(hp.get("clip_norm", 0.0))
+        if clip > 0:
+            delta, _ = clip_by_norm(delta, clip)
+        tensors = self.compressor.compress(
+            delta, task.compression, topk_fraction=float(hp.get("topk_fraction", 0.01))
+        )
+        metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
+        update = ModelUpdate(
+            device_id=self.device_id,
+            job_id=task.job_id,
+            round=task.round,
+            base_version=task.base_version,
+            seq=int(time.time() * 1000) % (1 << 31),
+            num_samples=len(data.y_train),
+            tensors=tensors,
+            metrics=metrics,
+        )
+        payload = encode(update)
+        key = update_key(update)
+        topic = device_topic(self.device_id, DeviceChannel.UPDATE)
+        self.outbox.put(key, topic, payload)
+        self.compressor.save()
+        if self.transport.connected:
+            self.outbox.mark_sent(key)
+            self.transport.publish(topic, payload, qos=1)
+        log.info("task %s: trained %d samples in %.2fs, sent %d bytes (%s)",
+                 task.task_id, update.num_samples, time.time() - started, len(payload),
+                 task.compression)  # fmt: skip
