@@ -1,11 +1,12 @@
 """Server-side training: fit a template's frozen backbone, and the centralized baseline.
 
-`fit_backbone` prepares the backbone on the server's pretraining split (never on holdout or
-device data): a ``standardize`` backbone takes that split's mean and scale; a ``conv``
-backbone is trained jointly with a throw-away head, then frozen. `train_centralized` trains
-the head on pooled data with the backbone frozen: what federated training is measured
-against ("centralized training on the pooled data"). `run_baseline` does both on a
-template's standard split and reports the holdout accuracy.
+`fit_backbone` prepares the backbone on the server's pretraining split, never on holdout or
+device data (`server_backbone` takes that split for a seed): a ``standardize`` backbone
+takes the split's mean and scale; a ``conv`` backbone is trained jointly with a throw-away
+head, then frozen. `train_centralized` trains the head on pooled data with the backbone
+frozen: what federated training is measured against ("centralized training on the pooled
+data"). `run_baseline` does both on a template's standard split and reports the holdout
+accuracy. Training runs on one torch thread.
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def fit_backbone(
     return backbone
 
 
+def server_backbone(template: Template, seed: int) -> torch.nn.Module | None:
+    """The backbone fitted on ``server_data(template, seed).pretrain``; same seed, same one."""
+    if template.backbone == "none":
+        return None
+    pretrain = datasets.server_data(template, seed).pretrain
+    return fit_backbone(template, pretrain.x, pretrain.y, seed)
+
+
 def train_centralized(
     template: Template,
     x_train: npt.NDArray[np.floating],
@@ -172,7 +181,7 @@ def run_baseline(template: Template, seed: int = 0, epochs: int = 20) -> Baselin
     started = time.perf_counter()
     server = datasets.server_data(template, seed)
     pool = datasets.device_pool(template, seed)
-    backbone = fit_backbone(template, server.pretrain.x, server.pretrain.y, seed)
+    backbone = server_backbone(template, seed)
     head_state = train_centralized(template, pool.x, pool.y, epochs, seed, backbone=backbone)
     accuracy = head_accuracy(template, backbone, head_state, server.holdout.x, server.holdout.y)
     seconds = time.perf_counter() - started

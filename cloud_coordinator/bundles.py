@@ -195,11 +195,17 @@ def initial_bundle(
 ) -> tuple[Bundle, HeadState]:
     """Export the first version of `template` and return it with its head's parameters.
 
-    `backbone` is the fitted frozen backbone (default: ``template.build_backbone(seed)``,
-    unfitted); `head_state` the head's start (default: ``template.build_head(seed)``).
+    `backbone` is the fitted, frozen backbone, required when the template has one (see
+    ``cloud_coordinator.baseline.server_backbone``); `head_state` is where the head starts
+    (default: ``template.build_head(seed)``).
     """
-    if backbone is None:
-        backbone = template.build_backbone(seed)
+    if (backbone is None) != (template.backbone == "none"):
+        raise ValueError(
+            f"template {template.name} has backbone {template.backbone!r}; pass a fitted one "
+            "(cloud_coordinator.baseline.server_backbone)"
+            if backbone is None
+            else f"template {template.name} is cut at the input; it takes no backbone"
+        )
     head = template.build_head(seed)
     if head_state is not None:
         head.load_state_dict(

@@ -10,12 +10,14 @@ A version's parent must already be registered under the same name, so insertion 
 lineage order. Blobs are written (and fsynced) before the row that refers to them commits,
 so a crash leaves at worst an unreferenced blob, never a version with a missing file. This
 module does not import torch: a bundle is anything with ``files`` and ``manifest``.
+Metrics are JSON scalars; a NaN or infinite number is stored as ``None``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -47,6 +49,7 @@ CREATE TABLE IF NOT EXISTS versions (
 );
 """
 _COLUMNS = "name, version, parent, created, manifest, job_id, round, devices, metrics"
+Metric = str | int | float | bool | None
 
 
 class BundleLike(Protocol):
@@ -71,7 +74,7 @@ class VersionRecord:
     job_id: str | None = None
     round: int | None = None
     devices: tuple[str, ...] = ()
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Metric] = field(default_factory=dict)
 
 
 def _sha256(data: bytes) -> str:
@@ -174,7 +177,7 @@ class ModelRegistry:
         job_id: str | None = None,
         round: int | None = None,
         devices: Sequence[str] = (),
-        metrics: Mapping[str, float] | None = None,
+        metrics: Mapping[str, Metric] | None = None,
     ) -> VersionRecord:
         """Store a bundle's files and register its version; StoreError if it conflicts."""
         manifest = bundle.manifest
@@ -195,8 +198,6 @@ class ModelRegistry:
             raise StoreError(
                 f"parent {parent} of {manifest.name} {manifest.version} is not registered"
             )
-        for data in bundle.files.values():
-            self.put_blob(data)
         row = (
             manifest.name,
             manifest.version,
@@ -206,14 +207,16 @@ class ModelRegistry:
             job_id,
             round,
             json.dumps(list(devices)),
-            json.dumps(dict(metrics or {}), allow_nan=False),
+            _metrics_json(metrics or {}),
         )
+        for data in bundle.files.values():
+            self.put_blob(data)
         try:
             with self._db:
                 self._db.execute(
                     f"INSERT INTO versions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row
                 )
-        except (sqlite3.Error, ValueError) as exc:
+        except sqlite3.Error as exc:
             raise StoreError(f"cannot register {manifest.name} {manifest.version}: {exc}") from exc
         return self.record(manifest.name, manifest.version)
 
@@ -246,16 +249,16 @@ class ModelRegistry:
         rows = self._db.execute("SELECT DISTINCT name FROM versions ORDER BY name").fetchall()
         return [str(row[0]) for row in rows]
 
-    def record_metrics(self, name: str, version: str, metrics: Mapping[str, float]) -> None:
+    def record_metrics(self, name: str, version: str, metrics: Mapping[str, Metric]) -> None:
         """Merge `metrics` into the version's metrics; StoreError if it is not registered."""
-        merged = {**self.record(name, version).metrics, **metrics}
+        merged = _metrics_json({**self.record(name, version).metrics, **metrics})
         try:
             with self._db:
                 self._db.execute(
                     "UPDATE versions SET metrics = ? WHERE name = ? AND version = ?",
-                    (json.dumps(merged, allow_nan=False), name, version),
+                    (merged, name, version),
                 )
-        except (sqlite3.Error, ValueError) as exc:
+        except sqlite3.Error as exc:
             raise StoreError(f"cannot record metrics of {name} {version}: {exc}") from exc
 
     def _row(self, name: str, version: str) -> dict[str, Any] | None:
@@ -269,6 +272,17 @@ class ModelRegistry:
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the model registry: {exc}") from exc
+
+
+def _metrics_json(metrics: Mapping[str, Metric]) -> str:
+    """JSON text of `metrics`, with non-finite numbers as null; ValueError for other types."""
+    clean: dict[str, Metric] = {}
+    for key, value in metrics.items():
+        if value is not None and not isinstance(value, str | int | float):
+            raise ValueError(f"metric {key!r} is a {type(value).__name__}, not a JSON scalar")
+        finite = not isinstance(value, float) or math.isfinite(value)
+        clean[str(key)] = value if finite else None
+    return json.dumps(clean, allow_nan=False)
 
 
 def _record(row: Mapping[str, Any]) -> VersionRecord:
@@ -287,5 +301,5 @@ def _record(row: Mapping[str, Any]) -> VersionRecord:
         job_id=row["job_id"],
         round=row["round"],
         devices=tuple(devices),
-        metrics={str(k): float(v) for k, v in metrics.items()},
+        metrics=dict(metrics),
     )

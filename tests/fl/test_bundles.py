@@ -141,6 +141,13 @@ def test_a_backbone_bundle_splits_and_fuses_consistently(
     np.testing.assert_allclose(head_only, expected, atol=1e-5)
 
 
+def test_a_backbone_must_be_given_exactly_when_the_template_has_one() -> None:
+    with pytest.raises(ValueError, match="pass a fitted one"):
+        initial_bundle(TINY, "tiny", "v1", seed=0)
+    with pytest.raises(ValueError, match="takes no backbone"):
+        initial_bundle(get_template("digits_mlp"), "m", "v1", 0, backbone=torch.nn.Identity())
+
+
 def test_next_bundle_rewrites_the_head_without_exporting(
     tiny: tuple[Bundle, HeadState, torch.nn.Module], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -281,9 +288,12 @@ def test_initial_bundle_evaluates_to_chance_and_training_helps(
 @pytest.mark.parametrize("name", ["digits_cnn", "machine_health"])
 def test_exporting_in_a_fresh_interpreter_is_silent(name: str) -> None:
     code = (
+        "from cloud_coordinator.baseline import server_backbone\n"
         "from cloud_coordinator.bundles import initial_bundle\n"
         "from cloud_coordinator.templates import get_template\n"
-        f"bundle, _ = initial_bundle(get_template({name!r}), 'm', 'v1', 0)\n"
+        f"template = get_template({name!r})\n"
+        "backbone = server_backbone(template, 0)\n"
+        "bundle, _ = initial_bundle(template, 'm', 'v1', 0, backbone=backbone)\n"
         "assert len(bundle.files) == 3\n"
     )
     done = subprocess.run(

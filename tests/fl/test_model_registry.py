@@ -135,14 +135,20 @@ def test_unknown_versions_raise_store_errors(registry: ModelRegistry) -> None:
         registry.record_metrics("digits", "v9", {"accuracy": 1.0})
 
 
-def test_metrics_are_merged(registry: ModelRegistry) -> None:
-    registry.put(make_bundle("v1"), metrics={"accuracy": 0.5, "loss": 2.0})
-    registry.record_metrics("digits", "v1", {"accuracy": 0.75, "holdout_n": 360})
+def test_metrics_are_json_scalars_and_are_merged(registry: ModelRegistry) -> None:
+    registry.put(make_bundle("v1"), metrics={"accuracy": 0.5, "loss": 2.0, "device": "cpu"})
+    registry.record_metrics("digits", "v1", {"accuracy": 0.75, "n": 360, "loss": float("nan")})
     assert registry.record("digits", "v1").metrics == {
         "accuracy": 0.75,
-        "loss": 2.0,
-        "holdout_n": 360.0,
+        "loss": None,
+        "device": "cpu",
+        "n": 360,
     }
+    with pytest.raises(ValueError, match="not a JSON scalar"):
+        registry.record_metrics("digits", "v1", {"per_class": [1.0]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="not a JSON scalar"):
+        registry.put(make_bundle("v2", parent="v1"), metrics={"x": b"1"})  # type: ignore[dict-item]
+    assert [r.version for r in registry.versions("digits")] == ["v1"]
 
 
 def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:

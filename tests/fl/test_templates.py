@@ -129,3 +129,18 @@ def test_a_pretrained_conv_backbone_beats_a_random_one() -> None:
     random_backbone, pretrained = accuracies
     assert pretrained >= 0.95
     assert pretrained > random_backbone + 0.03
+
+
+@pytest.mark.parametrize("name", template_names())
+def test_the_server_backbone_is_the_same_for_the_same_seed(name: str) -> None:
+    template = get_template(name)
+    one, two = baseline.server_backbone(template, 1), baseline.server_backbone(template, 1)
+    if template.backbone == "none":
+        assert one is None
+        assert two is None
+        return
+    assert one is not None
+    assert two is not None
+    assert not any(p.requires_grad for p in one.parameters())
+    for key, value in one.state_dict().items():
+        assert torch.equal(value, two.state_dict()[key]), key
