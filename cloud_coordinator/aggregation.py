@@ -86,6 +86,8 @@ def _raw(t: WireTensor, count: int, device: torch.device) -> torch.Tensor:
     if not (math.isfinite(t.scale) and t.scale >= 0) or not -128 <= t.zero_point <= 127:
         raise AggregationError(f"tensor {t.name!r}: bad scale or zero point", reason="bad_tensor")
     view = memoryview(t.data)
+    if not view.c_contiguous:
+        raise AggregationError(f"tensor {t.name!r}: data is not contiguous", reason="bad_tensor")
     if view.nbytes != count * dtype.itemsize:
         raise AggregationError(
             f"tensor {t.name!r}: {view.nbytes} data bytes for {count} x {t.dtype}",

@@ -104,6 +104,14 @@ def test_dense_f32_on_cpu_is_a_view_of_the_payload() -> None:
     assert out.data_ptr() == np.frombuffer(t.data, dtype=np.uint8).ctypes.data
 
 
+def test_data_may_be_any_contiguous_buffer(device: torch.device) -> None:
+    values = _values((3, 4))
+    t = WireTensor("w", "f32", (3, 4), values.data)  # format "f", two dimensions
+    np.testing.assert_array_equal(_host(decode_to_torch(t, device, (3, 4))), values)
+    strided = WireTensor("w", "f32", (6,), values[:, ::2].data)
+    assert _reason(strided, device, (6,)) == "bad_tensor"
+
+
 def _reason(t: WireTensor, device: torch.device, shape: tuple[int, ...]) -> str:
     with pytest.raises(AggregationError) as info:
         decode_to_torch(t, device, shape)
