@@ -95,6 +95,7 @@ def build_manifest(
         parent_version=parent_version,
         labels=template.labels,
         preprocessing=dict(template.preprocessing),
+        head_layers=template.head_layers,
     )
 
 

@@ -118,6 +118,7 @@ def test_the_manifest_describes_the_files(mlp: tuple[Bundle, HeadState]) -> None
     assert [(s.name, s.dtype, s.shape) for s in manifest.inputs] == [("input", "float32", (-1, 64))]
     assert [(s.name, s.shape) for s in manifest.outputs] == [("logits", (-1, 10))]
     assert manifest.labels == template.labels
+    assert manifest.head_layers == template.head_layers
     assert manifest.preprocessing == {"scale": 0.0625, "offset": 0.0}
     model = onnx.load_from_string(bundle.files[MODEL_FILE])
     onnx.checker.check_model(model)
@@ -172,6 +173,7 @@ def test_next_bundle_rewrites_the_head_without_exporting(
     assert {e.name: e.sha256 for e in manifest.files} == {
         name: hashlib.sha256(data).hexdigest() for name, data in second.files.items()
     }
+    assert manifest.head_layers == TINY.head_layers
     third = next_bundle(second, perturbed(state, 2), "v3", parent_version="v1")
     assert third.manifest.parent_version == "v1"
     assert bundle.head_state().keys() == state.keys(), "the previous bundle is untouched"
