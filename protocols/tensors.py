@@ -29,6 +29,7 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
 }
 MAX_ELEMENTS = 1 << 28
 _F32_TINY = float(np.finfo(np.float32).tiny)
+_F32_MAX = float(np.finfo(np.float32).max)
 _MAX_RANK = 8
 
 FloatArray = npt.NDArray[np.float32]
@@ -185,7 +186,8 @@ def _check_shape(t: WireTensor, max_elements: int) -> int:
     size = math.prod(t.shape)
     if t.dtype not in DTYPES:
         raise DecodeError(f"tensor {t.name!r}: unknown dtype {t.dtype!r}", reason="bad_tensor")
-    if not (math.isfinite(t.scale) and t.scale >= 0) or not -128 <= t.zero_point <= 127:
+    # The scale is applied in float32: one beyond its range would overflow to Inf.
+    if not 0 <= t.scale <= _F32_MAX or not -128 <= t.zero_point <= 127:
         raise DecodeError(f"tensor {t.name!r}: bad scale or zero point", reason="bad_tensor")
     return size
 
@@ -205,7 +207,8 @@ def _to_float(t: WireTensor, raw: npt.NDArray[np.generic]) -> npt.NDArray[np.flo
         return raw  # type: ignore[return-value]
     if t.dtype == "bf16":
         return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
-    return (raw.astype(np.float32) - np.float32(t.zero_point)) * np.float32(t.scale)
+    with np.errstate(over="ignore"):  # (q - zero_point) * scale may pass float32's range: Inf
+        return (raw.astype(np.float32) - np.float32(t.zero_point)) * np.float32(t.scale)
 
 
 def decode_sparse(
