@@ -17,6 +17,7 @@ from protocols import messages
 from protocols.messages import (
     Ack,
     BlobChunk,
+    BlobRequest,
     Command,
     FileEntry,
     InferenceRequest,
@@ -29,6 +30,7 @@ from protocols.messages import (
     TensorSpec,
     TrainTask,
 )
+from protocols.model_format import LayerSpec
 from protocols.tensors import encode_dense, encode_sparse
 
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
@@ -86,6 +88,7 @@ def samples() -> dict[str, Message]:
             ("cat", "dog", "ünïcödé"),
             {"mean": 0.5, "std": 0.25, "size": 224, "rgb": True, "layout": "NCHW"},
             bytes(range(64)),
+            (LayerSpec("linear", 64, 32), LayerSpec("relu"), LayerSpec("linear", 32, 10)),
         ),
         TrainTask(
             "task-3",
@@ -100,6 +103,7 @@ def samples() -> dict[str, Message]:
         ModelUpdate("cam-01", "job-1", 3, "v7", 2, 640, tensors, {"loss": 0.42, "acc": 0.9}),
         # 5000 bytes: large enough to be spliced into the payload as a big binary.
         BlobChunk(_SHA_A, 1, 3, 12_000, 5000, bytes(i % 251 for i in range(5000))),
+        BlobRequest("cam-01", _SHA_B, (0, 2, 7), "req-8"),
         InferenceRequest("req-9", "detector", tensors[:2], "fedge/v1/dev/cam-01/infer/resp", 5.5),
         InferenceResponse("req-9", "v7", (tensors[0],), ""),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -80,3 +81,13 @@ def test_golden_update_tensors_decode_to_their_values() -> None:
     idx, vals = decode_sparse(sparse)
     assert idx.tolist() == [0, 1, 130, (1 << 21) + 131, 4096 * 1024 - 1]
     np.testing.assert_allclose(vals, [0.5, -0.25, 1.0, -1.0, 0.125], atol=sparse.scale / 2)
+
+
+def test_manifest_from_before_head_layers_still_decodes() -> None:
+    # A minor version added ``head_layers`` (with a default): older bytes must still decode.
+    old = (GOLDEN_DIR / "compat" / "manifest-before-head-layers.msgpack").read_bytes()
+    decoded = messages.decode(old)
+    manifest = samples()["manifest"]
+    assert isinstance(manifest, messages.ModelManifest)
+    assert manifest.head_layers
+    assert plain(decoded) == plain(dataclasses.replace(manifest, head_layers=()))

@@ -110,6 +110,12 @@ def test_i8_extreme_magnitudes(scale: float) -> None:
     np.testing.assert_allclose(out, values, rtol=0, atol=t.scale * 0.5001)
 
 
+def test_i8_overflowing_float32_is_inf_without_a_warning() -> None:
+    peak = float(np.finfo(np.float32).max)
+    t = WireTensor("w", "i8", (2,), np.array([-128, 127], dtype=np.int8).tobytes(), peak, 127)
+    assert decode_tensor(t).tolist() == [-np.inf, 0.0]
+
+
 def test_i8_with_zero_point() -> None:
     t = WireTensor("w", "i8", (3,), np.array([-10, 0, 10], dtype=np.int8).tobytes(), 0.5, 10)
     np.testing.assert_array_equal(decode_tensor(t), [-10.0, -5.0, 0.0])
@@ -283,6 +289,8 @@ def _dense(**changes: object) -> WireTensor:
         (_dense(scale=float("nan")), "bad_tensor"),
         (_dense(scale=float("inf")), "bad_tensor"),
         (_dense(scale=-1.0), "bad_tensor"),
+        (_dense(dtype="i8", data=bytes(4), scale=3.4028235677973366e38), "bad_tensor"),
+        (_dense(dtype="i8", data=bytes(4), scale=1e300), "bad_tensor"),
         (_dense(zero_point=128), "bad_tensor"),
         (_dense(zero_point=-129), "bad_tensor"),
     ],
