@@ -27,11 +27,16 @@ class CoordinatorConfig:
     http_port: int = 8780
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "journal"] = "auto"
+    aggregation_device: Literal["auto", "cpu", "cuda"] = "auto"
+    chunk_size: int = 256 * 1024
     mqtt: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
         if not valid_id(self.coordinator_id):
             raise ValueError(f"coordinator_id {self.coordinator_id!r} is not a valid identifier")
+        if not 4096 <= self.chunk_size <= self.mqtt.max_payload_bytes - 4096:
+            limit = self.mqtt.max_payload_bytes - 4096
+            raise ValueError(f"chunk_size must be 4096..{limit}, got {self.chunk_size}")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be 0-65535, got {self.http_port}")
 

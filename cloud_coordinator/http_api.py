@@ -4,6 +4,9 @@ GET /healthz          liveness and broker connection
 GET /metrics          Prometheus text: devices online, messages accepted and rejected
 GET /v1/devices       the fleet as JSON
 GET /v1/rejections    rejection counts by channel and reason
+GET /v1/jobs          training jobs in brief
+GET /v1/jobs/{id}     one job with every round's metrics
+POST /v1/jobs         start a job (JSON body: the job spec; 400 names a bad field)
 """
 
 from __future__ import annotations
@@ -15,13 +18,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.registry import read_devices, read_rejections
 from protocols import __version__
 
 log = logging.getLogger(__name__)
+
+
+class JobsApi(Protocol):
+    """What the API needs from the job runner."""
+
+    def create_json(self, body: object) -> dict[str, object]:
+        """Start a job from a JSON spec; ValueError naming what is wrong."""
+
+    def job_json(self, job_id: str) -> dict[str, object] | None:
+        """One job with its rounds, or None."""
+
+    def jobs_json(self) -> list[dict[str, object]]:
+        """Every job in brief."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +47,7 @@ class ApiState:
     db_path: Path
     mqtt_connected: Callable[[], bool]
     accepted: Callable[[], dict[str, int]]
+    jobs: JobsApi | None = None
 
 
 def _metrics(state: ApiState) -> str:
@@ -91,6 +108,14 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/v1/devices":
                 devices = read_devices(self.state.db_path)
                 self._json(200, {"devices": [d.as_json() for d in devices]})
+            elif path == "/v1/jobs" and self.state.jobs is not None:
+                self._json(200, {"jobs": self.state.jobs.jobs_json()})
+            elif path.startswith("/v1/jobs/") and self.state.jobs is not None:
+                job = self.state.jobs.job_json(path.removeprefix("/v1/jobs/"))
+                if job is None:
+                    self._json(404, {"error": f"no job {path.removeprefix('/v1/jobs/')!r}"})
+                else:
+                    self._json(200, job)
             elif path == "/v1/rejections":
                 counts = read_rejections(self.state.db_path)
                 rows = [{"channel": c, "reason": r, "count": n} for (c, r), n in counts.items()]
@@ -100,6 +125,27 @@ class _Handler(BaseHTTPRequestHandler):
                     404,
                     {"error": f"no such endpoint {path}", "see": "/healthz, /metrics, /v1/devices"},
                 )
+        except StoreError as exc:
+            self._json(503, {"error": str(exc)})
+
+    def do_POST(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path != "/v1/jobs" or self.state.jobs is None:
+            self._json(404, {"error": f"no such endpoint POST {path}"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > 1 << 20:
+            self._json(413, {"error": "job spec larger than 1 MiB"})
+            return
+        try:
+            body = json.loads(self.rfile.read(length) or b"null")
+        except ValueError as exc:
+            self._json(400, {"error": f"body is not JSON: {exc}"})
+            return
+        try:
+            self._json(201, self.state.jobs.create_json(body))
+        except ValueError as exc:
+            self._json(400, {"error": str(exc)})
         except StoreError as exc:
             self._json(503, {"error": str(exc)})
 

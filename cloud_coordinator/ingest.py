@@ -38,15 +38,34 @@ class DeviceStore(Protocol):
         """Persist a rejection count."""
 
 
+class TrainingSink(Protocol):
+    """Where training traffic goes (the `JobRunner`); methods raise DecodeError to reject."""
+
+    def on_update(self, device_id: str, payload: bytes, max_bytes: int) -> None:
+        """Fold in and acknowledge a model update."""
+
+    def on_blob_request(self, device_id: str, payload: bytes, max_bytes: int) -> None:
+        """Send the chunks a device asked for."""
+
+
 #: Device channels the coordinator subscribes to in this version.
-SUBSCRIBED = (DeviceChannel.STATUS, DeviceChannel.TELEMETRY, DeviceChannel.ACK)
+SUBSCRIBED = (
+    DeviceChannel.STATUS,
+    DeviceChannel.TELEMETRY,
+    DeviceChannel.ACK,
+    DeviceChannel.UPDATE,
+    DeviceChannel.BLOB_REQUEST,
+)
 
 
 class Ingest:
     """Decodes and applies device messages; keeps in-memory counters for /metrics."""
 
-    def __init__(self, store: DeviceStore, max_payload_bytes: int) -> None:
+    def __init__(
+        self, store: DeviceStore, max_payload_bytes: int, training: TrainingSink | None = None
+    ) -> None:
         self.store = store
+        self.training = training
         self.max_payload_bytes = max_payload_bytes
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()
@@ -56,6 +75,9 @@ class Ingest:
             DeviceChannel.TELEMETRY: self._telemetry,
             DeviceChannel.ACK: self._ack,
         }
+        if training is not None:
+            self._handlers[DeviceChannel.UPDATE] = self._update
+            self._handlers[DeviceChannel.BLOB_REQUEST] = self._blob_request
 
     def handle(self, topic: str, payload: bytes, now: float) -> bool:
         """Apply one message; False (and a counted reason) if it was rejected."""
@@ -119,3 +141,12 @@ class Ingest:
             "ok" if ack.ok else "failed",
             ack.reason,
         )
+
+    def _update(self, device_id: str, payload: bytes, now: float) -> None:
+        assert self.training is not None
+        self.store.touch(device_id, now)
+        self.training.on_update(device_id, payload, self.max_payload_bytes)
+
+    def _blob_request(self, device_id: str, payload: bytes, now: float) -> None:
+        assert self.training is not None
+        self.training.on_blob_request(device_id, payload, self.max_payload_bytes)

@@ -1,7 +1,8 @@
-"""The coordinator service: MQTT ingest into the registry, plus the HTTP API.
+"""The coordinator service: MQTT ingest into the registry, training jobs, and the HTTP API.
 
-Threads: paho's network thread only enqueues; one ingest thread owns the SQLite writer;
-the HTTP server answers from read-only connections. `run` blocks until `request_stop`.
+Threads: paho's network thread only enqueues; one ingest thread owns the registry writer
+and hands training traffic to the job runner; the job runner's thread drives rounds; the
+HTTP server answers from read-only connections. `run` blocks until `request_stop`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,16 @@ import logging
 import queue
 import threading
 import time
+from pathlib import Path
 
 from cloud_coordinator.config import CoordinatorConfig
 from cloud_coordinator.http_api import ApiServer, ApiState
 from cloud_coordinator.ingest import SUBSCRIBED, Ingest
-from cloud_coordinator.registry import Registry
+from cloud_coordinator.job_store import JobStore
+from cloud_coordinator.jobs import JobRunner
+from cloud_coordinator.model_registry import ModelRegistry
+from cloud_coordinator.registry import Registry, read_devices
+from cloud_coordinator.selection import Candidate
 from protocols import __version__
 from protocols.mqtt import InboundMessage, MqttClient, settings_from_config
 from protocols.topics import all_devices_filter
@@ -29,7 +35,6 @@ class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
         self.registry = Registry(config.db_path)
-        self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes)
         self._inbox: queue.Queue[InboundMessage | None] = queue.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
         self.dropped = 0
@@ -39,16 +44,30 @@ class Coordinator:
             ),
             on_message=self._enqueue,
         )
+        self.models = ModelRegistry(Path(config.data_dir) / "models")
+        self.job_store = JobStore(config.db_path)
+        self.runner = JobRunner(
+            self.job_store,
+            self.models,
+            self.mqtt,
+            self._candidates,
+            device=config.aggregation_device,
+            chunk_size=config.chunk_size,
+        )
+        self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner)
         for channel in SUBSCRIBED:
             self.mqtt.subscribe(all_devices_filter(channel), qos=1)
-        self.api = ApiServer(
-            config.http_host,
-            config.http_port,
-            ApiState(
-                config.db_path, lambda: self.mqtt.connected, lambda: dict(self.ingest.accepted)
-            ),
+        state = ApiState(
+            config.db_path,
+            lambda: self.mqtt.connected,
+            lambda: dict(self.ingest.accepted),
+            jobs=self.runner,
         )
+        self.api = ApiServer(config.http_host, config.http_port, state)
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
+
+    def _candidates(self) -> list[Candidate]:
+        return [Candidate(d.device_id, d.online) for d in read_devices(self.config.db_path)]
 
     def _enqueue(self, message: InboundMessage) -> None:
         try:
@@ -71,22 +90,27 @@ class Coordinator:
     def run(self) -> int:
         """Serve until stopped; return the exit status."""
         log.info(
-            "fedge-coordinator %s: broker %s:%d, API http://%s:%d, state %s",
+            "fedge-coordinator %s: broker %s:%d, API http://%s:%d, state %s, aggregation on %s",
             __version__,
             self.config.mqtt.host,
             self.config.mqtt.port,
             self.config.http_host,
             self.api.port,
-            self.config.db_path,
+            self.config.data_dir,
+            self.runner.device,
         )
         self._worker.start()
         self.api.start()
         self.mqtt.start()
+        self.runner.start()
         self._stop.wait()
         log.info("stopping")
+        self.runner.stop()
         self.mqtt.stop()
         self._inbox.put(None)
         self._worker.join(timeout=10)
         self.api.stop()
         self.registry.close()
+        self.job_store.close()
+        self.models.close()
         return 0
