@@ -56,20 +56,37 @@ def _parser() -> argparse.ArgumentParser:
     rejections = sub.add_parser("rejections", help="print counts of rejected messages")
     _common(rejections)
     rejections.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    demo = sub.add_parser("demo", help="run the product tour on this machine")
-    demo.add_argument("--agents", type=int, default=3, help="agent processes to start (default 3)")
+    demo = sub.add_parser(
+        "demo",
+        help="run the product tour on this machine",
+        description="Start a broker (unless one is configured), a coordinator and N agents as "
+        "separate processes, run a federated job on a skewed split of a data set, and compare "
+        "it with centralized training. Ends with a one-line JSON summary.",
+    )
+    demo.add_argument("--agents", type=int, default=10, help="agent processes (default 10)")
+    demo.add_argument(
+        "--rounds", type=int, default=20, help="rounds; 0 = presence only (default 20)"
+    )
+    demo.add_argument(
+        "--template", default="digits_mlp", help="model template (default digits_mlp)"
+    )
+    demo.add_argument(
+        "--compression", default="f32", choices=["f32", "f16", "bf16", "int8", "topk"],
+        help="how devices compress their updates (default f32)",
+    )  # fmt: skip
+    demo.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
+    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (default 0.5)")
+    demo.add_argument("--seed", type=int, default=0, help="data split and model seed (default 0)")
     demo.add_argument(
         "--broker", metavar="HOST[:PORT]", help="use this broker instead of starting one"
     )
     demo.add_argument(
-        "--duration", type=float, metavar="S", help="stop after S seconds (default: Ctrl-C)"
+        "--duration", type=float, metavar="S", help="with --rounds 0: stop after S seconds"
     )
     demo.add_argument(
-        "--embedded",
-        choices=["auto", "mosquitto", "amqtt"],
-        default="auto",
+        "--embedded", choices=["auto", "mosquitto", "amqtt"], default="auto",
         help="broker to start when none is configured (auto: mosquitto if installed)",
-    )
+    )  # fmt: skip
     demo.add_argument(
         "--workdir", default="fedge-demo", help="state and logs (default ./fedge-demo)"
     )
@@ -146,10 +163,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(words)
     command: str = args.command
     if command == "demo":
-        from cloud_coordinator.demo import run_demo
+        from cloud_coordinator.demo import DemoOptions, run_demo
 
-        kind = None if args.embedded == "auto" else args.embedded
-        return run_demo(args.agents, args.broker, args.duration, Path(args.workdir), kind)
+        options = DemoOptions(
+            agents=args.agents,
+            rounds=args.rounds,
+            template=args.template,
+            compression=args.compression,
+            strategy=args.strategy,
+            alpha=args.alpha,
+            seed=args.seed,
+            broker=args.broker,
+            embedded=None if args.embedded == "auto" else args.embedded,
+            duration=args.duration,
+            workdir=Path(args.workdir),
+        )
+        return run_demo(options)
     from cloud_coordinator.config import load_config
     from cloud_coordinator.errors import StoreError
 
