@@ -10,14 +10,16 @@ import msgpack
 import pytest
 
 from cloud_coordinator.ingest import SUBSCRIBED
-from protocols.messages import Ack, Status, Telemetry, encode
+from protocols.messages import Ack, BlobRequest, ModelUpdate, Status, Telemetry, encode
 from protocols.mqtt import MqttClient, settings_from_config
+from protocols.tensors import encode_dense
 from protocols.topics import ROOT, device_topic
 from tests.broker import Mosquitto
 from tests.procs import Agent, Coordinator, running, wait_until
 
 pytestmark = pytest.mark.integration
 MAX_PAYLOAD = 64 * 1024
+CHUNK_SIZE = 16 * 1024  # blob chunks must fit under the payload cap
 
 
 def _valid(channel: str, device_id: str) -> bytes:
@@ -25,6 +27,11 @@ def _valid(channel: str, device_id: str) -> bytes:
         return encode(Status(device_id, "online", time.time(), "9.9"))
     if channel == "telemetry":
         return encode(Telemetry(device_id, time.time(), 1, 1.0, 1.0, 1, 1))
+    if channel == "update":
+        tensor = encode_dense("head.0.weight", [[0.0, 1.0]])
+        return encode(ModelUpdate(device_id, "job-g", 1, "job-g.r0", 1, 10, (tensor,)))
+    if channel == "blob/req":
+        return encode(BlobRequest(device_id, "0" * 64, (0,), "req-1"))
     return encode(Ack("cmd-1", True, time.time()))
 
 
@@ -46,7 +53,11 @@ def _garbage(channel: str) -> dict[str, bytes]:
 
 
 def test_garbage_on_every_subscribed_topic_is_counted(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    env = {**mosquitto.env(), "FEDGE_MQTT_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD)}
+    env = {
+        **mosquitto.env(),
+        "FEDGE_MQTT_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
+        "FEDGE_CHUNK_SIZE": str(CHUNK_SIZE),
+    }
     coordinator = Coordinator(tmp_path / "coordinator", env)
     sender = MqttClient(settings_from_config(mosquitto.broker_config(), "garbage"), lambda m: None)
     with running(coordinator):
