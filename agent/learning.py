@@ -98,6 +98,7 @@ class Learner:
         self._tasks: queue.Queue[TrainTask | None] = queue.Queue()
         self._fetches: dict[str, _Fetch] = {}
         self._models: set[str] = set()
+        self._latest: dict[str, ModelManifest] = {}
         self._cond = threading.Condition()
         self._feature_cache: dict[str, np.ndarray[Any, Any]] = {}
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
@@ -145,12 +146,24 @@ class Learner:
             self.transport.subscribe(model_topic(name, ModelChannel.MANIFEST), qos=1)
 
     def on_manifest(self, manifest: ModelManifest) -> None:
-        """Keep a published manifest and start fetching its missing blobs."""
+        """Keep a published manifest, fetch its missing blobs, and switch to it once complete."""
         self.store.put_manifest(manifest)
+        with self._cond:
+            self._latest[manifest.name] = manifest
         for entry in self.store.missing(manifest):
             self._request(entry.sha256)
+        self._activate_latest()
         with self._cond:
             self._cond.notify_all()
+
+    def _activate_latest(self) -> None:
+        with self._cond:
+            ready = [m for m in self._latest.values() if not self.store.missing(m)]
+        for manifest in ready:
+            current = self.store.current(manifest.name)
+            if current is None or current.version != manifest.version:
+                self.store.activate(manifest)
+                log.info("model %s: now running version %s", manifest.name, manifest.version)
 
     def on_chunk(self, chunk: BlobChunk) -> None:
         """Add a chunk; a complete, verified blob goes into the model cache."""
@@ -166,6 +179,7 @@ class Learner:
             blob = fetch.reassembly.result()  # DecodeError on a hash mismatch
             del self._fetches[chunk.blob_sha256]
         self.store.put_blob(chunk.blob_sha256, blob)
+        self._activate_latest()
         with self._cond:
             self._cond.notify_all()
 
@@ -271,7 +285,6 @@ class Learner:
         if task.deadline <= started:
             raise TaskFailedError("task arrived after its deadline")
         manifest = self._wait_for_model(task)
-        self.store.activate(manifest)
         data = load_local_data(self.dataset_dir)
         head = unpack_tensors(self.store.file(manifest, HEAD_FILE))
         hp = task.hyperparams
