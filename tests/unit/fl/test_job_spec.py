@@ -1,0 +1,208 @@
+"""JobSpec: defaults, validation messages naming the field, JSON in and out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import pytest
+
+from cloud_coordinator.job_spec import COMPRESSIONS, JobSpec, JobSpecError
+from protocols.errors import EncodeError
+from protocols.messages import TrainTask, encode
+
+FIELD_NAMES = sorted(f.name for f in dataclasses.fields(JobSpec))
+NAN_BUG = "JobSpec accepts NaN/Inf floats (every comparison with NaN is False)"
+
+
+def test_defaults_are_valid() -> None:
+    spec = JobSpec(job_id="job-1")
+    assert spec.template == "digits_mlp"
+    assert spec.strategy == "fedavg"
+    assert spec.compression == "f32"
+    assert spec.model == "digits-mlp"  # the template name, with '-' for '_'
+    assert spec.effective_quorum == spec.devices_per_round == 10
+    assert JobSpec(job_id="j", model_name="my.model_2").model == "my.model_2"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("job_id", ""),
+        ("job_id", "has space"),
+        ("job_id", "a/b"),
+        ("job_id", "x" * 65),
+        ("model_name", "bad/name"),
+        ("strategy", "fedprox"),
+        ("compression", "f64"),
+        ("rounds", 0),
+        ("devices_per_round", 0),
+        ("quorum", -1),
+        ("quorum", 11),
+        ("round_deadline_s", 0.0),
+        ("round_deadline_s", -1.0),
+        pytest.param(
+            "max_train_seconds",
+            0.0,
+            marks=pytest.mark.xfail(
+                strict=True,
+                raises=AssertionError,
+                reason="the max_train_seconds check reports the field as 'round_deadline_s'",
+            ),
+        ),
+        ("topk_fraction", 0.0),
+        ("topk_fraction", 1.5),
+        ("lr", 0.0),
+        ("lr", -0.1),
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("prox_mu", -0.5),
+        ("clip_norm", -1.0),
+    ],
+)
+def test_each_validation_error_names_its_field(field: str, value: object) -> None:
+    kwargs: dict[str, Any] = {"job_id": "job-1", field: value}
+    with pytest.raises(JobSpecError) as info:
+        JobSpec(**kwargs)
+    assert field in str(info.value)
+    assert isinstance(info.value, ValueError)  # the HTTP API maps ValueError to 400
+
+
+def test_choice_errors_list_the_valid_choices() -> None:
+    with pytest.raises(JobSpecError, match="fedavg"):
+        JobSpec(job_id="j", strategy="nope")
+    with pytest.raises(JobSpecError) as info:
+        JobSpec(job_id="j", compression="f64")
+    assert all(choice in str(info.value) for choice in COMPRESSIONS)
+
+
+def test_boundaries_that_are_valid() -> None:
+    JobSpec(job_id="x" * 64, topk_fraction=1.0, quorum=10, devices_per_round=10)
+    JobSpec(job_id="j", quorum=0, prox_mu=0.0, clip_norm=0.0, rounds=1, epochs=1)
+
+
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=NAN_BUG)
+@pytest.mark.parametrize(
+    "field", ["lr", "round_deadline_s", "max_train_seconds", "clip_norm", "prox_mu", "momentum"]
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_floats_are_rejected(field: str, value: float) -> None:
+    with pytest.raises(JobSpecError, match=field):
+        JobSpec.from_json({"job_id": "j", field: value})
+
+
+@pytest.mark.xfail(strict=True, raises=EncodeError, reason=NAN_BUG)
+def test_an_accepted_spec_always_yields_a_task_that_encodes() -> None:
+    """json.loads (the HTTP API) parses NaN; the job is created, then every task fails."""
+    try:
+        spec = JobSpec.from_json(json.loads('{"job_id": "j", "lr": NaN}'))
+    except JobSpecError:
+        return
+    task = TrainTask("t", "j", 1, spec.model, "j.r0", 1e9, hyperparams=spec.hyperparams())
+    encode(task)  # EncodeError: NaN or Inf in a message field
+
+
+def test_from_json_rejects_unknown_fields_and_lists_valid_ones() -> None:
+    with pytest.raises(JobSpecError) as info:
+        JobSpec.from_json({"job_id": "j", "learning_rate": 0.1, "epoch": 2})
+    message = str(info.value)
+    assert "epoch'" in message
+    assert "learning_rate" in message
+    assert all(name in message for name in FIELD_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("rounds", "20"),
+        ("rounds", 2.0),
+        ("rounds", True),  # bool is not an int here
+        ("lr", "0.1"),
+        ("lr", None),
+        ("template", 3),
+        ("job_id", 7),
+        ("compression", ["f32"]),
+    ],
+)
+def test_from_json_rejects_wrong_types_naming_the_field(field: str, value: object) -> None:
+    body: dict[str, object] = {"job_id": "j", field: value}
+    with pytest.raises(JobSpecError, match=repr(field)):
+        JobSpec.from_json(body)
+
+
+@pytest.mark.parametrize("body", [[], "job", None, 3, [("job_id", "j")]])
+def test_from_json_needs_an_object(body: object) -> None:
+    with pytest.raises(JobSpecError, match="object"):
+        JobSpec.from_json(body)
+
+
+def test_from_json_requires_job_id() -> None:
+    with pytest.raises(JobSpecError, match="'job_id' is required"):
+        JobSpec.from_json({"rounds": 3})
+
+
+def test_from_json_validates_values_too() -> None:
+    with pytest.raises(JobSpecError, match="rounds"):
+        JobSpec.from_json({"job_id": "j", "rounds": 0})
+
+
+def test_ints_are_accepted_for_float_fields() -> None:
+    spec = JobSpec.from_json({"job_id": "j", "lr": 1, "round_deadline_s": 5, "clip_norm": 0})
+    assert spec.lr == 1.0
+    assert type(spec.lr) is float
+    assert type(spec.round_deadline_s) is float
+    assert spec.round_deadline_s == 5.0
+    assert type(spec.clip_norm) is float
+
+
+def test_to_json_from_json_round_trip_through_text() -> None:
+    spec = JobSpec(
+        job_id="job.7",
+        template="digits_cnn",
+        model_name="cnn",
+        rounds=3,
+        devices_per_round=4,
+        quorum=2,
+        round_deadline_s=12.5,
+        compression="topk",
+        topk_fraction=0.05,
+        clip_norm=1.5,
+        lr=0.01,
+        momentum=0.0,
+        epochs=3,
+        batch_size=32,
+        prox_mu=0.01,
+        max_train_seconds=9.0,
+        data_seed=4,
+        seed=9,
+    )
+    body = spec.to_json()
+    assert sorted(body) == FIELD_NAMES
+    assert JobSpec.from_json(json.loads(json.dumps(body))) == spec
+    assert JobSpec.from_json(JobSpec(job_id="d").to_json()) == JobSpec(job_id="d")
+
+
+@pytest.mark.parametrize(("devices", "quorum", "effective"), [(10, 0, 10), (10, 3, 3), (1, 1, 1)])
+def test_effective_quorum(devices: int, quorum: int, effective: int) -> None:
+    spec = JobSpec(job_id="j", devices_per_round=devices, quorum=quorum)
+    assert spec.effective_quorum == effective
+
+
+def test_hyperparams_carry_what_a_device_trains_with() -> None:
+    spec = JobSpec(job_id="j", lr=0.2, epochs=5, max_train_seconds=7.0, seed=3, topk_fraction=0.1)
+    hp = spec.hyperparams()
+    assert set(hp) == {
+        "lr", "momentum", "epochs", "batch_size", "prox_mu", "clip_norm",
+        "topk_fraction", "max_seconds", "seed",
+    }  # fmt: skip
+    assert (hp["lr"], hp["epochs"], hp["max_seconds"], hp["seed"]) == (0.2, 5, 7.0, 3)
+    assert hp["topk_fraction"] == 0.1
+    assert all(type(v) in (int, float) for v in hp.values())
+
+
+def test_spec_is_frozen() -> None:
+    spec = JobSpec(job_id="j")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.rounds = 3  # type: ignore[misc]
