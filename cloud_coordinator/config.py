@@ -34,11 +34,15 @@ class CoordinatorConfig:
     def __post_init__(self) -> None:
         if not valid_id(self.coordinator_id):
             raise ValueError(f"coordinator_id {self.coordinator_id!r} is not a valid identifier")
-        if not 4096 <= self.chunk_size <= self.mqtt.max_payload_bytes - 4096:
-            limit = self.mqtt.max_payload_bytes - 4096
-            raise ValueError(f"chunk_size must be 4096..{limit}, got {self.chunk_size}")
+        if self.chunk_size < 1024:
+            raise ValueError(f"chunk_size must be at least 1024 bytes, got {self.chunk_size}")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be 0-65535, got {self.http_port}")
+
+    @property
+    def effective_chunk_size(self) -> int:
+        """`chunk_size`, lowered so a chunk message fits under the broker payload cap."""
+        return max(1024, min(self.chunk_size, self.mqtt.max_payload_bytes - 1024))
 
     @property
     def db_path(self) -> Path:

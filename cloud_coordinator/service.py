@@ -52,7 +52,7 @@ class Coordinator:
             self.mqtt,
             self._candidates,
             device=config.aggregation_device,
-            chunk_size=config.chunk_size,
+            chunk_size=config.effective_chunk_size,
         )
         self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner)
         for channel in SUBSCRIBED:

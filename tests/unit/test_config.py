@@ -386,7 +386,10 @@ def test_as_toml_writes_unset_values_as_comments_and_sections_last() -> None:
     lines = text.splitlines()
     section_at = lines.index("[mqtt]")
     top_level = {line.split(" = ")[0] for line in lines[:section_at] if " = " in line}
-    assert top_level == {f.name for f in dataclasses.fields(AgentConfig)} - {"mqtt"}
+    config = agent()
+    unset = {f.name for f in dataclasses.fields(AgentConfig) if getattr(config, f.name) is None}
+    assert top_level == {f.name for f in dataclasses.fields(AgentConfig)} - {"mqtt"} - unset
+    assert all(f"# {name} is not set" in text for name in unset)
     assert "port = 1883" in lines[section_at:]
 
 
