@@ -67,6 +67,9 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                if self._db.execute("SELECT 1 FROM outbox WHERE key = ?", (key,)).fetchone():
+                    self._db.execute("COMMIT")
+                    return True  # already queued: nothing to do, nothing to evict
                 self._make_room(len(payload))
                 self._db.execute(
                     "INSERT OR IGNORE INTO outbox (key, topic, payload, created) "

@@ -7,6 +7,7 @@ the valid choices, so a job never fails hours later on a typo.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,14 @@ class JobSpec:
             raise bad("devices_per_round", "must be at least 1")
         if not 0 <= self.quorum <= self.devices_per_round:
             raise bad("quorum", f"must be 0..devices_per_round ({self.devices_per_round}); 0 = all")
-        if self.round_deadline_s <= 0 or self.max_train_seconds <= 0:
-            raise bad("round_deadline_s", "deadlines must be positive")
+        for name in ("topk_fraction", "clip_norm", "lr", "momentum", "prox_mu",
+                     "round_deadline_s", "max_train_seconds"):  # fmt: skip
+            if not math.isfinite(getattr(self, name)):
+                raise bad(name, "must be a finite number")
+        if self.round_deadline_s <= 0:
+            raise bad("round_deadline_s", "must be positive")
+        if self.max_train_seconds <= 0:
+            raise bad("max_train_seconds", "must be positive")
         if not 0 < self.topk_fraction <= 1:
             raise bad("topk_fraction", "must be in (0, 1]")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1:

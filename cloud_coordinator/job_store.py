@@ -199,6 +199,20 @@ class JobStore:
                 (*values, job_id, round_no),
             )
 
+    def finish_round(
+        self, job_id: str, round_no: int, new_version: str, metrics: dict[str, Any]
+    ) -> None:
+        """Mark a round done and make its version the job's current one, atomically."""
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE rounds SET state = 'done', new_version = ?, closed = ?, metrics = ? "
+                "WHERE job_id = ? AND round = ?",
+                (new_version, time.time(), json.dumps(metrics), job_id, round_no),
+            )
+            self._db.execute(
+                "UPDATE jobs SET current_version = ? WHERE job_id = ?", (new_version, job_id)
+            )
+
     def round(self, job_id: str, round_no: int) -> RoundRecord | None:
         """One round, or None."""
         with self._lock:

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from cloud_coordinator import baseline, bundles, datasets
 from cloud_coordinator.aggregation import AggregationError, StreamingFedAvg, pick_device
-from cloud_coordinator.errors import CoordinatorError
+from cloud_coordinator.errors import CoordinatorError, StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobRecord, JobStore
 from cloud_coordinator.model_registry import ModelRegistry
@@ -169,7 +169,9 @@ class JobRunner:
     def _resume(self, record: JobRecord) -> None:
         active = _Active(record, self.models)
         current = self.store.round(record.spec.job_id, record.current_round)
-        if current is not None and current.state in ("collecting", "aggregating", "selecting"):
+        if current is not None and current.state == "failed":
+            active.round_no, active.state = current.round, RoundState.FAILED  # retried next tick
+        elif current is not None and current.state in ("collecting", "aggregating", "selecting"):
             active.round_no = current.round
             active.selected = current.selected
             active.deadline = max(current.deadline, time.time() + 5.0)
@@ -185,6 +187,15 @@ class JobRunner:
             self._send_tasks(active, [d for d in active.selected if d not in active.received])
         with self._lock:
             self._active[record.spec.job_id] = active
+
+    def _registered(self, name: str, version: str) -> bundles.Bundle | None:
+        try:
+            manifest = self.models.manifest(name, version)
+        except StoreError:
+            return None
+        return bundles.Bundle(
+            {f.name: self.models.blob(f.sha256) for f in manifest.files}, manifest
+        )
 
     def _publish_manifest(self, bundle: bundles.Bundle) -> None:
         topic = model_topic(bundle.manifest.name, ModelChannel.MANIFEST)
@@ -282,7 +293,14 @@ class JobRunner:
             self.store.set_round(active.spec.job_id, active.round_no, "failed", closed=time.time())
             return
         self.store.set_round(active.spec.job_id, active.round_no, active.state.value)
-        self._aggregate_and_publish(active)
+        try:
+            self._aggregate_and_publish(active)
+        except (AggregationError, StoreError, ValueError, RuntimeError) as exc:
+            log.error("job %s round %d: aggregation failed, the round will be retried: %s",
+                      active.spec.job_id, active.round_no, exc)  # fmt: skip
+            with self._lock:
+                active.state = next_round_state(active.state, RoundEvent.FAIL)
+            self.store.set_round(active.spec.job_id, active.round_no, "failed", closed=time.time())
 
     def _aggregate_and_publish(self, active: _Active) -> None:
         spec = active.spec
@@ -290,7 +308,9 @@ class JobRunner:
         delta = active.aggregate.result()
         head = {name: (active.head[name] + delta[name]).astype("float32") for name in active.head}
         version = version_id(spec.job_id, active.round_no)
-        bundle = bundles.next_bundle(active.bundle, head, version, active.version)
+        bundle = self._registered(spec.model, version)  # made before a crash, from these updates
+        if bundle is None:
+            bundle = bundles.next_bundle(active.bundle, head, version, active.version)
         accuracy, loss = bundles.evaluate(
             bundle.files["model.onnx"], active.holdout.x, active.holdout.y
         )
@@ -309,15 +329,14 @@ class JobRunner:
             "aggregation_device": str(self.device),
         }
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        self.models.put(bundle, job_id=spec.job_id, round=active.round_no,
-                        devices=tuple(sorted(active.received)), metrics=numeric)  # fmt: skip
+        if self._registered(spec.model, version) is None:
+            self.models.put(bundle, job_id=spec.job_id, round=active.round_no,
+                            devices=tuple(sorted(active.received)), metrics=numeric)  # fmt: skip
         self._publish_manifest(bundle)
         with self._lock:
             active.bundle, active.head, active.version = bundle, head, version
             active.state = next_round_state(active.state, RoundEvent.PUBLISHED)
-        self.store.set_round(spec.job_id, active.round_no, "done", new_version=version,
-                             closed=time.time(), metrics=metrics)  # fmt: skip
-        self.store.set_job(spec.job_id, current_version=version)
+        self.store.finish_round(spec.job_id, active.round_no, version, metrics)
         log.info("job %s round %d: accuracy %.4f, %d updates, %.0f kB up, %.2fs",
                  spec.job_id, active.round_no, accuracy, len(active.received),
                  active.uplink / 1e3, metrics["wall_s"])  # fmt: skip
