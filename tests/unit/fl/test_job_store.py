@@ -93,6 +93,22 @@ def test_set_round_and_rounds_in_order(store: JobStore) -> None:
     )  # fmt: skip
 
 
+def test_finish_round_marks_it_done_and_moves_the_job_on(store: JobStore) -> None:
+    store.create_job(spec(), "v0")
+    store.start_round("job-1", 1, "v0", ["a"], 10.0)
+    store.set_round("job-1", 1, "aggregating")
+    store.finish_round("job-1", 1, "v1", {"accuracy": 0.75, "participants": 1})
+    rnd = store.round("job-1", 1)
+    assert rnd is not None
+    assert (rnd.state, rnd.new_version, rnd.metrics) == (
+        "done", "v1", {"accuracy": 0.75, "participants": 1},
+    )  # fmt: skip
+    assert rnd.closed is not None
+    job = store.job("job-1")
+    assert job is not None
+    assert (job.current_version, job.current_round) == ("v1", 1)
+
+
 def test_start_round_replaces_a_failed_attempt_and_clears_its_updates(store: JobStore) -> None:
     store.create_job(spec(), "v0")
     store.start_round("job-1", 1, "v0", ["a", "b"], 10.0)

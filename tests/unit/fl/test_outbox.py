@@ -147,14 +147,10 @@ def test_survives_a_restart(path: Path) -> None:
         second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="put() makes room before INSERT OR IGNORE: re-putting a stored key evicts others",
-)
 def test_re_putting_a_stored_key_near_the_cap_loses_nothing(box: Outbox) -> None:
+    """put() used to make room before INSERT OR IGNORE, evicting k1 for nothing."""
     box.put("k1", "t", b"1" * 400)
     box.put("k2", "t", b"2" * 400)
     assert box.put("k2", "t", b"2" * 400)  # a retry of the same update: a no-op
-    assert keys(box.due(0)) == ["k1", "k2"]  # k1 was dropped to make room for nothing
+    assert keys(box.due(0)) == ["k1", "k2"]
     assert box.dropped == 0
