@@ -1,4 +1,13 @@
-"""Import every module in a fresh interpreter and check the boundaries in STYLE.md."""
+"""Import every module in a fresh interpreter state and check the boundaries in STYLE.md.
+
+One helper process per side imports only what it must, then forks a child per module: the
+child imports that one module and reports which top-level packages it pulled in. Forking
+keeps the state fresh (nothing but the helper's own imports is loaded) without paying for
+an interpreter start per module. The coordinator's helper preloads heavy third-party
+libraries (torch, onnx, scikit-learn) — that hides nothing the coordinator check looks for
+(it only asks whether `agent` is imported) — while the helper for `protocols` and `agent`
+loads nothing, so an agent module that drags in torch is caught.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +16,7 @@ import json
 import pkgutil
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -18,33 +28,67 @@ IO_LIBRARIES = {"paho", "zeroconf", "onnxruntime", "torch", "asyncio", "socket"}
 # What it may not import itself (logging, for one, imports threading on its own).
 DIRECT_FORBIDDEN = IO_LIBRARIES | {"threading", "selectors", "ssl", "agent", "cloud_coordinator"}
 
+_FORK_SERVER = """
+import json, os, sys
+for name in {preload!r}:
+    __import__(name)
+results = {{}}
+for module in {modules!r}:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        before = set(sys.modules)
+        try:
+            __import__(module)
+            out = sorted({{m.split('.')[0] for m in set(sys.modules) - before}})
+        except BaseException as exc:
+            out = {{"error": repr(exc)}}
+        os.write(write, json.dumps(out).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    results[module] = json.loads(b"".join(chunks))
+print(json.dumps(results))
+"""
 
-def _modules() -> list[str]:
-    names = []
-    for package in PACKAGES:
-        names.append(package)
-        for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
-            if not info.name.endswith("__main__"):
-                names.append(info.name)
+
+def _modules(package: str) -> list[str]:
+    names = [package]
+    for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+        if not info.name.endswith("__main__"):
+            names.append(info.name)
     return sorted(names)
 
 
-def _imported_by(module: str) -> set[str]:
-    code = (
-        "import sys, json\n"
-        "before = set(sys.modules)\n"
-        f"import {module}\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - before})))\n"
-    )
+def _all_modules() -> list[str]:
+    return [m for package in PACKAGES for m in _modules(package)]
+
+
+@cache
+def _imports(side: str) -> dict[str, list[str] | dict[str, str]]:
+    if side == "cloud_coordinator":
+        preload, modules = ["torch", "onnx", "onnxruntime", "sklearn"], _modules(side)
+    else:
+        preload, modules = [], _modules("protocols") + _modules("agent")
+    code = _FORK_SERVER.format(preload=preload, modules=modules)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
-    return set(json.loads(out.stdout))
+    result: dict[str, list[str] | dict[str, str]] = json.loads(out.stdout)
+    return result
 
 
-@pytest.mark.parametrize("module", _modules())
+@pytest.mark.parametrize("module", _all_modules())
 def test_module_respects_the_boundaries(module: str) -> None:
-    imported = _imported_by(module)
+    side = "cloud_coordinator" if module.startswith("cloud_coordinator") else "edge"
+    found = _imports(side)[module]
+    assert isinstance(found, list), f"importing {module} failed: {found}"
+    imported = set(found)
     if module.startswith("agent"):
         assert "cloud_coordinator" not in imported, f"{module} imports the coordinator"
         assert "torch" not in imported, f"{module} imports torch (only training may)"
@@ -63,7 +107,7 @@ def _direct_imports(path: Path) -> set[str]:
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
-            if node.module == "protocols" or node.module.startswith("protocols.mqtt"):
+            if node.module == "protocols":
                 names |= {f"protocols.{a.name}" for a in node.names if a.name == "mqtt"}
             if node.module.startswith("protocols.mqtt"):
                 names.add("protocols.mqtt")
@@ -79,6 +123,13 @@ def test_pure_protocol_modules_import_no_io(path: Path) -> None:
 
 
 def test_the_walk_found_every_package() -> None:
-    found = _modules()
     expected = {"protocols.messages", "protocols.mqtt", "agent.daemon", "cloud_coordinator.service"}
-    assert expected <= set(found)
+    assert expected <= set(_all_modules())
+
+
+def test_the_check_catches_a_torch_import_on_the_edge_side() -> None:
+    # agent.train_worker imports torch lazily (inside functions), so importing it is clean;
+    # importing torch itself through the edge helper must show up.
+    code = _FORK_SERVER.format(preload=[], modules=["torch"])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "torch" in json.loads(out.stdout)["torch"]
