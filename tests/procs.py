@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -95,6 +96,21 @@ class Coordinator(Daemon):
         """GET a JSON endpoint of the HTTP API."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=2) as r:
             return json.loads(r.read())
+
+    def post(self, path: str, body: object, timeout: float = 60.0) -> tuple[int, Any]:
+        """POST `body` as JSON; return the status and the decoded JSON answer (errors too)."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return int(r.status), json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
 
     def metrics(self) -> str:
         """The Prometheus text of /metrics."""
