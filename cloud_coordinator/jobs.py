@@ -332,11 +332,11 @@ class JobRunner:
         if self._registered(spec.model, version) is None:
             self.models.put(bundle, job_id=spec.job_id, round=active.round_no,
                             devices=tuple(sorted(active.received)), metrics=numeric)  # fmt: skip
-        self._publish_manifest(bundle)
+        self.store.finish_round(spec.job_id, active.round_no, version, metrics)
         with self._lock:
             active.bundle, active.head, active.version = bundle, head, version
             active.state = next_round_state(active.state, RoundEvent.PUBLISHED)
-        self.store.finish_round(spec.job_id, active.round_no, version, metrics)
+        self._publish_manifest(bundle)
         log.info("job %s round %d: accuracy %.4f, %d updates, %.0f kB up, %.2fs",
                  spec.job_id, active.round_no, accuracy, len(active.received),
                  active.uplink / 1e3, metrics["wall_s"])  # fmt: skip

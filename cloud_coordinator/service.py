@@ -101,8 +101,9 @@ class Coordinator:
         )
         self._worker.start()
         self.api.start()
-        self.mqtt.start()
+        # Resume jobs before connecting, so updates the broker kept for us find their round.
         self.runner.start()
+        self.mqtt.start()
         self._stop.wait()
         log.info("stopping")
         self.runner.stop()
