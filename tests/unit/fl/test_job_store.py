@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec
 from cloud_coordinator.job_store import JobStore, StoredUpdate
 
@@ -175,3 +176,9 @@ def test_everything_survives_close_and_reopen(path: Path) -> None:
         assert again.create_job(spec(), "v0") is False
     finally:
         again.close()
+
+
+def test_an_unopenable_store_raises_store_error(tmp_path: Path) -> None:
+    (tmp_path / "jobs.db").mkdir()  # a directory where the database file should be
+    with pytest.raises(StoreError, match="cannot open the job store"):
+        JobStore(tmp_path / "jobs.db")
