@@ -211,6 +211,8 @@ class JobRunner:
                 self._maybe_start_round(active)
             elif active.state is RoundState.COLLECTING:
                 self._maybe_close(active)
+            elif active.state is RoundState.AGGREGATING:
+                self._publish_round(active)  # an earlier attempt stopped half-way; finish it
 
     def _busy(self) -> set[str]:
         with self._lock:
@@ -293,14 +295,24 @@ class JobRunner:
             self.store.set_round(active.spec.job_id, active.round_no, "failed", closed=time.time())
             return
         self.store.set_round(active.spec.job_id, active.round_no, active.state.value)
+        self._publish_round(active)
+
+    def _publish_round(self, active: _Active) -> None:
         try:
             self._aggregate_and_publish(active)
         except (AggregationError, StoreError, ValueError, RuntimeError) as exc:
+            spec = active.spec
+            if self._registered(spec.model, version_id(spec.job_id, active.round_no)) is not None:
+                # The version exists, made from exactly these updates: finish later, never redo
+                # the round with other updates under the same version id.
+                log.error("job %s round %d: recording failed, will retry: %s",
+                          spec.job_id, active.round_no, exc)  # fmt: skip
+                return
             log.error("job %s round %d: aggregation failed, the round will be retried: %s",
-                      active.spec.job_id, active.round_no, exc)  # fmt: skip
+                      spec.job_id, active.round_no, exc)  # fmt: skip
             with self._lock:
                 active.state = next_round_state(active.state, RoundEvent.FAIL)
-            self.store.set_round(active.spec.job_id, active.round_no, "failed", closed=time.time())
+            self.store.set_round(spec.job_id, active.round_no, "failed", closed=time.time())
 
     def _aggregate_and_publish(self, active: _Active) -> None:
         spec = active.spec
@@ -311,6 +323,8 @@ class JobRunner:
         bundle = self._registered(spec.model, version)  # made before a crash, from these updates
         if bundle is None:
             bundle = bundles.next_bundle(active.bundle, head, version, active.version)
+        else:
+            head = bundle.head_state()
         accuracy, loss = bundles.evaluate(
             bundle.files["model.onnx"], active.holdout.x, active.holdout.y
         )
