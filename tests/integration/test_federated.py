@@ -246,17 +246,12 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(
     assert [t.round for t in spy.tasks("agent-01")] == list(range(1, rounds + 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: after a restart, updates the broker queued for the coordinator are "
-    "processed before running jobs are resumed and refused as unknown_job (service.run starts "
-    "MQTT before JobRunner.start resumes the jobs)",
-)
 def test_update_queued_while_the_coordinator_was_down_counts_after_restart(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     """An update that reached the broker while the coordinator was dead is delivered when it
-    reconnects (persistent session, QoS 1); the resumed round must count it."""
+    reconnects (persistent session, QoS 1); the resumed round must count it, not refuse it
+    as unknown_job (a regression test: jobs are resumed before MQTT connects, 5da1970)."""
     sim = "sim-01"
     first = Coordinator(tmp_path / "coordinator", mosquitto.env())
     with Spy(mosquitto) as spy:
