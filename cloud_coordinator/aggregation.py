@@ -97,7 +97,8 @@ def _raw(t: WireTensor, count: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(0, dtype=dtype, device=device)
     _allow_readonly_views()
     # Zero copy on CPU; to another device the compact wire bytes travel, not float32.
-    return torch.frombuffer(view, dtype=dtype).to(device)
+    raw = torch.frombuffer(view, dtype=dtype)
+    return raw if device.type == "cpu" else raw.to(device)
 
 
 def _dequantise(raw: torch.Tensor, t: WireTensor) -> torch.Tensor:
@@ -163,8 +164,11 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     # one pass that reads each tensor once and writes nothing (isfinite(x).all() writes a
     # bool per element and is ~10x slower here). Only a non-finite total, which finite
     # values can also give by overflowing, pays for the exact test.
-    if tensors[0].device.type == "cpu":
-        finite = math.isfinite(sum(float(x.sum()) for x in tensors))
+    if tensors[0].is_cpu:
+        total = 0.0
+        for x in tensors:
+            total += x.sum().item()
+        finite = math.isfinite(total)
     else:  # one host sync for the whole update, not one per tensor
         finite = bool(torch.isfinite(torch.stack([x.sum() for x in tensors]).sum()))
     return finite or all(bool(torch.isfinite(x).all()) for x in tensors)
@@ -291,8 +295,12 @@ class StreamingFedAvg:
             raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
         decoded = decode_update(tensors, self._shapes, self._device)
         if weight > 0:
+            acc = self._acc
             for update in decoded:
-                fold(self._acc[update.name], update, weight)
+                if update.flat is None:
+                    acc[update.name].add_(update.values, alpha=weight)
+                else:
+                    fold(acc[update.name], update, weight)
         self._count += 1
         self._total_weight += weight
 
