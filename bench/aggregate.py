@@ -12,11 +12,16 @@ medians:
 - ``sum_aligned``: the same sum over an aligned copy of the same values (copied up front,
   not timed): the cheapest plain sum of this data we know how to write with numpy;
 - ``torch_add``: ``acc.add_(u, alpha=w)`` over the in-payload bytes with no decoding and no
-  checks: the floor for the fold itself.
+  checks: the floor for the fold itself;
+- ``check_then_add``: the same fold after ``u.sum()`` is checked to be finite, still with no
+  decoding: the two passes `StreamingFedAvg` makes over each update (all-or-nothing needs
+  every value checked before any is added), without the codec and the Python around them.
 
 ``ratio_to_sum`` = (the faster of the two numpy sums) / ``fedavg``: 1.0 means decoding,
 checking and averaging the updates costs exactly what adding up their bytes does.
-``ratio_to_sum_in_payload`` uses the literal in-payload sum instead.
+``ratio_to_sum_in_payload`` uses the literal in-payload sum instead. The gap splits into
+``torch_add`` / ``check_then_add`` (what the finiteness pass costs) and ``check_then_add`` /
+``fedavg`` (what decoding and the Python per update cost).
 
 Run: ``python -m bench.aggregate [--updates N] [--params N] [--trials N] [--device D]``.
 """
@@ -24,6 +29,7 @@ Run: ``python -m bench.aggregate [--updates N] [--params N] [--trials N] [--devi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -78,6 +84,16 @@ def torch_add(buffers: list[torch.Tensor], weights: list[int], params: int) -> t
     return acc
 
 
+def check_then_add(buffers: list[torch.Tensor], weights: list[int], params: int) -> torch.Tensor:
+    """Both passes StreamingFedAvg makes per update (finiteness sum, then the fold), bare."""
+    acc = torch.zeros(params, dtype=torch.float32)
+    for u, w in zip(buffers, weights, strict=True):
+        if not math.isfinite(u.sum().item()):
+            raise SystemExit("non-finite benchmark data")
+        acc.add_(u, alpha=w)
+    return acc
+
+
 def _locate(payloads: list[bytes], cap: int) -> list[memoryview]:
     """The tensor bytes inside each payload (views, not copies)."""
     views = []
@@ -121,6 +137,7 @@ def measure(updates: int, params: int, trials: int, device: torch.device) -> dic
             "sum_in_payload": lambda: plain_sum(in_payload, params),
             "sum_aligned": lambda: plain_sum(aligned_views, params),
             "torch_add": lambda: torch_add(torch_views, weights, params),
+            "check_then_add": lambda: check_then_add(torch_views, weights, params),
         },
         trials=trials,
     )
@@ -160,13 +177,16 @@ def main() -> None:
         "sum_in_payload_ms": round(m["sum_in_payload"] * 1e3, 2),
         "sum_aligned_ms": round(m["sum_aligned"] * 1e3, 2),
         "torch_add_ms": round(m["torch_add"] * 1e3, 2),
+        "check_then_add_ms": round(m["check_then_add"] * 1e3, 2),
         "fedavg_gbps": round(gigabytes / m["fedavg"], 2),
         "sum_gbps": round(gigabytes / best_sum, 2),
         "ratio_to_sum": round(best_sum / m["fedavg"], 3),
         "ratio_to_sum_in_payload": round(m["sum_in_payload"] / m["fedavg"], 3),
         "ratio_to_torch_add": round(m["torch_add"] / m["fedavg"], 3),
+        "ratio_to_check_then_add": round(m["check_then_add"] / m["fedavg"], 3),
         "loadavg_1m": [round(load_before, 2), round(load_after, 2)],
         "cpus": os.cpu_count(),
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_"))},
     }
     emit(result)
 
