@@ -69,8 +69,11 @@ test-integration: setup
 demo: $(STAMP) demo-broker
 	$(BIN)/fedge-coordinator demo $(DEMO_ARGS)
 
-bench: $(STAMP)
+bench: setup
 	$(BIN)/python -m bench.codec
+	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.aggregate
+	$(BIN)/python -m bench.round
 
 dist: $(STAMP)
 	rm -rf dist

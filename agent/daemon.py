@@ -176,6 +176,7 @@ class Agent:
             load1=h.load1,
             agent_version=__version__,
             queue_depth=self.learner.outbox.depth() if self.learner else 0,
+            extra={"train": 1.0 if self.learner is not None else 0.0},
             model_versions=self.learner.model_versions() if self.learner else {},
         )
         try:

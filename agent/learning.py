@@ -7,6 +7,7 @@ one at a time and re-sends unacknowledged updates. torch never loads in this pro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -91,7 +92,8 @@ class Learner:
         self.max_payload_bytes = max_payload_bytes
         self.store = ModelStore(data_dir / "models")
         self.outbox = Outbox(data_dir / "outbox.db")
-        self.compressor = Compressor(data_dir / "residuals.npz")
+        self._residual_dir = data_dir / "residuals"
+        self._compressors: dict[str, Compressor] = {}
         self.trainer = TrainerProcess(threads=train_threads)
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -176,7 +178,12 @@ class Learner:
             fetch.reassembly.add(chunk)
             if not fetch.reassembly.complete:
                 return
-            blob = fetch.reassembly.result()  # DecodeError on a hash mismatch
+            try:
+                blob = fetch.reassembly.result()
+            except DecodeError:
+                fetch.reassembly = None  # corrupt: fetch the whole blob again
+                fetch.requested_at = 0.0
+                raise
             del self._fetches[chunk.blob_sha256]
         self.store.put_blob(chunk.blob_sha256, blob)
         self._activate_latest()
@@ -270,11 +277,18 @@ class Learner:
         for pending in self.outbox.due(RESEND_AFTER_S):
             self.transport.publish(pending.topic, pending.payload, qos=1)
 
+    def _compressor(self, job_id: str) -> Compressor:
+        """The job's compressor: error-feedback residuals belong to one job, never the next."""
+        if job_id not in self._compressors:
+            self._residual_dir.mkdir(parents=True, exist_ok=True)
+            self._compressors[job_id] = Compressor(self._residual_dir / f"{job_id}.npz")
+        return self._compressors[job_id]
+
     def _features(self, manifest: ModelManifest, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         names = {f.name: f.sha256 for f in manifest.files}
         if BACKBONE_FILE not in names:
             return x.reshape(len(x), -1).astype(np.float32)
-        key = names[BACKBONE_FILE] + str(x.shape)
+        key = names[BACKBONE_FILE] + hashlib.blake2b(x.tobytes(), digest_size=16).hexdigest()
         if key not in self._feature_cache:
             backbone = OnnxModel.from_bytes(self.store.read_blob(names[BACKBONE_FILE]))
             self._feature_cache[key] = backbone.run(x).reshape(len(x), -1)
@@ -311,7 +325,8 @@ class Learner:
         clip = float(hp.get("clip_norm", 0.0))
         if clip > 0:
             delta, _ = clip_by_norm(delta, clip)
-        tensors = self.compressor.compress(
+        compressor = self._compressor(task.job_id)
+        tensors = compressor.compress(
             delta, task.compression, topk_fraction=float(hp.get("topk_fraction", 0.01))
         )
         metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
@@ -329,7 +344,7 @@ class Learner:
         key = update_key(update)
         topic = device_topic(self.device_id, DeviceChannel.UPDATE)
         self.outbox.put(key, topic, payload)
-        self.compressor.save()
+        compressor.save()
         if self.transport.connected:
             self.outbox.mark_sent(key)
             self.transport.publish(topic, payload, qos=1)

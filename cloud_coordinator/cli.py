@@ -114,9 +114,16 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
         sys.stdout.write(as_toml(config))
         return 0
     setup_logging(config.log_level, config.log_format, "fedge-coordinator")
+    from cloud_coordinator.aggregation import AggregationError
     from cloud_coordinator.service import Coordinator
 
-    coordinator = Coordinator(config)
+    try:
+        coordinator = Coordinator(config)
+    except AggregationError as exc:
+        print(
+            f"fedge-coordinator: invalid configuration: aggregation_device: {exc}", file=sys.stderr
+        )
+        return EXIT_CONFIG
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: coordinator.request_stop())
     return coordinator.run()

@@ -70,6 +70,10 @@ class JobSpec:
                      "round_deadline_s", "max_train_seconds"):  # fmt: skip
             if not math.isfinite(getattr(self, name)):
                 raise bad(name, "must be a finite number")
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "must be in [0, 1)")
+        if len(f"{self.job_id}.r{self.rounds}") > 64:
+            raise bad("job_id", "too long: version ids '<job_id>.r<round>' must fit 64 characters")
         if self.round_deadline_s <= 0:
             raise bad("round_deadline_s", "must be positive")
         if self.max_train_seconds <= 0:

@@ -26,6 +26,9 @@ from protocols.mqtt import InboundMessage, MqttClient, settings_from_config
 from protocols.topics import all_devices_filter
 
 log = logging.getLogger(__name__)
+# The ONNX exporter's helpers log every pass at INFO; keep the coordinator's log readable.
+for _noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
 QUEUE_LIMIT = 100_000
 
 
@@ -67,7 +70,12 @@ class Coordinator:
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
 
     def _candidates(self) -> list[Candidate]:
-        return [Candidate(d.device_id, d.online) for d in read_devices(self.config.db_path)]
+        # A device that reported it cannot train (agent --no-train) is never selected.
+        return [
+            Candidate(d.device_id, d.online)
+            for d in read_devices(self.config.db_path)
+            if (d.telemetry or {}).get("extra.train", 1.0) != 0
+        ]
 
     def _enqueue(self, message: InboundMessage) -> None:
         try:

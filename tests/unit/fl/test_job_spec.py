@@ -69,7 +69,8 @@ def test_choice_errors_list_the_valid_choices() -> None:
 
 
 def test_boundaries_that_are_valid() -> None:
-    JobSpec(job_id="x" * 64, topk_fraction=1.0, quorum=10, devices_per_round=10)
+    # the longest id whose last version id, "<job_id>.r20", still fits 64 characters
+    JobSpec(job_id="x" * 60, topk_fraction=1.0, quorum=10, devices_per_round=10)
     JobSpec(job_id="j", quorum=0, prox_mu=0.0, clip_norm=0.0, rounds=1, epochs=1)
 
 
@@ -86,6 +87,17 @@ def test_boundaries_that_are_valid() -> None:
     ],
 )
 @pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_job_id_too_long_for_its_version_ids_is_refused() -> None:
+    with pytest.raises(JobSpecError, match="job_id"):
+        JobSpec(job_id="x" * 61, rounds=20)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5])
+def test_momentum_outside_zero_one_is_refused(momentum: float) -> None:
+    with pytest.raises(JobSpecError, match="momentum"):
+        JobSpec(job_id="j", momentum=momentum)
+
+
 def test_non_finite_floats_are_rejected(field: str, value: float) -> None:
     """Every comparison with NaN is False, so range checks alone let NaN through."""
     with pytest.raises(JobSpecError, match=field):
