@@ -74,6 +74,17 @@ def test_boundaries_that_are_valid() -> None:
     JobSpec(job_id="j", quorum=0, prox_mu=0.0, clip_norm=0.0, rounds=1, epochs=1)
 
 
+def test_a_job_id_too_long_for_its_version_ids_is_refused() -> None:
+    with pytest.raises(JobSpecError, match="job_id"):
+        JobSpec(job_id="x" * 61, rounds=20)
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5])
+def test_momentum_outside_zero_one_is_refused(momentum: float) -> None:
+    with pytest.raises(JobSpecError, match="momentum"):
+        JobSpec(job_id="j", momentum=momentum)
+
+
 @pytest.mark.parametrize(
     "field",
     [
@@ -87,17 +98,6 @@ def test_boundaries_that_are_valid() -> None:
     ],
 )
 @pytest.mark.parametrize("value", [math.nan, math.inf])
-def test_a_job_id_too_long_for_its_version_ids_is_refused() -> None:
-    with pytest.raises(JobSpecError, match="job_id"):
-        JobSpec(job_id="x" * 61, rounds=20)
-
-
-@pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5])
-def test_momentum_outside_zero_one_is_refused(momentum: float) -> None:
-    with pytest.raises(JobSpecError, match="momentum"):
-        JobSpec(job_id="j", momentum=momentum)
-
-
 def test_non_finite_floats_are_rejected(field: str, value: float) -> None:
     """Every comparison with NaN is False, so range checks alone let NaN through."""
     with pytest.raises(JobSpecError, match=field):
