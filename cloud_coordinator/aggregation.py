@@ -54,6 +54,11 @@ class AggregationError(CoordinatorError):
         self.reason = reason
 
 
+def set_threads(threads: int) -> None:
+    """Use `threads` CPU threads for aggregation (torch's intra-op pool, process-wide)."""
+    torch.set_num_threads(threads)
+
+
 def pick_device(preference: str = "auto") -> torch.device:
     """``cuda`` for "auto" when available, else ``cpu``; "cuda" without a GPU raises."""
     if preference == "auto":

@@ -28,12 +28,15 @@ class CoordinatorConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "journal"] = "auto"
     aggregation_device: Literal["auto", "cpu", "cuda"] = "auto"
+    aggregation_threads: int = 0
     chunk_size: int = 256 * 1024
     mqtt: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
         if not valid_id(self.coordinator_id):
             raise ValueError(f"coordinator_id {self.coordinator_id!r} is not a valid identifier")
+        if self.aggregation_threads < 0:
+            raise ValueError(f"aggregation_threads must be >= 0, got {self.aggregation_threads}")
         if self.chunk_size < 1024:
             raise ValueError(f"chunk_size must be at least 1024 bytes, got {self.chunk_size}")
         if not 0 <= self.http_port < 65536:

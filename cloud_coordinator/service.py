@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from cloud_coordinator.aggregation import set_threads
 from cloud_coordinator.config import CoordinatorConfig
 from cloud_coordinator.http_api import ApiServer, ApiState
 from cloud_coordinator.ingest import SUBSCRIBED, Ingest
@@ -47,6 +48,8 @@ class Coordinator:
             ),
             on_message=self._enqueue,
         )
+        if config.aggregation_threads:
+            set_threads(config.aggregation_threads)
         self.models = ModelRegistry(Path(config.data_dir) / "models")
         self.job_store = JobStore(config.db_path)
         self.runner = JobRunner(
