@@ -19,7 +19,6 @@ from tests.procs import Agent, Coordinator, running, wait_until
 
 pytestmark = pytest.mark.integration
 MAX_PAYLOAD = 64 * 1024
-CHUNK_SIZE = 16 * 1024  # blob chunks must fit under the payload cap
 
 
 def _valid(channel: str, device_id: str) -> bytes:
@@ -53,11 +52,7 @@ def _garbage(channel: str) -> dict[str, bytes]:
 
 
 def test_garbage_on_every_subscribed_topic_is_counted(mosquitto: Mosquitto, tmp_path: Path) -> None:
-    env = {
-        **mosquitto.env(),
-        "FEDGE_MQTT_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD),
-        "FEDGE_CHUNK_SIZE": str(CHUNK_SIZE),
-    }
+    env = {**mosquitto.env(), "FEDGE_MQTT_MAX_PAYLOAD_BYTES": str(MAX_PAYLOAD)}
     coordinator = Coordinator(tmp_path / "coordinator", env)
     sender = MqttClient(settings_from_config(mosquitto.broker_config(), "garbage"), lambda m: None)
     with running(coordinator):
