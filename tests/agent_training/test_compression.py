@@ -272,3 +272,34 @@ def test_clip_by_norm_needs_a_positive_bound(max_norm: float) -> None:
 def test_clip_by_norm_refuses_nan() -> None:
     with pytest.raises(CompressionError, match="NaN"):
         clip_by_norm({"w": np.array([np.nan], np.float32)}, 1.0)
+
+
+def test_topk_selects_across_the_whole_update() -> None:
+    """One threshold for all tensors: the budget goes where the largest values are."""
+    rng = np.random.default_rng(6)
+    deltas = {
+        "big": (rng.standard_normal(50_000) * 10).astype(np.float32),
+        "small": (rng.standard_normal(50_000) * 0.1).astype(np.float32),
+        "bias": np.full(10, 0.01, np.float32),
+    }
+    compressor = Compressor()
+    tensors = compressor.compress(deltas, "topk", topk_fraction=0.01, rng=rng)
+    counts = {t.name: decode_sparse(t)[0].size for t in tensors}
+    assert counts["small"] == counts["bias"] == 0
+    assert 0.7 * 1000 <= counts["big"] <= 1.3 * 1000  # 1 % of all 100,010 elements
+    stats = compressor.last_stats
+    assert stats is not None
+    assert stats.elements == 100_010
+    assert stats.sent_elements == counts["big"]
+    # Nothing is lost: what was not sent stays in the residual.
+    np.testing.assert_array_equal(compressor.residuals["small"], deltas["small"])
+    np.testing.assert_array_equal(compressor.residuals["bias"], deltas["bias"])
+
+
+def test_exact_topk_over_a_small_update_spans_tensors() -> None:
+    deltas = {
+        "a": np.array([0.1, -5.0, 0.2, 3.0], np.float32),
+        "b": np.array([-0.3, 0.0, 4.0, 0.05], np.float32),
+    }
+    tensors = Compressor().compress(deltas, "topk", topk_fraction=0.25)
+    assert [decode_sparse(t)[0].tolist() for t in tensors] == [[1], [2]]
