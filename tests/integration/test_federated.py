@@ -109,7 +109,7 @@ def test_replayed_update_counts_once_and_forgeries_are_refused(
         start_job(coordinator, job_spec("dup", rounds=1, devices_per_round=3))
 
         # both real agents' updates are in and acknowledged once
-        real = wait_until(lambda: len(u := spy.updates("dup", 1)) == 2 and u, timeout=60)
+        real = wait_until(lambda: u if len(u := spy.updates("dup", 1)) == 2 else None, 60)
         keys = {d: update_key(decode_as(ModelUpdate, p, 1 << 30)) for d, p in real.items()}
         for device, key in keys.items():
             (ack,) = spy.wait_ack(device, key, timeout=10)
@@ -118,14 +118,14 @@ def test_replayed_update_counts_once_and_forgeries_are_refused(
 
         # a verbatim replay is acknowledged as a duplicate and not counted again
         spy.publish("agent-01", DeviceChannel.UPDATE, real["agent-01"])
-        acks = wait_until(lambda: len(a := spy.acks("agent-01")) == 2 and a, timeout=10)
+        acks = wait_until(lambda: a if len(a := spy.acks("agent-01")) == 2 else None, 10)
         assert acks[1].ref == keys["agent-01"]
         assert acks[1].ok
         assert acks[1].duplicate
 
         # forgeries are refused, each for its reason, and the sender is told why
         seq = decode_as(ModelUpdate, real["agent-01"], 1 << 30).seq
-        forgeries = {
+        forgeries: dict[str, tuple[str, dict[str, Any]]] = {
             "conflict": ("agent-01", {"seq": seq + 1}),
             "not_selected": ("outsider", {"device_id": "outsider"}),
             "stale": (sim, {"device_id": sim, "base_version": "dup.r7"}),
@@ -215,7 +215,7 @@ def test_coordinator_killed_mid_round_resumes_and_finishes(
         start_job(first, job_spec("crash", rounds=rounds, devices_per_round=3))
 
         # round 2 is collecting: both agents' updates are stored (acknowledged), sim holds
-        real = wait_until(lambda: len(u := spy.updates("crash", held)) == 2 and u, timeout=90)
+        real = wait_until(lambda: u if len(u := spy.updates("crash", held)) == 2 else None, 90)
         for device, payload in real.items():
             key = update_key(decode_as(ModelUpdate, payload, 1 << 30))
             assert [a.ok for a in spy.wait_ack(device, key)] == [True]
