@@ -254,9 +254,11 @@ class JobRunner:
         active.aggregate = StreamingFedAvg(active.shapes, self.device)
         active.state = RoundState.SELECTING
         self.store.start_round(spec.job_id, next_round, active.version, chosen, active.deadline)
-        self._send_tasks(active, chosen)
-        active.state = next_round_state(active.state, RoundEvent.TASKS_SENT)
+        # Open for updates before the tasks leave, so even an instant answer finds it open.
+        with self._lock:
+            active.state = next_round_state(active.state, RoundEvent.TASKS_SENT)
         self.store.set_round(spec.job_id, next_round, active.state.value)
+        self._send_tasks(active, chosen)
         self._picked_last[spec.job_id] = tuple(chosen)
 
     def _send_tasks(self, active: _Active, devices: list[str]) -> None:
