@@ -8,14 +8,14 @@ version may add fields (always with defaults); a different major version is reje
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from protocols import schema, wire
-from protocols.errors import DecodeError, EncodeError, VersionError
-from protocols.schema import Binary, Scalar
+from protocols.errors import DecodeError, VersionError
 from protocols.model_format import LayerSpec
+from protocols.schema import Binary, Scalar, fast_constructor
 from protocols.tensors import WireTensor
 from protocols.topics import valid_id
 
@@ -29,6 +29,7 @@ def _ids(**values: str) -> None:
             raise ValueError(f"{what} {value!r} is not a valid identifier")
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class Status:
     """Retained presence of a device: ``online`` on connect, ``offline`` on exit or as Will."""
@@ -47,6 +48,7 @@ class Status:
             raise ValueError(f"state must be {ONLINE!r} or {OFFLINE!r}, not {self.state!r}")
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class Telemetry:
     """Periodic device health, sent at QoS 0."""
@@ -70,6 +72,7 @@ class Telemetry:
         _ids(device_id=self.device_id)
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class Command:
     """An instruction from the coordinator to one device."""
@@ -83,6 +86,7 @@ class Command:
     ttl_s: float = 0.0
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class Ack:
     """Acknowledges a command, task or update by its reference; ``ok`` false says why."""
@@ -96,6 +100,7 @@ class Ack:
     duplicate: bool = False
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class FileEntry:
     """One file of a model bundle, addressed by content."""
@@ -111,6 +116,7 @@ class FileEntry:
             raise ValueError("size must be >= 0")
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
     """Name, element type and shape (-1 for a free dimension) of a model input or output."""
@@ -120,6 +126,7 @@ class TensorSpec:
     shape: tuple[int, ...]
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class ModelManifest:
     """A model version: its files, schema and labels; signed by the coordinator."""
@@ -142,6 +149,7 @@ class ModelManifest:
         _ids(model_name=self.name, version=self.version)
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class TrainTask:
     """Asks a device to train one round of a job from a base version."""
@@ -161,6 +169,7 @@ class TrainTask:
         _ids(job_id=self.job_id, model_name=self.model_name)
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class ModelUpdate:
     """A device's trained delta from ``base_version``; deduplicated on its `key`."""
@@ -187,6 +196,7 @@ class ModelUpdate:
         return (self.device_id, self.job_id, self.round, self.base_version, self.seq)
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class BlobChunk:
     """Part ``index`` of ``count`` of the blob whose sha256 is ``blob_sha256``."""
@@ -201,6 +211,7 @@ class BlobChunk:
     data: Binary
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class BlobRequest:
     """Asks for chunks of a blob by hash: all of them, or only `indices` (to resume)."""
@@ -216,6 +227,7 @@ class BlobRequest:
         _ids(device_id=self.device_id)
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class InferenceRequest:
     """Asks the cloud model for a prediction; the answer goes to ``reply_to``."""
@@ -229,6 +241,7 @@ class InferenceRequest:
     deadline: float
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class InferenceResponse:
     """The cloud model's answer to an `InferenceRequest`, or the error that prevented one."""
@@ -258,27 +271,23 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
     Status, Telemetry, Command, Ack, ModelManifest, TrainTask,
     ModelUpdate, BlobChunk, BlobRequest, InferenceRequest, InferenceResponse,
 )  # fmt: skip
-_BY_KIND: dict[str, type[Any]] = {cls.KIND: cls for cls in MESSAGE_TYPES}
+_BY_KIND: dict[str, tuple[type[Any], Callable[..., Any]]] = {
+    cls.KIND: (cls, schema.decoder(cls)) for cls in MESSAGE_TYPES
+}
+_ENCODERS: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
+_NO_VERSION: Any = object()
 M = TypeVar("M")
 
 
-def _check_finite(value: Any) -> None:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise EncodeError("NaN or Inf in a message field")
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_finite(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_finite(item)
+def _encoder(cls: type[Any]) -> Callable[[Any], dict[str, Any]]:
+    enc = _ENCODERS[cls] = schema.encoder(cls, {"v": cls.VERSION, "kind": cls.KIND}, finite=True)
+    return enc
 
 
 def encode(message: Message) -> bytes:
-    """Serialize `message` as one versioned msgpack map."""
-    fields = schema.to_map(message)
-    for value in fields.values():
-        _check_finite(value)
-    return wire.pack_map({"v": message.VERSION, "kind": message.KIND, **fields})
+    """Serialize `message` as one versioned msgpack map; EncodeError for NaN/Inf or odd values."""
+    enc = _ENCODERS.get(type(message)) or _encoder(type(message))
+    return wire.pack_map(enc(message))
 
 
 def decode(
@@ -287,22 +296,27 @@ def decode(
     """Decode any v1 message; raise DecodeError (VersionError for a foreign major version)."""
     fields = wire.unpack_map(data, max_bytes)
     kind = fields.get("kind")
-    cls = _BY_KIND.get(kind) if isinstance(kind, str) else None
-    if cls is None:
+    entry = _BY_KIND.get(kind) if type(kind) is str else None
+    if entry is None:
         raise DecodeError(f"unknown message kind {kind!r}", reason="unknown_kind")
-    if "v" not in fields:
+    cls, decoder = entry
+    version = fields.get("v", _NO_VERSION)
+    if type(version) is not int or version != cls.VERSION:
+        _reject_version(cls, version)
+    message: Message = decoder(fields)
+    return message
+
+
+def _reject_version(cls: type[Any], version: object) -> NoReturn:
+    if version is _NO_VERSION:
         raise DecodeError("missing field 'v'", reason="missing_field")
-    version = fields["v"]
     if type(version) is not int:
         raise DecodeError(
             f"field 'v' should be int, got {type(version).__name__}", reason="bad_field"
         )
-    if version != cls.VERSION:
-        raise VersionError(
-            f"message kind {kind!r} has major version {version!r}; this side speaks {cls.VERSION}",
-        )
-    message: Message = schema.from_map(cls, fields)
-    return message
+    raise VersionError(
+        f"message kind {cls.KIND!r} has major version {version!r}; this side speaks {cls.VERSION}",
+    )
 
 
 def decode_as(

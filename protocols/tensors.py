@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.errors import DecodeError, EncodeError
-from protocols.schema import Binary
+from protocols.schema import Binary, constructor, fast_constructor
 
 DTYPES: dict[str, np.dtype[np.generic]] = {
     "f32": np.dtype("<f4"),
@@ -28,6 +28,7 @@ DTYPES: dict[str, np.dtype[np.generic]] = {
     "i8": np.dtype("i1"),
 }
 MAX_ELEMENTS = 1 << 28
+_F32 = DTYPES["f32"]
 _F32_TINY = float(np.finfo(np.float32).tiny)
 _F32_MAX = float(np.finfo(np.float32).max)
 _MAX_RANK = 8
@@ -35,6 +36,7 @@ _MAX_RANK = 8
 FloatArray = npt.NDArray[np.float32]
 
 
+@fast_constructor
 @dataclass(frozen=True, slots=True)
 class WireTensor:
     """One named tensor as carried inside a message."""
@@ -57,6 +59,9 @@ class WireTensor:
         """Bytes of tensor payload (values plus indices) on the wire."""
         extra = 0 if self.indices is None else memoryview(self.indices).nbytes
         return memoryview(self.data).nbytes + extra
+
+
+_make_tensor = constructor(WireTensor)
 
 
 def _as_bytes_view(array: npt.NDArray[np.generic]) -> memoryview:
@@ -102,6 +107,13 @@ def encode_dense(name: str, array: npt.ArrayLike, dtype: str = "f32") -> WireTen
 
     Values are not inspected (receivers check for NaN/Inf); quantising one raises EncodeError.
     """
+    if dtype == "f32" and type(array) is np.ndarray and array.dtype is _F32:
+        try:
+            view = array.data.cast("B")  # zero copy; TypeError unless C-contiguous
+        except TypeError:
+            pass
+        else:
+            return _make_tensor(name, dtype, array.shape, view if view else b"")
     values = np.asarray(array, dtype=np.float32)
     if dtype == "f32" and values.flags.c_contiguous and values.dtype.byteorder != ">":
         data: Binary = values.data.cast("B") if values.size else b""  # zero copy
@@ -229,6 +241,20 @@ def decode_sparse(
 
 def decode_tensor(t: WireTensor, max_elements: int = MAX_ELEMENTS) -> npt.NDArray[np.floating]:
     """The tensor as an array (f32 dense: a read-only view of the received bytes)."""
+    if t.indices is None and t.dtype == "f32" and t.scale == 1.0 and t.zero_point == 0:
+        # The common case, checked by numpy: the bytes must hold exactly `shape`.
+        try:
+            out = np.frombuffer(t.data, _F32)
+            shape = t.shape
+            if out.shape != shape:  # (a flat tensor needs no reshape, nor these checks)
+                if len(shape) > _MAX_RANK or min(shape, default=0) <= 0:
+                    raise ValueError
+                out = out.reshape(shape)
+        except (ValueError, TypeError):
+            pass
+        else:
+            if out.size <= max_elements:
+                return out
     if t.indices is not None:
         idx, vals = decode_sparse(t, max_elements)
         out = np.zeros(math.prod(t.shape), dtype=np.float32)

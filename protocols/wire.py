@@ -2,17 +2,18 @@
 
 `pack_map` writes a map whose large binary values are joined in without an intermediate
 copy (msgpack's own packer grows its buffer and copies large blobs several times).
-`unpack_map` checks the size cap before anything else, decodes small payloads with msgpack's
-C unpacker, and large ones with a small total walker that returns large binaries as
-read-only `memoryview` slices of the input instead of copying them. Either way, only
-`DecodeError` leaves it.
+`unpack_map` checks the size cap before anything else and decodes small payloads with
+msgpack's C unpacker. Large ones come back with their large binaries as read-only
+`memoryview` slices of the input instead of copies: the binaries are cut out and the rest
+goes to the C unpacker, or, where that cannot be shown to give the same result, to `walk`,
+a small total walker. Either way, only `DecodeError` leaves it.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import struct
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,43 +36,57 @@ _MSGPACK_ERRORS: tuple[type[BaseException], ...] = (
     MemoryError,
 )
 
-_SECRET = os.urandom(8)
-_tokens = itertools.count(int.from_bytes(os.urandom(4), "little"))
-_MARK_LEN = 20  # random token (16 bytes) + ordinal (4 bytes), packed as bin8
+# Large binaries are packed as markers, then spliced in. The token is secret and random per
+# process, so no field value can collide with a marker (markers never reach the wire).
+_TOKEN = os.urandom(16)
+_MARK_LEN = 20  # token (16 bytes) + ordinal (4 bytes), packed as bin8
 _MARK_HEADER = b"\xc4\x14"
+_MARKS = [_TOKEN + i.to_bytes(4, "little") for i in range(256)]
+_BIN8 = struct.Struct(">BB").pack
+_BIN16 = struct.Struct(">BH").pack
+_BIN32 = struct.Struct(">BI").pack
 
 
 class _Splicer:
-    """`default` hook for msgpack's C packer: large binaries become markers spliced later."""
+    """A reusable C packer whose `default` hook turns large binaries into markers."""
 
-    __slots__ = ("token", "views")
+    __slots__ = ("packer", "views")
 
     def __init__(self) -> None:
-        # Unpredictable per call, so no field value can collide with a marker by design.
-        self.token = next(_tokens).to_bytes(8, "little") + _SECRET
         self.views: list[memoryview] = []
+        self.packer = msgpack.Packer(
+            default=self.hook, use_bin_type=True, strict_types=False, autoreset=True
+        )
 
-    def __call__(self, obj: object) -> object:
-        if isinstance(obj, BigBinary):
-            self.views.append(obj.view)
-            return self.token + (len(self.views) - 1).to_bytes(4, "little")
+    def hook(self, obj: object) -> object:
+        if type(obj) is BigBinary:
+            views = self.views
+            i = len(views)
+            views.append(obj.view)
+            return _MARKS[i] if i < 256 else _TOKEN + i.to_bytes(4, "little")
         raise TypeError(f"cannot encode {type(obj).__name__}")
 
     def splice(self, packed: bytes) -> bytes:
-        if not self.views:
-            return packed
         parts: list[bytes | memoryview] = []
         pos = 0
         for i, view in enumerate(self.views):
-            at = packed.find(self.token + i.to_bytes(4, "little"), pos) - 2
+            at = packed.find(_MARKS[i] if i < 256 else _TOKEN + i.to_bytes(4, "little"), pos) - 2
             if at < pos or packed[at : at + 2] != _MARK_HEADER:
                 raise EncodeError("internal error: binary marker not found")
-            parts += (packed[pos:at], _bin_header(view.nbytes), view)
+            n = view.nbytes
+            header = _BIN32(0xC6, n) if 0x10000 <= n < 0x1_0000_0000 else _bin_header(n)
+            parts += (packed[pos:at], header, view)
             pos = at + 2 + _MARK_LEN
         parts.append(packed[pos:])
         return b"".join(parts)
 
 
+# Idle splicers. list.pop/append are atomic, so each caller (thread, or a re-entrant call)
+# gets a splicer of its own.
+_IDLE: list[_Splicer] = []
+
+
+@typing.final
 class BigBinary:
     """A large binary to be joined into the output without intermediate copies."""
 
@@ -83,39 +98,57 @@ class BigBinary:
 
 def big(value: bytes | bytearray | memoryview) -> bytes | BigBinary:
     """Wrap a binary for `pack_map`: large ones as `BigBinary`, small ones as bytes."""
-    view = value if isinstance(value, memoryview) else memoryview(value)
+    view = value if type(value) is memoryview else memoryview(value)
     if view.nbytes < _BIG_BIN:
         return view.tobytes()
     if not view.c_contiguous:
         raise EncodeError("binary values must be C-contiguous")
-    return BigBinary(view.cast("B") if view.format != "B" or view.ndim != 1 else view)
+    wrapped = _new(BigBinary)  # (what BigBinary(view) does, without a Python-level call)
+    wrapped.view = view  # any contiguous view: it is joined in as its bytes
+    return wrapped
+
+
+_new = object.__new__
 
 
 def _bin_header(n: int) -> bytes:
+    if n >= 0x1_0000_0000:
+        raise EncodeError(f"binary of {n} bytes exceeds msgpack's 4 GiB limit")
     if n < 0x100:
-        return b"\xc4" + n.to_bytes(1, "big")
+        return _BIN8(0xC4, n)
     if n < 0x10000:
-        return b"\xc5" + n.to_bytes(2, "big")
-    if n < 0x1_0000_0000:
-        return b"\xc6" + n.to_bytes(4, "big")
-    raise EncodeError(f"binary of {n} bytes exceeds msgpack's 4 GiB limit")
+        return _BIN16(0xC5, n)
+    return _BIN32(0xC6, n)
 
 
 def pack_map(fields: Mapping[str, Any]) -> bytes:
     """Encode `fields` as one msgpack map in insertion order; `BigBinary` values are copied once."""
-    splicer = _Splicer()
+    splicer = _IDLE.pop() if _IDLE else _Splicer()
+    views = splicer.views
     try:
-        packed = msgpack.packb(fields, use_bin_type=True, default=splicer, strict_types=False)
+        packed: bytes = splicer.packer.pack(fields)
+        if views:
+            if len(views) == 1:  # the common case, spliced here
+                view = views[0]
+                at = packed.find(_MARKS[0]) - 2
+                n = view.nbytes
+                if at >= 0 and packed[at : at + 2] == _MARK_HEADER and 0x10000 <= n < 1 << 32:
+                    tail = packed[at + 2 + _MARK_LEN :]
+                    return b"".join((packed[:at], _BIN32(0xC6, n), view, tail))
+            packed = splicer.splice(packed)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode message: {exc}") from exc
-    return splicer.splice(packed)
+    finally:
+        views.clear()
+        _IDLE.append(splicer)  # (as many as callers at once, at most)
+    return packed
 
 
 def unpack_map(
     data: bytes | bytearray | memoryview, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> dict[str, Any]:
     """Decode one msgpack map of at most `max_bytes`; raise DecodeError for anything else."""
-    size = memoryview(data).nbytes
+    size = len(data) if type(data) is bytes else memoryview(data).nbytes
     if size > max_bytes:
         raise DecodeError(
             f"payload of {size} bytes exceeds the cap of {max_bytes}", reason="too_large"
@@ -123,7 +156,9 @@ def unpack_map(
     if size == 0:
         raise DecodeError("empty payload", reason="malformed")
     if size >= ZERO_COPY_THRESHOLD:
-        value = walk(data)
+        value = _cut_and_unpack(data) if type(data) is bytes else _FAIL
+        if value is _FAIL:
+            value = walk(data)
     else:
         try:
             value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
@@ -132,6 +167,111 @@ def unpack_map(
     if not isinstance(value, dict):
         raise DecodeError(f"payload is a {type(value).__name__}, not a map", reason="malformed")
     return value
+
+
+# --- large payloads: large binaries cut out, msgpack's C unpacker for the rest --------------
+#
+# Candidate binary headers (0xc5/0xc6 with a length of 4 KiB or more that fits) are found
+# with bytes.find and replaced by placeholders: ext values carrying a secret nonce and their
+# ordinal. msgpack parses left to right, deterministically, so if its parse of the result
+# meets every placeholder, in order, as a value, each candidate was a binary at a value
+# position of the original and the two parses agree, placeholders standing for views of the
+# binaries. Anything else (a candidate inside a string, a large binary not cut out, an error)
+# gives up, and the walker decides. The result equals the walker's.
+
+_NONCE = os.urandom(12)
+_PLACEHOLDER_CODE = 127
+_CUT_WINDOW = 4096  # bytes searched per step, so a search never runs far into a binary
+_CUT_MAX_MISSES = 64  # candidate headers that turned out implausible before giving up
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_FAIL: Any = object()
+
+
+def _placeholder(i: int) -> bytes:  # fixext 16, code 127: the nonce and the ordinal
+    return _PLACEHOLDERS[i] if i < 256 else b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little")
+
+
+_PLACEHOLDERS = [b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little") for i in range(256)]
+
+
+def _cut_and_unpack(data: bytes) -> Any:
+    """Decode `data` as `walk` would, or return `_FAIL` to leave it to `walk`."""
+    size = len(data)
+    stop = size - _BIG_BIN - 3  # no large binary fits in a header found past this
+    at = data.find(b"\xc6", 0, _CUT_WINDOW)
+    if 0 <= at <= stop:  # try the common case: one bin 32, no room after it for another
+        end = at + 5 + _U32(data, at + 1)[0]
+        if stop < end <= size and end - at - 5 >= _BIG_BIN:
+            view = memoryview(data)[at + 5 : end]
+            met = False
+
+            def hook(code: int, ext: bytes) -> Any:  # _unpack_cut's, for one placeholder
+                nonlocal met
+                if code == _PLACEHOLDER_CODE and ext[:12] == _NONCE:
+                    if met or ext != _PLACEHOLDERS[0][2:]:
+                        raise ValueError("placeholder out of order")
+                    met = True
+                    return view
+                return msgpack.ExtType(code, ext)
+
+            skeleton = data[:at] + _PLACEHOLDERS[0] + data[end:]
+            try:
+                value = msgpack.unpackb(skeleton, ext_hook=hook, max_bin_len=_BIG_BIN - 1)
+            except _MSGPACK_ERRORS:
+                value = _FAIL
+            if met and value is not _FAIL:
+                return value
+    find = data.find
+    pieces: list[bytes] = []
+    views: list[memoryview] = []
+    last = pos = misses = 0
+    while pos <= stop:
+        limit = pos + _CUT_WINDOW
+        if limit > stop:
+            limit = stop + 1
+        at = find(b"\xc6", pos, limit)
+        short = find(b"\xc5", pos, limit if at < 0 else at)
+        if short >= 0:
+            at, start, n = short, short + 3, _U16(data, short + 1)[0]
+        elif at >= 0:
+            start, n = at + 5, _U32(data, at + 1)[0]
+        else:
+            pos = limit
+            continue
+        end = start + n
+        if n < _BIG_BIN or end > size:
+            misses += 1
+            if misses > _CUT_MAX_MISSES:
+                return _FAIL
+            pos = at + 1
+            continue
+        pieces += (data[last:at], _placeholder(len(views)))
+        views.append(memoryview(data)[start:end])
+        last = pos = end
+    pieces.append(data[last:])
+    return _unpack_cut(b"".join(pieces), views)
+
+
+def _unpack_cut(skeleton: bytes, views: list[memoryview]) -> Any:
+    """Unpack `skeleton`, each of its placeholders, met in order, standing for its view."""
+    met = 0
+
+    def hook(code: int, ext: bytes) -> Any:
+        nonlocal met
+        if code == _PLACEHOLDER_CODE and ext[:12] == _NONCE:
+            i = met
+            if i >= len(views) or ext != _placeholder(i)[2:]:
+                raise ValueError("placeholder out of order")
+            met = i + 1
+            return views[i]
+        return msgpack.ExtType(code, ext)
+
+    try:
+        value = msgpack.unpackb(skeleton, ext_hook=hook, max_bin_len=_BIG_BIN - 1)
+    except _MSGPACK_ERRORS:
+        return _FAIL
+    return value if met == len(views) else _FAIL
 
 
 # --- the zero-copy walker ------------------------------------------------------------------

@@ -119,6 +119,24 @@ def test_mutated_golden_payloads(data: bytes) -> None:
 @given(st.sampled_from(sorted(LARGE)).flatmap(lambda kind: mutated(LARGE[kind])))
 def test_mutated_large_payloads_through_the_zero_copy_walker(data: bytes) -> None:
     _total(data)
+    _same_as_the_walker(data)
+
+
+def _same_as_the_walker(data: bytes) -> None:
+    """Large payloads decode to what the walker gives (binaries cut out or not)."""
+    try:
+        walked = wire.walk(data)
+    except DecodeError as exc:
+        walked = exc
+    try:
+        unpacked = plain(wire.unpack_map(data))
+    except DecodeError:
+        assert isinstance(walked, DecodeError) or not isinstance(walked, dict)
+        return
+    if isinstance(walked, DecodeError):  # msgpack itself allows deeper nesting
+        assert "deeply" in str(walked)
+    else:
+        assert unpacked == plain(walked)
 
 
 def _msgpack_values(big: bool = False, leaves: int = 12) -> st.SearchStrategy[Any]:

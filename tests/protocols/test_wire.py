@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import msgpack
@@ -37,8 +38,8 @@ def test_big_wraps_only_large_binaries() -> None:
     array = np.arange(2000, dtype=np.float32).reshape(40, 50)
     wrapped = wire.big(array.data)
     assert isinstance(wrapped, wire.BigBinary)
-    assert wrapped.view.format == "B"
     assert wrapped.view.nbytes == array.nbytes
+    assert wire.pack_map({"a": wrapped}) == msgpack.packb({"a": array.tobytes()})
     with pytest.raises(EncodeError):
         wire.big(array.T.data)  # not C-contiguous
     small_strided = wire.big(np.arange(10, dtype=np.float32)[::2].data)
@@ -179,3 +180,91 @@ def test_unpack_map_rejects_non_maps_and_empty() -> None:
         with pytest.raises(DecodeError) as info:
             wire.unpack_map(data)
         assert info.value.reason == "malformed"
+
+
+# --- large payloads: binaries cut out, the rest to msgpack's C unpacker ---------------------
+
+
+def _big_values() -> list[Any]:
+    blob16 = bytes(range(256)) * 20  # 5120 bytes: bin 16
+    blob32 = bytes(70_000)  # bin 32
+    decoy = "\xc6\x00\x01\x00\x00 and \xc5\x20\x00"  # header bytes inside a string
+    return [
+        {"a": blob32},
+        {"a": blob16, "b": blob32, "c": [blob16, {"d": blob32}], "e": 1.5},
+        {"s": decoy, "f": 3.0e-310, "a": blob32, "t": decoy},
+        {"pad": ["x" * 30] * 300, "a": blob32, "more": ["y" * 30] * 300, "b": blob16},
+        {"ints": [0xC6C6C6C6, 0xC5C5, -0x3A3A3A3A] * 100, "a": blob32},
+        {blob16: 1, "a": blob32},  # a large binary as a key
+        {"ext": msgpack.ExtType(127, b"\xd8\x7f" * 8), "a": blob32},
+        {"ts": msgpack.Timestamp(5, 6), "a": [blob32, blob32, blob32]},
+        {"a": blob32, "tail": "z" * 5000},
+        {"only": "s" * 70_000},
+        {"nested": [[[[blob16]]]], "a": blob32},
+    ]
+
+
+@pytest.mark.parametrize("value", _big_values())
+def test_large_payloads_decode_as_msgpack_does(value: Any) -> None:
+    data = msgpack.packb(value)
+    assert len(data) >= wire.ZERO_COPY_THRESHOLD
+    decoded = wire.unpack_map(data)
+    assert plain(decoded) == msgpack.unpackb(data)
+    assert plain(decoded) == plain(wire.walk(data))
+
+    def views(obj: Any) -> list[Any]:
+        if isinstance(obj, dict):
+            return [v for item in obj.items() for x in item for v in views(x)]
+        if isinstance(obj, list):
+            return [v for item in obj for v in views(item)]
+        return [obj] if isinstance(obj, bytes | memoryview) and len(obj) >= 4096 else []
+
+    for binary in views(decoded):
+        if binary is not None and not isinstance(binary, bytes):  # keys are bytes
+            assert isinstance(binary, memoryview)
+            assert binary.obj is data
+
+
+def test_many_false_headers_fall_back_to_the_walker() -> None:
+    # More implausible candidate headers than the cutter tries: the walker decides.
+    value = {"junk": [b"\xc5\x00\x01"] * 200, "b": bytes(5000), "a": bytes(70_000)}
+    data = msgpack.packb(value)
+    assert wire._cut_and_unpack(data) is wire._FAIL
+    assert plain(wire.unpack_map(data)) == msgpack.unpackb(data)
+
+
+def test_large_payload_given_as_a_view_or_bytearray() -> None:
+    data = msgpack.packb({"a": bytes(70_000), "b": "x"})
+    for given_as in (memoryview(data), bytearray(data)):
+        assert plain(wire.unpack_map(given_as)) == msgpack.unpackb(data)
+
+
+@pytest.mark.parametrize("cut", [1, 5, 40, 70_000, 70_040])
+def test_truncated_large_payloads(cut: int) -> None:
+    data = msgpack.packb({"a": bytes(70_000), "b": "tail"})
+    with pytest.raises(DecodeError):
+        wire.unpack_map(data[:-cut] if cut < len(data) else data[:1])
+    with pytest.raises(DecodeError):
+        wire.unpack_map(data + b"\x00")
+
+
+def test_pack_map_recovers_after_an_error_and_is_thread_safe() -> None:
+    blob = bytes(range(256)) * 300
+    with pytest.raises(EncodeError):
+        wire.pack_map({"a": wire.big(blob), "b": object()})
+    assert wire.pack_map({"a": wire.big(blob)}) == msgpack.packb({"a": blob})
+    results: list[bool] = []
+
+    def work(seed: int) -> None:
+        blobs = [bytes([seed, i]) * 3000 for i in range(5)]
+        for _ in range(200):
+            packed = wire.pack_map({"n": seed, "l": [wire.big(b) for b in blobs]})
+            results.append(packed == msgpack.packb({"n": seed, "l": blobs}))
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 800
+    assert all(results)
