@@ -69,11 +69,6 @@ class _Fetch:
     reassembly: Reassembly | None = None
 
 
-def update_key(update: ModelUpdate) -> str:
-    """The reference the coordinator acknowledges an update by (and the outbox key)."""
-    return f"{update.job_id}/{update.round}/{update.base_version}/{update.seq}"
-
-
 class Learner:
     """Runs training tasks for one device."""
 
@@ -341,7 +336,7 @@ class Learner:
             metrics=metrics,
         )
         payload = encode(update)
-        key = update_key(update)
+        key = update.ack_ref
         topic = device_topic(self.device_id, DeviceChannel.UPDATE)
         self.outbox.put(key, topic, payload)
         compressor.save()

@@ -49,8 +49,8 @@ class Publisher(Protocol):
 
 
 def update_key(update: ModelUpdate) -> str:
-    """The acknowledgement reference of an update (what the agent's outbox keys it by)."""
-    return f"{update.job_id}/{update.round}/{update.base_version}/{update.seq}"
+    """The acknowledgement reference of an update (`ModelUpdate.ack_ref`)."""
+    return update.ack_ref
 
 
 def version_id(job_id: str, round_no: int) -> str:

@@ -195,6 +195,11 @@ class ModelUpdate:
         """The deduplication key (device, job, round, base version, seq)."""
         return (self.device_id, self.job_id, self.round, self.base_version, self.seq)
 
+    @property
+    def ack_ref(self) -> str:
+        """The reference the coordinator acknowledges this update by (its `Ack.ref`)."""
+        return f"{self.job_id}/{self.round}/{self.base_version}/{self.seq}"
+
 
 @fast_constructor
 @dataclass(frozen=True, slots=True)
