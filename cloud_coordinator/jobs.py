@@ -13,10 +13,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
-from cloud_coordinator import baseline, bundles, datasets
+from cloud_coordinator import baseline, bundles, datasets, job_views
 from cloud_coordinator.aggregation import AggregationError, StreamingFedAvg, pick_device
+from cloud_coordinator.blob_server import Publisher, serve_blob_request
 from cloud_coordinator.errors import CoordinatorError, StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobRecord, JobStore
@@ -31,21 +31,14 @@ from cloud_coordinator.rounds import (
 )
 from cloud_coordinator.selection import Candidate, select_devices
 from cloud_coordinator.templates import get_template
-from protocols.chunks import DEFAULT_CHUNK_SIZE, split_blob
+from protocols.chunks import DEFAULT_CHUNK_SIZE
 from protocols.errors import DecodeError
-from protocols.messages import Ack, BlobRequest, ModelUpdate, TrainTask, decode_as, encode
+from protocols.messages import Ack, ModelUpdate, TrainTask, decode_as, encode
 from protocols.model_format import HEAD_FILE, head_shapes, unpack_tensors
 from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
 
 log = logging.getLogger(__name__)
 TICK_S = 0.02
-
-
-class Publisher(Protocol):
-    """Where the runner sends messages (the MQTT client, or a fake in tests)."""
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
-        """Queue one message."""
 
 
 def update_key(update: ModelUpdate) -> str:
@@ -360,34 +353,11 @@ class JobRunner:
     # --- views ---------------------------------------------------------------------------
     def job_json(self, job_id: str) -> dict[str, object] | None:
         """A job with its rounds, JSON-ready, or None."""
-        record = self.store.job(job_id)
-        if record is None:
-            return None
-        rounds = [
-            {"round": r.round, "state": r.state, "base_version": r.base_version,
-             "new_version": r.new_version, "selected": list(r.selected), "started": r.started,
-             "closed": r.closed, "metrics": r.metrics}
-            for r in self.store.rounds(job_id)
-        ]  # fmt: skip
-        return {
-            "job_id": job_id,
-            "state": record.state,
-            "message": record.message,
-            "current_round": record.current_round,
-            "current_version": record.current_version,
-            "created": record.created,
-            "spec": record.spec.to_json(),
-            "rounds": rounds,
-        }
+        return job_views.job_json(self.store, job_id)
 
     def jobs_json(self) -> list[dict[str, object]]:
         """Every job in brief, oldest first."""
-        return [
-            {"job_id": r.spec.job_id, "state": r.state, "template": r.spec.template,
-             "current_round": r.current_round, "rounds": r.spec.rounds,
-             "current_version": r.current_version, "message": r.message}
-            for r in self.store.jobs()
-        ]  # fmt: skip
+        return job_views.jobs_json(self.store)
 
     # --- inbound (ingest thread) ---------------------------------------------------------
     def _count_update(self, active: _Active, update: ModelUpdate, size: int) -> None:
@@ -455,13 +425,6 @@ class JobRunner:
 
     def on_blob_request(self, device_id: str, payload: bytes, max_bytes: int) -> None:
         """Send the requested chunks of a blob to the device that asked."""
-        request = decode_as(BlobRequest, payload, max_bytes)
-        if request.device_id != device_id:
-            raise DecodeError("blob request names another device", reason="device_mismatch")
-        if not self.models.has_blob(request.blob_sha256):
-            raise DecodeError(f"no blob {request.blob_sha256[:12]}", reason="unknown_blob")
-        wanted = set(request.indices)
-        topic = device_topic(device_id, DeviceChannel.BLOB)
-        for chunk in split_blob(self.models.blob(request.blob_sha256), self.chunk_size):
-            if not wanted or chunk.index in wanted:
-                self.publisher.publish(topic, encode(chunk), qos=1)
+        serve_blob_request(
+            self.models, self.publisher, self.chunk_size, device_id, payload, max_bytes
+        )
