@@ -34,7 +34,20 @@ from cloud_coordinator.errors import CoordinatorError
 from protocols.errors import DecodeError
 from protocols.tensors import WireTensor, varint_decode
 
-REASONS = frozenset({"bad_shape", "non_finite", "bad_tensor", "bad_weight", "empty", "no_device"})
+REASONS = frozenset(
+    {
+        "bad_shape",
+        "non_finite",
+        "bad_tensor",
+        "bad_weight",
+        "empty",
+        "no_device",
+        "too_few",  # fewer updates than the rule needs (Krum: n > 2f + 2)
+        "bad_state",  # server optimiser state that does not fit the model
+    }
+)
+
+Report = dict[str, str | int | float | list[str]]
 
 _WIRE_DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32,
@@ -259,19 +272,34 @@ class Aggregator(Protocol):
         """Sum of the weights of the updates folded in."""
         ...
 
-    def add(self, tensors: Sequence[WireTensor], weight: float) -> None:
-        """Fold in one update, or raise AggregationError and leave the aggregate unchanged."""
+    def add(self, tensors: Sequence[WireTensor], weight: float, source: str = "") -> None:
+        """Fold in one update from `source` (a device id), or raise and change nothing."""
         ...
 
     def result(self) -> dict[str, FloatArray]:
         """The aggregate, as float32 arrays on the host."""
         ...
 
+    def report(self) -> Report:
+        """What the round record keeps: ``rule``, ``aggregation_device`` and rule details."""
+        ...
+
+
+def check_weight(weight: float) -> float:
+    """`weight` as a float if finite and >= 0, else AggregationError ``bad_weight``."""
+    weight = float(weight)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
+    return weight
+
 
 class StreamingFedAvg:
     """Weighted mean of updates (FedAvg), folded in as they arrive in O(model) memory."""
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], device: torch.device) -> None:
+    def __init__(
+        self, shapes: Mapping[str, tuple[int, ...]], device: torch.device, rule: str = "fedavg"
+    ) -> None:
+        self._rule = rule  # the strategy name for report(): fedavg, fedprox, fedadam, ...
         self._shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
         if any(d < 0 for shape in self._shapes.values() for d in shape):
             raise ValueError(f"negative dimension in model shapes {self._shapes}")
@@ -298,19 +326,20 @@ class StreamingFedAvg:
         """Sum of the weights of the updates folded in."""
         return self._total_weight
 
-    def add(self, tensors: Sequence[WireTensor], weight: float) -> None:
+    def add(self, tensors: Sequence[WireTensor], weight: float, source: str = "") -> None:
         """Fold in one update of `weight` >= 0, or raise AggregationError and change nothing."""
-        weight = float(weight)
-        if not (math.isfinite(weight) and weight >= 0):
-            raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
-        decoded = decode_update(tensors, self._shapes, self._device)
-        if weight > 0:
+        weight = check_weight(weight)
+        self._fold(decode_update(tensors, self._shapes, self._device), weight, weight)
+
+    def _fold(self, decoded: list[DecodedTensor], scale: float, weight: float) -> None:
+        """Add scale * the checked update to the sums and count `weight` in the total."""
+        if scale > 0:
             acc = self._acc
             for update in decoded:
                 if update.flat is None:
-                    acc[update.name].add_(update.values, alpha=weight)
+                    acc[update.name].add_(update.values, alpha=scale)
                 else:
-                    fold(acc[update.name], update, weight)
+                    fold(acc[update.name], update, scale)
         self._count += 1
         self._total_weight += weight
 
@@ -331,14 +360,25 @@ class StreamingFedAvg:
             for name, mean in zip(self._acc, means, strict=True)
         }
 
+    def report(self) -> Report:
+        """The rule's name, where it ran, and how many updates of what total weight."""
+        return {
+            "rule": self._rule,
+            "aggregation_device": str(self._device),
+            "updates": self._count,
+            "total_weight": self._total_weight,
+        }
+
 
 __all__ = [
     "REASONS",
     "AggregationError",
     "Aggregator",
     "DecodedTensor",
+    "Report",
     "StreamingFedAvg",
     "all_finite",
+    "check_weight",
     "decode_to_torch",
     "decode_update",
     "dense_to_torch",
