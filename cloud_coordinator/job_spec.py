@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_coordinator.strategies.catalog import (
+    STRATEGY_NAMES,
+    StrategyError,
+    StrategyParams,
+    client_prox_mu,
+    parse_strategy,
+)
 from protocols.topics import valid_id
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = STRATEGY_NAMES
 COMPRESSIONS = ("f32", "f16", "bf16", "int8", "topk")
 SCHEMES = ("iid", "dirichlet")
+MODES = ("sync", "async")
 
 
 class JobSpecError(ValueError):
@@ -30,6 +38,11 @@ class JobSpec:
     template: str = "digits_mlp"
     model_name: str = ""
     strategy: str = "fedavg"
+    strategy_params: dict[str, float | int] = field(default_factory=dict)
+    mode: str = "sync"
+    async_buffer: int = 0
+    max_staleness: int = 4
+    staleness_exponent: float = 0.5
     rounds: int = 20
     devices_per_round: int = 10
     quorum: int = 0
@@ -54,8 +67,12 @@ class JobSpec:
             raise bad("job_id", "use 1-64 characters from A-Z a-z 0-9 _ . -")
         if self.model_name and not valid_id(self.model_name):
             raise bad("model_name", "use 1-64 characters from A-Z a-z 0-9 _ . -")
-        if self.strategy not in STRATEGIES:
-            raise bad("strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        try:
+            strategy = parse_strategy(self.strategy, self.strategy_params)
+        except StrategyError as exc:
+            raise JobSpecError(f"job field 'strategy': {exc}") from None
+        if self.mode not in MODES:
+            raise bad("mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
         if self.compression not in COMPRESSIONS:
             raise bad(
                 "compression", f"{self.compression!r} is not one of {', '.join(COMPRESSIONS)}"
@@ -84,6 +101,22 @@ class JobSpec:
             raise bad("lr/epochs/batch_size", "must be positive")
         if self.prox_mu < 0 or self.clip_norm < 0:
             raise bad("prox_mu/clip_norm", "must be >= 0")
+        if self.prox_mu and client_prox_mu(strategy) and self.prox_mu != client_prox_mu(strategy):
+            raise bad("prox_mu", "conflicts with the fedprox strategy's 'mu'; set only 'mu'")
+        if not 0 <= self.async_buffer <= 100_000:
+            raise bad("async_buffer", "must be 0..100000 (0 = the quorum)")
+        if not 0 <= self.max_staleness <= 1000:
+            raise bad("max_staleness", "must be 0..1000 versions")
+        if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):
+            raise bad("staleness_exponent", "must be a finite number >= 0")
+        needed = _updates_needed(strategy)
+        if self.updates_per_version < needed:
+            where = "async_buffer" if self.mode == "async" else "quorum"
+            raise bad(
+                where,
+                f"strategy {self.strategy!r} needs at least {needed} updates per version,"
+                f" but a version is made from {self.updates_per_version}",
+            )
 
     @property
     def model(self) -> str:
@@ -95,6 +128,22 @@ class JobSpec:
         """Updates needed to close a round (0 in the spec means every selected device)."""
         return self.quorum or self.devices_per_round
 
+    @property
+    def updates_per_version(self) -> int:
+        """Fewest updates a new version is made from: the quorum, or the async buffer."""
+        if self.mode == "async":
+            return self.async_buffer or self.effective_quorum
+        return self.effective_quorum
+
+    @property
+    def strategy_config(self) -> StrategyParams:
+        """The strategy with its typed parameters."""
+        return parse_strategy(self.strategy, self.strategy_params)
+
+    def staleness_weight(self, staleness: int) -> float:
+        """The factor an async update `staleness` versions old is folded in with."""
+        return float((1.0 + staleness) ** -self.staleness_exponent)
+
     def hyperparams(self) -> dict[str, str | int | float | bool]:
         """What a device needs to train, as sent in its task."""
         return {
@@ -102,7 +151,7 @@ class JobSpec:
             "momentum": self.momentum,
             "epochs": self.epochs,
             "batch_size": self.batch_size,
-            "prox_mu": self.prox_mu,
+            "prox_mu": client_prox_mu(self.strategy_config) or self.prox_mu,
             "clip_norm": self.clip_norm,
             "topk_fraction": self.topk_fraction,
             "max_seconds": self.max_train_seconds,
@@ -124,6 +173,9 @@ class JobSpec:
             raise JobSpecError(f"unknown job fields {unknown}; valid: {', '.join(sorted(fields))}")
         kwargs: dict[str, Any] = {}
         for name, raw in value.items():
+            if name == "strategy_params":
+                kwargs[name] = _strategy_params(raw)
+                continue
             expected = type(getattr(_DEFAULTS, name)) if name != "job_id" else str
             if expected is float and isinstance(raw, int) and not isinstance(raw, bool):
                 raw = float(raw)
@@ -133,6 +185,23 @@ class JobSpec:
         if "job_id" not in kwargs:
             raise JobSpecError("job field 'job_id' is required")
         return cls(**kwargs)
+
+
+def _strategy_params(raw: object) -> dict[str, float | int]:
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
+        raise JobSpecError("job field 'strategy_params' must be an object of named numbers")
+    out: dict[str, float | int] = {}
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise JobSpecError(f"strategy parameter {key!r} must be a number, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _updates_needed(strategy: StrategyParams) -> int:
+    """Krum and Multi-Krum need n > 2f + 2 updates; every other rule works from one."""
+    byzantine = getattr(strategy, "byzantine", None)
+    return 2 * byzantine + 3 if isinstance(byzantine, int) else 1
 
 
 _DEFAULTS = JobSpec(job_id="defaults")

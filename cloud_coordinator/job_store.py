@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS updates (
     payload      BLOB NOT NULL,
     PRIMARY KEY (job_id, round, device_id)
 );
+CREATE INDEX IF NOT EXISTS updates_by_key ON updates (job_id, device_id, seq);
+CREATE TABLE IF NOT EXISTS optimiser_state (
+    job_id  TEXT PRIMARY KEY,
+    round   INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
 """
 
 
@@ -199,11 +205,31 @@ class JobStore:
                 (*values, job_id, round_no),
             )
 
-    def finish_round(
-        self, job_id: str, round_no: int, new_version: str, metrics: dict[str, Any]
-    ) -> None:
-        """Mark a round done and make its version the job's current one, atomically."""
+    def set_round_selected(self, job_id: str, round_no: int, selected: list[str]) -> None:
+        """Replace the devices recorded as tasked in a round."""
         with self._lock, self._db:
+            self._db.execute(
+                "UPDATE rounds SET selected = ? WHERE job_id = ? AND round = ?",
+                (json.dumps(selected), job_id, round_no),
+            )
+
+    def finish_round(
+        self,
+        job_id: str,
+        round_no: int,
+        new_version: str,
+        metrics: dict[str, Any],
+        optimiser_state: bytes | None = None,
+    ) -> None:
+        """Mark a round done and make its version the job's current one (and store the
+        server optimiser's state after it), atomically."""
+        with self._lock, self._db:
+            if optimiser_state is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO optimiser_state (job_id, round, payload) "
+                    "VALUES (?, ?, ?)",
+                    (job_id, round_no, optimiser_state),
+                )
             self._db.execute(
                 "UPDATE rounds SET state = 'done', new_version = ?, closed = ?, metrics = ? "
                 "WHERE job_id = ? AND round = ?",
@@ -257,6 +283,32 @@ class JobStore:
                  len(payload), payload),
             )  # fmt: skip
             return "new"
+
+    def optimiser_state(self, job_id: str) -> bytes | None:
+        """The server optimiser's state after the job's latest finished round, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT payload FROM optimiser_state WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else bytes(row["payload"])
+
+    def delete_update(self, job_id: str, round_no: int, device_id: str) -> None:
+        """Forget a stored update (one the aggregate refused after it was written)."""
+        with self._lock, self._db:
+            self._db.execute(
+                "DELETE FROM updates WHERE job_id = ? AND round = ? AND device_id = ?",
+                (job_id, round_no, device_id),
+            )
+
+    def stored_round(self, job_id: str, device_id: str, base_version: str, seq: int) -> int | None:
+        """The round an update with this key was stored under, or None if it never was."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT round FROM updates WHERE job_id = ? AND device_id = ? AND seq = ? "
+                "AND base_version = ?",
+                (job_id, device_id, seq, base_version),
+            ).fetchone()
+        return None if row is None else int(row["round"])
 
     def updates(self, job_id: str, round_no: int) -> list[StoredUpdate]:
         """A round's stored updates, in arrival order."""

@@ -1,10 +1,13 @@
-"""Runs federated training jobs: rounds of tasks out, updates in, new model versions out.
+"""Runs federated training jobs: tasks out, updates in, new model versions out.
 
-One `JobRunner` per coordinator. Its thread drives every running job's current round
-through the table in `rounds.py`; the ingest thread hands it updates (`on_update`) and
-blob requests (`on_blob_request`). Each update is checked, folded into the round's
-streaming aggregate, written to SQLite and only then acknowledged; after a restart the
-stored updates are folded in again and the round carries on where it stopped.
+One `JobRunner` per coordinator. Its thread drives every running job through the table in
+`rounds.py`; the ingest thread hands it updates (`on_update`) and blob requests
+(`on_blob_request`). A sync job runs rounds: select devices, send tasks, close at the
+quorum and deadline, make a version. An async job (`async_rounds`) keeps devices busy and
+makes a version from every ``updates_per_version`` updates. Either way each update is
+checked, written to SQLite, folded into the aggregate of the job's strategy and only then
+acknowledged; after a restart the stored updates are folded in again and the round (or
+version buffer) carries on where it stopped.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import time
 from collections.abc import Callable
 
 from cloud_coordinator import baseline, bundles, datasets, job_views
-from cloud_coordinator.aggregation import AggregationError, StreamingFedAvg, pick_device
+from cloud_coordinator.aggregation import AggregationError, pick_device
+from cloud_coordinator.async_rounds import AsyncDriver
 from cloud_coordinator.blob_server import Publisher, serve_blob_request
 from cloud_coordinator.errors import CoordinatorError, StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
+from cloud_coordinator.job_state import ActiveJob, update_key, version_id
 from cloud_coordinator.job_store import JobRecord, JobStore
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.rounds import (
@@ -31,51 +36,16 @@ from cloud_coordinator.rounds import (
 )
 from cloud_coordinator.selection import Candidate, select_devices
 from cloud_coordinator.templates import get_template
+from cloud_coordinator.versions import VersionMaker
 from protocols.chunks import DEFAULT_CHUNK_SIZE
 from protocols.errors import DecodeError
 from protocols.messages import Ack, ModelUpdate, TrainTask, decode_as, encode
-from protocols.model_format import HEAD_FILE, head_shapes, unpack_tensors
-from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
+from protocols.topics import DeviceChannel, device_topic
 
 log = logging.getLogger(__name__)
 TICK_S = 0.02
 
-
-def update_key(update: ModelUpdate) -> str:
-    """The acknowledgement reference of an update (`ModelUpdate.ack_ref`)."""
-    return update.ack_ref
-
-
-def version_id(job_id: str, round_no: int) -> str:
-    """The model version a job's round produces (round 0: the initial model)."""
-    return f"{job_id}.r{round_no}"
-
-
-class _Active:
-    """A running job's in-memory state."""
-
-    def __init__(self, record: JobRecord, models: ModelRegistry) -> None:
-        spec = record.spec
-        self.spec = spec
-        self.template = get_template(spec.template)
-        self.holdout = datasets.server_data(self.template, spec.data_seed).holdout
-        manifest = models.manifest(spec.model, record.current_version)  # StoreError if missing
-        self.version = record.current_version
-        self.bundle = bundles.Bundle(
-            {f.name: models.blob(f.sha256) for f in manifest.files}, manifest
-        )
-        self.head = unpack_tensors(self.bundle.files[HEAD_FILE])
-        self.shapes = head_shapes(self.template.head_layers)
-        self.dense_bytes = 4 * sum(int(a.size) for a in self.head.values())
-        self.round_no = record.current_round
-        self.state = RoundState.DONE
-        self.selected: tuple[str, ...] = ()
-        self.received: set[str] = set()
-        self.deadline = 0.0
-        self.started = 0.0
-        self.uplink = 0
-        self.device_val: list[tuple[float, int]] = []
-        self.aggregate: StreamingFedAvg | None = None
+__all__ = ["TICK_S", "JobRunner", "update_key", "version_id"]
 
 
 class JobRunner:
@@ -96,7 +66,9 @@ class JobRunner:
         self.candidates = candidates
         self.device = pick_device(device)
         self.chunk_size = chunk_size
-        self._active: dict[str, _Active] = {}
+        self.versions = VersionMaker(store, models, publisher)
+        self.async_driver = AsyncDriver(store, candidates, self._busy, self._send_task)
+        self._active: dict[str, ActiveJob] = {}
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
@@ -141,15 +113,15 @@ class JobRunner:
         accuracy, loss = bundles.evaluate(bundle.files["model.onnx"], holdout.x, holdout.y)
         metrics = {"accuracy": accuracy, "loss": loss}
         self.models.put(bundle, job_id=spec.job_id, round=0, devices=(), metrics=metrics)
-        self._publish_manifest(bundle)
+        self.versions.publish_manifest(bundle)
         if not self.store.create_job(spec, version):
             raise JobSpecError(f"a job named {spec.job_id!r} already exists")
         record = self.store.job(spec.job_id)
         assert record is not None
         with self._lock:
-            self._active[spec.job_id] = _Active(record, self.models)
-        log.info("job %s started: %s, %d rounds, initial accuracy %.3f",
-                 spec.job_id, spec.template, spec.rounds, accuracy)  # fmt: skip
+            self._active[spec.job_id] = ActiveJob(record, self.models, self.device)
+        log.info("job %s started: %s, %s %s, %d versions, initial accuracy %.3f", spec.job_id,
+                 spec.template, spec.mode, spec.strategy, spec.rounds, accuracy)  # fmt: skip
         return record
 
     def create_json(self, body: object) -> dict[str, object]:
@@ -160,39 +132,42 @@ class JobRunner:
         return job
 
     def _resume(self, record: JobRecord) -> None:
-        active = _Active(record, self.models)
+        active = ActiveJob(record, self.models, self.device)
+        active.optimiser_state = self.store.optimiser_state(record.spec.job_id)
         current = self.store.round(record.spec.job_id, record.current_round)
         if current is not None and current.state == "failed":
             active.round_no, active.state = current.round, RoundState.FAILED  # retried next tick
         elif current is not None and current.state in ("collecting", "aggregating", "selecting"):
-            active.round_no = current.round
-            active.selected = current.selected
-            active.deadline = max(current.deadline, time.time() + 5.0)
-            active.started = current.started
-            active.state = RoundState.COLLECTING
-            active.aggregate = StreamingFedAvg(active.shapes, self.device)
-            for stored in self.store.updates(record.spec.job_id, current.round):
-                update = decode_as(ModelUpdate, stored.payload, 1 << 30)
-                active.aggregate.add(update.tensors, float(update.num_samples))
-                self._count_update(active, update, len(stored.payload))
-            log.info("job %s: resumed round %d with %d stored updates",
-                     record.spec.job_id, current.round, len(active.received))  # fmt: skip
-            self._send_tasks(active, [d for d in active.selected if d not in active.received])
+            if active.is_async:
+                self.async_driver.resume(active, current.round)
+            else:
+                self._resume_sync(active, current.round)
         with self._lock:
             self._active[record.spec.job_id] = active
 
-    def _registered(self, name: str, version: str) -> bundles.Bundle | None:
-        try:
-            manifest = self.models.manifest(name, version)
-        except StoreError:
-            return None
-        return bundles.Bundle(
-            {f.name: self.models.blob(f.sha256) for f in manifest.files}, manifest
-        )
-
-    def _publish_manifest(self, bundle: bundles.Bundle) -> None:
-        topic = model_topic(bundle.manifest.name, ModelChannel.MANIFEST)
-        self.publisher.publish(topic, encode(bundle.manifest), qos=1, retain=True)
+    def _resume_sync(self, active: ActiveJob, round_no: int) -> None:
+        current = self.store.round(active.spec.job_id, round_no)
+        assert current is not None
+        active.open_collection(round_no, current.started, max(current.deadline, time.time() + 5))
+        active.selected = current.selected
+        active.state = RoundState.COLLECTING
+        assert active.aggregate is not None
+        for stored in self.store.updates(active.spec.job_id, round_no):
+            update = decode_as(ModelUpdate, stored.payload, 1 << 30)
+            try:
+                active.aggregate.add(update.tensors, float(update.num_samples),
+                                     source=update.device_id)  # fmt: skip
+            except AggregationError as exc:  # stored, then refused before a crash
+                self.store.delete_update(active.spec.job_id, round_no, update.device_id)
+                log.warning("job %s: dropped a stored update it refuses: %s",
+                            active.spec.job_id, exc)  # fmt: skip
+                continue
+            active.count_update(update, len(stored.payload))
+        log.info("job %s: resumed round %d with %d stored updates",
+                 active.spec.job_id, round_no, len(active.received))  # fmt: skip
+        for device_id in active.selected:
+            if device_id not in active.received:
+                self._send_task(active, device_id, active.deadline)
 
     # --- rounds ----------------------------------------------------------------------------
     def tick(self) -> None:
@@ -200,31 +175,55 @@ class JobRunner:
         with self._lock:
             actives = list(self._active.values())
         for active in actives:
-            if active.state in (RoundState.DONE, RoundState.FAILED):
+            if active.is_async:
+                self._tick_async(active)
+            elif active.state in (RoundState.DONE, RoundState.FAILED):
                 self._maybe_start_round(active)
             elif active.state is RoundState.COLLECTING:
                 self._maybe_close(active)
             elif active.state is RoundState.AGGREGATING:
                 self._publish_round(active)  # an earlier attempt stopped half-way; finish it
 
+    def _finished(self, active: ActiveJob) -> bool:
+        spec = active.spec
+        if active.state is not RoundState.DONE or active.round_no < spec.rounds:
+            return False
+        self.store.set_job(spec.job_id, state="done", message="all rounds done")
+        with self._lock:
+            del self._active[spec.job_id]
+        log.info("job %s finished: version %s", spec.job_id, active.version)
+        return True
+
+    def _tick_async(self, active: ActiveJob) -> None:
+        driver = self.async_driver
+        with self._lock:  # updates wait while a version is made, rather than being refused
+            if active.state is RoundState.COLLECTING and driver.full(active):
+                active.state = next_round_state(active.state, RoundEvent.CLOSE)
+                self.store.set_round(active.spec.job_id, active.round_no, active.state.value)
+            if active.state is RoundState.AGGREGATING:
+                self._publish_round(active)
+            if self._finished(active):
+                return
+            if active.state is RoundState.DONE:
+                driver.open_buffer(active, active.round_no + 1)
+            elif active.state is RoundState.FAILED:
+                driver.open_buffer(active, active.round_no)
+            if active.state is RoundState.COLLECTING and not driver.full(active):
+                driver.hand_out_tasks(active)
+
     def _busy(self) -> set[str]:
         with self._lock:
-            return {
-                d
-                for a in self._active.values()
-                if a.state is RoundState.COLLECTING
-                for d in a.selected
-                if d not in a.received
-            }
+            busy: set[str] = set()
+            for a in self._active.values():
+                busy.update(a.outstanding)
+                if not a.is_async and a.state is RoundState.COLLECTING:
+                    busy.update(d for d in a.selected if d not in a.received)
+            return busy
 
-    def _maybe_start_round(self, active: _Active) -> None:
+    def _maybe_start_round(self, active: ActiveJob) -> None:
         spec = active.spec
         next_round = active.round_no + 1 if active.state is RoundState.DONE else active.round_no
-        if active.state is RoundState.DONE and active.round_no >= spec.rounds:
-            self.store.set_job(spec.job_id, state="done", message="all rounds done")
-            with self._lock:
-                del self._active[spec.job_id]
-            log.info("job %s finished: version %s", spec.job_id, active.version)
+        if self._finished(active):
             return
         busy = self._busy()
         candidates = [
@@ -237,39 +236,34 @@ class JobRunner:
         )  # fmt: skip
         if len(chosen) < spec.effective_quorum:
             return  # wait for enough devices to be online
-        active.round_no = next_round
+        now = time.time()
+        active.open_collection(next_round, now, now + spec.round_deadline_s)
         active.selected = tuple(chosen)
-        active.received = set()
-        active.uplink = 0
-        active.device_val = []
-        active.started = time.time()
-        active.deadline = active.started + spec.round_deadline_s
-        active.aggregate = StreamingFedAvg(active.shapes, self.device)
         active.state = RoundState.SELECTING
         self.store.start_round(spec.job_id, next_round, active.version, chosen, active.deadline)
         # Open for updates before the tasks leave, so even an instant answer finds it open.
         with self._lock:
             active.state = next_round_state(active.state, RoundEvent.TASKS_SENT)
         self.store.set_round(spec.job_id, next_round, active.state.value)
-        self._send_tasks(active, chosen)
+        for device_id in chosen:
+            self._send_task(active, device_id, active.deadline)
         self._picked_last[spec.job_id] = tuple(chosen)
 
-    def _send_tasks(self, active: _Active, devices: list[str]) -> None:
+    def _send_task(self, active: ActiveJob, device_id: str, deadline: float) -> None:
         spec = active.spec
-        for device_id in devices:
-            task = TrainTask(
-                task_id=f"{spec.job_id}.{active.round_no}.{device_id}",
-                job_id=spec.job_id,
-                round=active.round_no,
-                model_name=spec.model,
-                base_version=active.version,
-                deadline=active.deadline,
-                compression=spec.compression,
-                hyperparams=spec.hyperparams(),
-            )
-            self.publisher.publish(device_topic(device_id, DeviceChannel.TASK), encode(task), qos=1)
+        task = TrainTask(
+            task_id=f"{spec.job_id}.{active.round_no}.{device_id}",
+            job_id=spec.job_id,
+            round=active.round_no,
+            model_name=spec.model,
+            base_version=active.version,
+            deadline=deadline,
+            compression=spec.compression,
+            hyperparams=spec.hyperparams(),
+        )
+        self.publisher.publish(device_topic(device_id, DeviceChannel.TASK), encode(task), qos=1)
 
-    def _maybe_close(self, active: _Active) -> None:
+    def _maybe_close(self, active: ActiveJob) -> None:
         with self._lock:
             progress = Progress(
                 len(active.selected),
@@ -292,12 +286,12 @@ class JobRunner:
         self.store.set_round(active.spec.job_id, active.round_no, active.state.value)
         self._publish_round(active)
 
-    def _publish_round(self, active: _Active) -> None:
+    def _publish_round(self, active: ActiveJob) -> None:
+        spec = active.spec
         try:
-            self._aggregate_and_publish(active)
+            self.versions.make(active)
         except (AggregationError, StoreError, ValueError, RuntimeError) as exc:
-            spec = active.spec
-            if self._registered(spec.model, version_id(spec.job_id, active.round_no)) is not None:
+            if self.versions.registered(spec.model, version_id(spec.job_id, active.round_no)):
                 # The version exists, made from exactly these updates: finish later, never redo
                 # the round with other updates under the same version id.
                 log.error("job %s round %d: recording failed, will retry: %s",
@@ -308,47 +302,9 @@ class JobRunner:
             with self._lock:
                 active.state = next_round_state(active.state, RoundEvent.FAIL)
             self.store.set_round(spec.job_id, active.round_no, "failed", closed=time.time())
-
-    def _aggregate_and_publish(self, active: _Active) -> None:
-        spec = active.spec
-        assert active.aggregate is not None
-        delta = active.aggregate.result()
-        head = {name: (active.head[name] + delta[name]).astype("float32") for name in active.head}
-        version = version_id(spec.job_id, active.round_no)
-        bundle = self._registered(spec.model, version)  # made before a crash, from these updates
-        if bundle is None:
-            bundle = bundles.next_bundle(active.bundle, head, version, active.version)
-        else:
-            head = bundle.head_state()
-        accuracy, loss = bundles.evaluate(
-            bundle.files["model.onnx"], active.holdout.x, active.holdout.y
-        )
-        total = sum(n for _, n in active.device_val)
-        metrics = {
-            "accuracy": accuracy,
-            "loss": loss,
-            "participants": len(active.received),
-            "selected": len(active.selected),
-            "uplink_bytes": active.uplink,
-            "dense_bytes": active.dense_bytes * len(active.received),
-            "wall_s": time.time() - active.started,
-            "device_val_acc_base": (
-                sum(a * n for a, n in active.device_val) / total if total else None
-            ),
-            "aggregation_device": str(self.device),
-        }
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-        if self._registered(spec.model, version) is None:
-            self.models.put(bundle, job_id=spec.job_id, round=active.round_no,
-                            devices=tuple(sorted(active.received)), metrics=numeric)  # fmt: skip
-        self.store.finish_round(spec.job_id, active.round_no, version, metrics)
+            return
         with self._lock:
-            active.bundle, active.head, active.version = bundle, head, version
             active.state = next_round_state(active.state, RoundEvent.PUBLISHED)
-        self._publish_manifest(bundle)
-        log.info("job %s round %d: accuracy %.4f, %d updates, %.0f kB up, %.2fs",
-                 spec.job_id, active.round_no, accuracy, len(active.received),
-                 active.uplink / 1e3, metrics["wall_s"])  # fmt: skip
 
     # --- views ---------------------------------------------------------------------------
     def job_json(self, job_id: str) -> dict[str, object] | None:
@@ -360,13 +316,6 @@ class JobRunner:
         return job_views.jobs_json(self.store)
 
     # --- inbound (ingest thread) ---------------------------------------------------------
-    def _count_update(self, active: _Active, update: ModelUpdate, size: int) -> None:
-        active.received.add(update.device_id)
-        active.uplink += size
-        val = update.metrics.get("val_acc_before")
-        if val is not None:
-            active.device_val.append((val, update.num_samples))
-
     def on_update(self, device_id: str, payload: bytes, max_bytes: int) -> None:
         """Fold in one update and acknowledge it; DecodeError (counted by the caller) if it
         is rejected — the device is told why, so it stops re-sending."""
@@ -385,35 +334,39 @@ class JobRunner:
             active = self._active.get(update.job_id)
             if active is None:
                 raise DecodeError(f"no running job {update.job_id!r}", reason="unknown_job")
-            if update.round != active.round_no or active.state is not RoundState.COLLECTING:
-                raise DecodeError(f"round {update.round} is not open", reason="late")
-            if update.device_id not in active.selected:
-                raise DecodeError("device was not selected this round", reason="not_selected")
-            if update.base_version != active.version:
-                raise DecodeError(
-                    f"based on {update.base_version}, not {active.version}", reason="stale"
-                )
-            if update.device_id in active.received:
-                verdict = self.store.add_update(update.job_id, update.round, update.device_id,
-                                                update.base_version, update.seq,
-                                                update.num_samples, payload)  # fmt: skip
-                if verdict == "duplicate":
-                    return True
-                raise DecodeError(
-                    "a different update for this round was already counted", reason="conflict"
-                )
-            if update.num_samples <= 0:
-                raise DecodeError("update trained on no samples", reason="bad_field")
-            assert active.aggregate is not None
-            try:
-                active.aggregate.add(update.tensors, float(update.num_samples))
-            except AggregationError as exc:
-                raise DecodeError(str(exc), reason=exc.reason) from exc
-            self.store.add_update(update.job_id, update.round, update.device_id,
-                                  update.base_version, update.seq, update.num_samples,
-                                  payload)  # fmt: skip
-            self._count_update(active, update, len(payload))
-            return False
+            if active.is_async:
+                return self.async_driver.accept(active, update, payload)
+            return self._accept_sync(active, update, payload)
+
+    def _accept_sync(self, active: ActiveJob, update: ModelUpdate, payload: bytes) -> bool:
+        if update.round != active.round_no or active.state is not RoundState.COLLECTING:
+            raise DecodeError(f"round {update.round} is not open", reason="late")
+        if update.device_id not in active.selected:
+            raise DecodeError("device was not selected this round", reason="not_selected")
+        if update.base_version != active.version:
+            raise DecodeError(f"based on {update.base_version}, not {active.version}",
+                              reason="stale")  # fmt: skip
+        if update.num_samples <= 0 and update.device_id not in active.received:
+            raise DecodeError("update trained on no samples", reason="bad_field")
+        # Stored before it is folded, so a failed write never leaves it counted unacknowledged.
+        verdict = self.store.add_update(update.job_id, update.round, update.device_id,
+                                        update.base_version, update.seq, update.num_samples,
+                                        payload)  # fmt: skip
+        if verdict == "duplicate":
+            return True
+        if verdict == "conflict":
+            raise DecodeError(
+                "a different update for this round was already counted", reason="conflict"
+            )
+        assert active.aggregate is not None
+        try:
+            active.aggregate.add(update.tensors, float(update.num_samples),
+                                 source=update.device_id)  # fmt: skip
+        except AggregationError as exc:
+            self.store.delete_update(update.job_id, update.round, update.device_id)
+            raise DecodeError(str(exc), reason=exc.reason) from exc
+        active.count_update(update, len(payload))
+        return False
 
     def _ack(
         self, update: ModelUpdate, ok: bool, reason: str = "", duplicate: bool = False

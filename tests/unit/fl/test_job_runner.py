@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from cloud_coordinator import jobs
+from cloud_coordinator import async_rounds, jobs, versions
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
@@ -192,7 +192,8 @@ def world(seed: Seed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
     root = tmp_path / "coordinator"
     shutil.copytree(seed.root, root)
     clock = Clock()
-    monkeypatch.setattr(jobs, "time", clock)
+    for module in (jobs, async_rounds, versions):
+        monkeypatch.setattr(module, "time", clock)
     w = World(root, clock, candidates=list(CANDIDATES))
     yield w
     w.close()

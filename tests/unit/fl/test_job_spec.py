@@ -33,7 +33,11 @@ def test_defaults_are_valid() -> None:
         ("job_id", "a/b"),
         ("job_id", "x" * 65),
         ("model_name", "bad/name"),
-        ("strategy", "fedprox"),
+        ("strategy", "fedsgd"),
+        ("mode", "semi-sync"),
+        ("async_buffer", -1),
+        ("max_staleness", -1),
+        ("staleness_exponent", -0.5),
         ("compression", "f64"),
         ("rounds", 0),
         ("devices_per_round", 0),
@@ -219,3 +223,50 @@ def test_spec_is_frozen() -> None:
     spec = JobSpec(job_id="j")
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.rounds = 3  # type: ignore[misc]
+
+
+def test_strategy_parameters_are_typed_and_checked_when_the_job_is_created() -> None:
+    spec = JobSpec(job_id="j", strategy="fedadam", strategy_params={"server_lr": 0.1})
+    assert spec.strategy_config.server_lr == 0.1  # type: ignore[union-attr]
+    with pytest.raises(JobSpecError) as info:
+        JobSpec(job_id="j", strategy="fedadam", strategy_params={"lr": 0.1})
+    assert "server_lr" in str(info.value)  # lists the parameters fedadam takes
+    with pytest.raises(JobSpecError, match="trim_fraction"):
+        JobSpec(job_id="j", strategy="trimmed_mean", strategy_params={"trim_fraction": 0.5})
+    with pytest.raises(JobSpecError) as info:
+        JobSpec(job_id="j", strategy="fedsgd")
+    assert all(name in str(info.value) for name in ("median", "multi_krum", "fedyogi"))
+
+
+def test_krum_needs_enough_updates_per_version() -> None:
+    # Krum with f Byzantine devices needs n > 2f + 2 updates
+    JobSpec(job_id="j", strategy="krum", strategy_params={"byzantine": 1}, devices_per_round=5)
+    with pytest.raises(JobSpecError, match="quorum"):
+        JobSpec(job_id="j", strategy="krum", strategy_params={"byzantine": 2},
+                devices_per_round=10, quorum=6)  # fmt: skip
+    with pytest.raises(JobSpecError, match="async_buffer"):
+        JobSpec(job_id="j", strategy="multi_krum", mode="async", async_buffer=4)
+
+
+def test_fedprox_sends_its_mu_to_devices() -> None:
+    spec = JobSpec(job_id="j", strategy="fedprox", strategy_params={"mu": 0.1})
+    assert spec.hyperparams()["prox_mu"] == 0.1
+    with pytest.raises(JobSpecError, match="prox_mu"):
+        JobSpec(job_id="j", strategy="fedprox", strategy_params={"mu": 0.1}, prox_mu=0.2)
+
+
+def test_async_spec_and_staleness_weight() -> None:
+    spec = JobSpec(job_id="j", mode="async", devices_per_round=4, staleness_exponent=0.5)
+    assert spec.updates_per_version == 4  # async_buffer 0: the quorum
+    assert JobSpec(job_id="j", mode="async", async_buffer=3).updates_per_version == 3
+    assert spec.staleness_weight(0) == 1.0
+    assert spec.staleness_weight(3) == pytest.approx(0.5)
+
+
+def test_strategy_params_from_json() -> None:
+    body = {"job_id": "j", "strategy": "multi_krum", "strategy_params": {"byzantine": 2}}
+    spec = JobSpec.from_json(body)
+    assert JobSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    for bad in ({"byzantine": "2"}, {"byzantine": True}, [1]):
+        with pytest.raises(JobSpecError, match="strategy"):
+            JobSpec.from_json({**body, "strategy_params": bad})

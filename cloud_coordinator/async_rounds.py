@@ -1,0 +1,158 @@
+"""Asynchronous (FedBuff-style) jobs: devices train whenever they can, and every
+``updates_per_version`` updates make a new version.
+
+A job's buffer ``r`` collects updates towards version ``r``. A device is sent a task from
+the current version whenever it is free (online, no task outstanding, nothing in this
+buffer yet), up to ``devices_per_round`` tasks at a time. An update trained on the
+version of buffer ``k`` arrives ``r - k`` versions late (its staleness): it is folded in
+with ``num_samples * (1 + staleness) ** -staleness_exponent``, and refused as ``stale``
+past ``max_staleness``. The buffer's updates are stored before they are acknowledged, and
+after a restart they are folded in again with the same weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from cloud_coordinator.aggregation import AggregationError
+from cloud_coordinator.job_state import ActiveJob, version_id
+from cloud_coordinator.job_store import JobStore
+from cloud_coordinator.rounds import RoundEvent, RoundState, next_round_state
+from cloud_coordinator.selection import Candidate, select_devices
+from protocols.errors import DecodeError
+from protocols.messages import ModelUpdate, decode_as
+
+log = logging.getLogger(__name__)
+
+SendTask = Callable[[ActiveJob, str, float], None]
+
+
+def staleness_of(active: ActiveJob, update: ModelUpdate) -> int:
+    """How many versions behind the buffer now collecting `update` was trained."""
+    return active.round_no - update.round
+
+
+class AsyncDriver:
+    """Drives async jobs: hands out tasks, folds updates, closes buffers."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        candidates: Callable[[], list[Candidate]],
+        busy: Callable[[], set[str]],
+        send_task: SendTask,
+    ) -> None:
+        self.store = store
+        self.candidates = candidates
+        self.busy = busy
+        self.send_task = send_task
+
+    def open_buffer(self, active: ActiveJob, round_no: int) -> None:
+        """Start collecting version `round_no` (a retried buffer starts empty again)."""
+        now = time.time()
+        active.open_collection(round_no, now, 0.0)
+        active.state = RoundState.SELECTING
+        self.store.start_round(active.spec.job_id, round_no, active.version, [], 0.0)
+        active.tasked[round_no] = set()
+        for old in [k for k in active.tasked if k < round_no - active.spec.max_staleness]:
+            del active.tasked[old]
+        active.state = next_round_state(active.state, RoundEvent.TASKS_SENT)
+        self.store.set_round(active.spec.job_id, round_no, active.state.value)
+
+    def full(self, active: ActiveJob) -> bool:
+        """True once the buffer holds enough updates for a new version."""
+        assert active.aggregate is not None
+        return active.aggregate.count >= active.spec.updates_per_version
+
+    def hand_out_tasks(self, active: ActiveJob) -> None:
+        """Send a task from the current version to free devices, up to the concurrency."""
+        spec = active.spec
+        now = time.time()
+        for device_id, (_, deadline) in list(active.outstanding.items()):
+            if now >= deadline:  # gave up on it; its update still counts if it comes
+                del active.outstanding[device_id]
+        slots = spec.devices_per_round - len(active.outstanding)
+        if slots <= 0:
+            return
+        busy = self.busy()
+        taken = set(active.outstanding) | active.received
+        free = [
+            Candidate(c.device_id, c.online, c.busy or c.device_id in busy or c.device_id in taken)
+            for c in self.candidates()
+        ]
+        chosen = select_devices(free, slots, (), seed=spec.seed * 100_003 + active.round_no)
+        if not chosen:
+            return
+        deadline = now + spec.round_deadline_s
+        tasked = active.tasked.setdefault(active.round_no, set())
+        for device_id in chosen:
+            active.outstanding[device_id] = (active.round_no, deadline)
+            tasked.add(device_id)
+            self.send_task(active, device_id, deadline)
+        active.selected = tuple(sorted(tasked))
+        self.store.set_round_selected(spec.job_id, active.round_no, sorted(tasked))
+
+    def accept(self, active: ActiveJob, update: ModelUpdate, payload: bytes) -> bool:
+        """Store and fold one update into the buffer (True: a duplicate, already counted);
+        DecodeError with the reason it is refused."""
+        spec = active.spec
+        if self.store.stored_round(spec.job_id, update.device_id, update.base_version,
+                                   update.seq) is not None:  # fmt: skip
+            return True
+        if active.state is not RoundState.COLLECTING:
+            raise DecodeError("the job is between versions", reason="late")
+        staleness = staleness_of(active, update)
+        if staleness < 0 or update.base_version != version_id(spec.job_id, update.round - 1):
+            raise DecodeError(
+                f"round {update.round} / base {update.base_version} is not a version this"
+                f" job handed out", reason="bad_field",
+            )  # fmt: skip
+        if staleness > spec.max_staleness:
+            raise DecodeError(
+                f"based on {update.base_version}, {staleness} versions old"
+                f" (max_staleness {spec.max_staleness})", reason="stale",
+            )  # fmt: skip
+        if update.device_id not in active.tasked.get(update.round, ()):
+            raise DecodeError("device was not sent that task", reason="not_selected")
+        if update.num_samples <= 0:
+            raise DecodeError("update trained on no samples", reason="bad_field")
+        verdict = self.store.add_update(spec.job_id, active.round_no, update.device_id,
+                                        update.base_version, update.seq, update.num_samples,
+                                        payload)  # fmt: skip
+        if verdict != "new":
+            raise DecodeError("this device already has an update in this version",
+                              reason="conflict")  # fmt: skip
+        self._fold(active, update, len(payload), staleness)
+        return False
+
+    def _fold(self, active: ActiveJob, update: ModelUpdate, size: int, staleness: int) -> None:
+        assert active.aggregate is not None
+        weight = update.num_samples * active.spec.staleness_weight(staleness)
+        try:
+            active.aggregate.add(update.tensors, weight, source=update.device_id)
+        except AggregationError as exc:
+            self.store.delete_update(active.spec.job_id, active.round_no, update.device_id)
+            raise DecodeError(str(exc), reason=exc.reason) from exc
+        active.count_update(update, size, staleness)
+
+    def resume(self, active: ActiveJob, round_no: int) -> None:
+        """Carry on collecting buffer `round_no` after a restart, from its stored updates."""
+        spec = active.spec
+        record = self.store.round(spec.job_id, round_no)
+        assert record is not None
+        active.open_collection(round_no, record.started, 0.0)
+        active.state = RoundState.COLLECTING
+        for k in range(max(1, round_no - spec.max_staleness), round_no + 1):
+            earlier = self.store.round(spec.job_id, k)
+            active.tasked[k] = set(earlier.selected) if earlier is not None else set()
+        active.selected = tuple(sorted(active.tasked[round_no]))
+        for stored in self.store.updates(spec.job_id, round_no):
+            update = decode_as(ModelUpdate, stored.payload, 1 << 30)
+            try:
+                self._fold(active, update, len(stored.payload), staleness_of(active, update))
+            except DecodeError as exc:  # stored, then refused before a crash: dropped
+                log.warning("job %s: dropped a stored update it refuses: %s", spec.job_id, exc)
+        log.info("job %s: resumed version buffer %d with %d stored updates",
+                 spec.job_id, round_no, len(active.received))  # fmt: skip
