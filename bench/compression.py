@@ -127,6 +127,33 @@ def hyperparams(seed: int) -> dict[str, Any]:
     }
 
 
+def local_delta(
+    device: Device,
+    head: Mapping[str, npt.NDArray[np.float32]],
+    template: Template,
+    hp: Mapping[str, Any],
+    seed: int,
+) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, float]]:
+    """What `device` trains from `head` as an agent does: its delta and its metrics."""
+    data = device.data
+    request = {
+        "features": data.x_train.reshape(len(data.x_train), -1),
+        "labels": data.y_train,
+        "val_features": data.x_val.reshape(len(data.x_val), -1),
+        "val_labels": data.y_val,
+        "head": dict(head),
+        "layers": template.head_layers,
+        "max_seconds": None,
+        "seed": seed,
+        "threads": 1,
+        **hp,
+    }
+    trained = train_head(request)
+    delta = {name: trained["head"][name] - head[name] for name in head}
+    metrics = {k: float(v) for k, v in trained["metrics"].items() if isinstance(v, int | float)}
+    return delta, metrics
+
+
 def run_job(
     start: bundles.Bundle,
     template: Template,
@@ -151,30 +178,13 @@ def run_job(
         aggregate = StreamingFedAvg(shapes, cpu)
         round_bytes = 0
         for device, compressor, rng in zip(fleet, compressors, rngs, strict=True):
-            data = device.data
-            request = {
-                "features": data.x_train.reshape(len(data.x_train), -1),
-                "labels": data.y_train,
-                "val_features": data.x_val.reshape(len(data.x_val), -1),
-                "val_labels": data.y_val,
-                "head": head,
-                "layers": template.head_layers,
-                "max_seconds": None,
-                "seed": seed + round_no,
-                "threads": 1,
-                **hp,
-            }
-            trained = train_head(request)
-            delta = {name: trained["head"][name] - head[name] for name in head}
+            delta, metrics = local_delta(device, head, template, hp, seed + round_no)
             tensors = compressor.compress(delta, scheme, topk_fraction=fraction, rng=rng)
             stats = compressor.last_stats
             assert stats is not None
-            metrics = {
-                k: float(v) for k, v in trained["metrics"].items() if isinstance(v, int | float)
-            }
             update = ModelUpdate(
                 device.device_id, "bench", round_no, bundle.manifest.version, round_no,
-                data.train_samples, tensors, metrics,
+                device.data.train_samples, tensors, metrics,
             )  # fmt: skip
             payload = encode(update)
             round_bytes += len(payload)
