@@ -127,7 +127,7 @@ def pairwise_sq_distances(rows: torch.Tensor, device: torch.device) -> torch.Ten
     gram = rows @ rows.T
     sq = gram.diagonal()
     dist = (sq[:, None] + sq[None, :]).sub_(gram, alpha=2)
-    dist = torch.nan_to_num(dist, nan=math.inf).clamp_(min=0)  # inf - inf: overflowed
+    dist = torch.nan_to_num(dist, nan=math.inf, posinf=math.inf).clamp_(min=0)  # inf - inf
     return dist.fill_diagonal_(0)
 
 
