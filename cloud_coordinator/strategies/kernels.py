@@ -90,7 +90,7 @@ def _median_block(block: torch.Tensor) -> torch.Tensor:
     # The upper middle is `lower` again when more than n/2 values are <= it, else the
     # smallest value above it: two elementwise passes instead of a second selection.
     above = block > lower
-    next_up = block.masked_fill(~above, math.inf).amin(dim=0)
+    next_up = torch.where(above, block, math.inf).amin(dim=0)
     upper = torch.where(n - above.sum(dim=0) > n // 2, lower, next_up)
     return torch.add(lower * 0.5, upper, alpha=0.5)  # halves first: cannot overflow
 
