@@ -1,6 +1,6 @@
 """Pure tensor kernels of the aggregation strategies, the same code on ``cpu`` and ``cuda``.
 
-Every function takes a ``device``: tensor inputs are moved there (and made float32) when
+Every tensor function takes a ``device``: inputs are moved there (and made float32) when
 they are not already, and results stay there. Updates come stacked as ``rows``, an
 ``n x d`` float32 matrix with one flattened update per row. Nothing here validates update
 contents (the rules do that before a row is stored); a count a rule cannot work with is
