@@ -2,7 +2,7 @@
 
 The kernels are pure functions over tensors that take a ``device``, so the same code runs
 (and is tested) on ``cpu`` and ``cuda``; the rules are small classes over them. torch stays
-inside this module: rules take `WireTensor`s and hand back numpy arrays. FedAvg lives here;
+inside the aggregation modules: rules take `WireTensor`s and hand back numpy arrays. FedAvg is here;
 the other strategies (robust rules, norm bounding, server optimisers) are in
 `cloud_coordinator.strategies`, built on the decoding and checks below.
 
