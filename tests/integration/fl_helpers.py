@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -178,7 +178,7 @@ class Spy:
         self._answered: set[tuple[str, int]] = set()
         self.holding: Callable[[TrainTask], bool] = lambda task: False
 
-    def __enter__(self) -> Spy:
+    def __enter__(self) -> Self:
         self.client.start()
         self.client.wait_connected(10)
         return self
