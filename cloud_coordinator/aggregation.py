@@ -2,9 +2,9 @@
 
 The kernels are pure functions over tensors that take a ``device``, so the same code runs
 (and is tested) on ``cpu`` and ``cuda``; the rules are small classes over them. torch stays
-inside the aggregation modules: rules take `WireTensor`s and hand back numpy arrays. FedAvg is here;
-the other strategies (robust rules, norm bounding, server optimisers) are in
-`cloud_coordinator.strategies`, built on the decoding and checks below.
+inside the aggregation modules: rules take `WireTensor`s and hand back numpy arrays.
+FedAvg is here; the other strategies (robust rules, norm bounding, server optimisers) are
+in `cloud_coordinator.strategies`, built on the decoding and checks below.
 
 Every tensor of an update is decoded and checked (names, shape, byte count, indices,
 NaN/Inf) before any of it touches the aggregate, so a bad update leaves it unchanged. A

@@ -92,7 +92,10 @@ def _median_block(block: torch.Tensor) -> torch.Tensor:
     above = block > lower
     next_up = torch.where(above, block, math.inf).amin(dim=0)
     upper = torch.where(n - above.sum(dim=0) > n // 2, lower, next_up)
-    return torch.add(lower * 0.5, upper, alpha=0.5)  # halves first: cannot overflow
+    # lower + half the gap stays within [lower, upper], subnormals included; the gap only
+    # overflows for huge values of opposite signs, where halving first is exact enough.
+    mid = torch.add(lower, upper - lower, alpha=0.5)
+    return torch.where(torch.isfinite(mid), mid, torch.add(lower * 0.5, upper, alpha=0.5))
 
 
 def coordinate_median(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
