@@ -1,13 +1,15 @@
 """Asynchronous (FedBuff-style) jobs: devices train whenever they can, and every
 ``updates_per_version`` updates make a new version.
 
-A job's buffer ``r`` collects updates towards version ``r``. A device is sent a task from
-the current version whenever it is free (online, no task outstanding, nothing in this
-buffer yet), up to ``devices_per_round`` tasks at a time. An update trained on the
-version of buffer ``k`` arrives ``r - k`` versions late (its staleness): it is folded in
-with ``num_samples * (1 + staleness) ** -staleness_exponent``, and refused as ``stale``
-past ``max_staleness``. The buffer's updates are stored before they are acknowledged, and
-after a restart they are folded in again with the same weights.
+A job's buffer ``r`` collects updates towards version ``r`` (made from version ``r - 1``).
+A device is sent a task from the current version whenever it is free (online, no task
+outstanding, nothing in this buffer yet), up to ``devices_per_round`` tasks at a time.
+Tasks say ``base = "latest"``: a device that gets to a task late trains from the newest
+version of the job it holds (it names it in its update's ``base_version``). An update
+trained on version ``k`` while buffer ``r`` collects is ``r - 1 - k`` versions stale: it
+is folded in with ``num_samples * (1 + staleness) ** -staleness_exponent``, and refused
+as ``stale`` past ``max_staleness``. The buffer's updates are stored before they are
+acknowledged, and after a restart they are folded in again with the same weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from cloud_coordinator.aggregation import AggregationError
-from cloud_coordinator.job_state import ActiveJob, version_id
+from cloud_coordinator.job_state import ActiveJob
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.rounds import RoundEvent, RoundState, next_round_state
 from cloud_coordinator.selection import Candidate, select_devices
@@ -29,9 +31,20 @@ log = logging.getLogger(__name__)
 SendTask = Callable[[ActiveJob, str, float], None]
 
 
-def staleness_of(active: ActiveJob, update: ModelUpdate) -> int:
-    """How many versions behind the buffer now collecting `update` was trained."""
-    return active.round_no - update.round
+def version_round(job_id: str, version: str) -> int | None:
+    """`k` for the job's version ``{job_id}.r{k}`` (`version_id`), else None."""
+    prefix = f"{job_id}.r"
+    digits = version[len(prefix) :] if version.startswith(prefix) else ""
+    return int(digits) if digits.isdigit() and digits == str(int(digits)) else None
+
+
+def staleness_of(active: ActiveJob, update: ModelUpdate) -> int | None:
+    """How many versions behind the current one `update` was trained (None: not a version
+    of this job, or one newer than its task or than the current version)."""
+    base = version_round(active.spec.job_id, update.base_version)
+    if base is None or not update.round - 1 <= base <= active.round_no - 1:
+        return None
+    return active.round_no - 1 - base
 
 
 class AsyncDriver:
@@ -104,10 +117,10 @@ class AsyncDriver:
         if active.state is not RoundState.COLLECTING:
             raise DecodeError("the job is between versions", reason="late")
         staleness = staleness_of(active, update)
-        if staleness < 0 or update.base_version != version_id(spec.job_id, update.round - 1):
+        if staleness is None:
             raise DecodeError(
-                f"round {update.round} / base {update.base_version} is not a version this"
-                f" job handed out", reason="bad_field",
+                f"base {update.base_version} is not a version of this job between its task"
+                f" (round {update.round}) and now", reason="bad_field",
             )  # fmt: skip
         if staleness > spec.max_staleness:
             raise DecodeError(
@@ -150,8 +163,11 @@ class AsyncDriver:
         active.selected = tuple(sorted(active.tasked[round_no]))
         for stored in self.store.updates(spec.job_id, round_no):
             update = decode_as(ModelUpdate, stored.payload, 1 << 30)
+            staleness = staleness_of(active, update)
             try:
-                self._fold(active, update, len(stored.payload), staleness_of(active, update))
+                if staleness is None:  # cannot happen: it was checked when it was stored
+                    raise DecodeError("not a version of this job", reason="bad_field")
+                self._fold(active, update, len(stored.payload), staleness)
             except DecodeError as exc:  # stored, then refused before a crash: dropped
                 log.warning("job %s: dropped a stored update it refuses: %s", spec.job_id, exc)
         log.info("job %s: resumed version buffer %d with %d stored updates",

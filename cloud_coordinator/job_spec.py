@@ -156,6 +156,7 @@ class JobSpec:
             "topk_fraction": self.topk_fraction,
             "max_seconds": self.max_train_seconds,
             "seed": self.seed,
+            **({"base": "latest"} if self.mode == "async" else {}),
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -112,6 +112,7 @@ class VersionMaker:
         }
         if active.is_async:
             metrics["updates"] = active.aggregate.count
+            metrics["contributors"] = sorted(active.received)
             metrics["staleness_mean"] = statistics.fmean(active.staleness or [0])
             metrics["staleness_max"] = max(active.staleness or [0])
         numeric = {

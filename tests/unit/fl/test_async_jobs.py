@@ -221,3 +221,34 @@ def test_the_job_ends_after_its_versions(fleet: Fleet) -> None:
     assert (job.state, job.current_version) == ("done", V[3])
     fleet.runner.tick()
     assert fleet.runner.jobs_json()[0]["state"] == "done"
+
+
+def test_a_late_task_trained_on_a_newer_version_counts_as_less_stale(fleet: Fleet) -> None:
+    fleet.runner.tick()
+    a, b, late = sorted(fleet.publisher.tasks())
+    assert fleet.publisher.tasks()[late].hyperparams["base"] == "latest"
+    fleet.send(a, 1, deltas(1))
+    fleet.send(b, 1, deltas(2))
+    fleet.runner.tick()  # version 1; `late` still holds its task from buffer 1
+    d = deltas(3)
+    tensors = tuple(encode_dense(k, v) for k, v in d.items())
+    for base, reason in [("other-job.r1", "bad_field"), (V[2], "bad_field")]:
+        wrong = ModelUpdate(late, JOB.job_id, 1, base, 1, 10, tensors)
+        with pytest.raises(DecodeError):
+            fleet.runner.on_update(late, encode(wrong), MAX)
+        assert fleet.last_ack(late) == (False, False, reason)
+    # it got to its task late and trained on V1, the newest it had: staleness 0
+    fresh = ModelUpdate(late, JOB.job_id, 1, V[1], 1, 10, tensors)
+    fleet.runner.on_update(late, encode(fresh), MAX)
+    assert fleet.last_ack(late) == (True, False, "")
+    fleet.send(tasked_in(fleet, 2)[0], 2, deltas(4))
+    fleet.runner.tick()
+    record = fleet.store.round(JOB.job_id, 2)
+    assert record is not None
+    assert record.metrics["staleness_max"] == 0
+
+
+def test_version_round_parses_only_this_jobs_versions() -> None:
+    assert async_rounds.version_round("j", "j.r12") == 12
+    for bad in ("j.r", "j.r-1", "j.r01", "k.r1", "j.r1x", "jj.r1"):
+        assert async_rounds.version_round("j", bad) is None
