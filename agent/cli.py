@@ -16,7 +16,11 @@ from protocols.logs import setup_logging
 EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
 config file: --config, $FEDGE_CONFIG, /etc/fedge/agent.toml, ~/.config/fedge/agent.toml.
-environment: FEDGE_DEVICE_ID, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT, FEDGE_MQTT_TLS_CA, ...
+environment: FEDGE_DEVICE_ID, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT, FEDGE_MQTT_TLS_CA,
+  FEDGE_INFERENCE, FEDGE_INFERENCE_LISTEN, FEDGE_INFERENCE_THREADS, ...
+inference API (on unless --no-inference): POST /v1/predict, GET /v1/model, POST /v1/feedback,
+  POST /v1/rollback, GET /healthz, GET /metrics, GET /openapi.json; on a Unix socket
+  (default <data-dir>/inference.sock) or a loopback HOST:PORT. Python: agent.client.
 exit status: 0 clean stop, 78 invalid configuration, 1 unexpected error.
 """
 
@@ -25,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedge-agent",
         description="Fedge edge agent: keeps a device online with the fleet, reports its health, "
-        "and trains the coordinator's models on local data (training runs in a child process).",
+        "trains the coordinator's models on local data (training runs in a child process), "
+        "and serves predictions with the current model over a local API.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -41,6 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         default=None,
         help="refuse training tasks (inference and telemetry only)",
+    )
+    p.add_argument(
+        "--no-inference",
+        dest="inference",
+        action="store_false",
+        default=None,
+        help="do not serve predictions (no local API, no model loaded for inference)",
+    )
+    p.add_argument(
+        "--listen",
+        metavar="ADDR",
+        help="inference API address: unix:/PATH or a loopback HOST:PORT "
+        "(default: unix:<data-dir>/inference.sock)",
+    )
+    p.add_argument("--model", metavar="NAME", help="model to serve (default: the first one)")
+    p.add_argument("--inference-threads", type=int, metavar="N", help="onnxruntime threads")
+    p.add_argument(
+        "--providers",
+        metavar="LIST",
+        help="execution providers, best first: cpu, cuda, tensorrt, openvino (default cpu); "
+        "unavailable ones are skipped with a warning",
     )
     p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
     p.add_argument("--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds")
@@ -62,6 +88,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir",
         "dataset_dir",
         "train",
+        "inference",
         "log_level",
         "log_format",
     ):
@@ -69,6 +96,14 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
             flags[key] = getattr(args, key)
     if args.telemetry_interval is not None:
         flags["telemetry_interval_s"] = args.telemetry_interval
+    for flag, key in (
+        ("listen", "inference_listen"),
+        ("model", "inference_model"),
+        ("inference_threads", "inference_threads"),
+        ("providers", "inference_providers"),
+    ):
+        if getattr(args, flag) is not None:
+            flags[key] = getattr(args, flag)
     if args.broker:
         host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
         mqtt["host"] = host

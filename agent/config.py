@@ -10,6 +10,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from protocols.config import BrokerConfig, default_data_dir, load
@@ -30,6 +31,14 @@ class AgentConfig:
     log_format: Literal["auto", "text", "journal"] = "auto"
     train: bool = True
     dataset_dir: str | None = None
+    inference: bool = True
+    inference_listen: str = ""
+    inference_model: str = ""
+    inference_threads: int = 1
+    inference_providers: str = "cpu"
+    inference_max_batch: int = 1024
+    inference_recent_inputs: int = 1024
+    inference_feedback_max_rows: int = 10000
     mqtt: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
@@ -43,6 +52,74 @@ class AgentConfig:
             raise ValueError(
                 f"telemetry_interval_s must be 0.1-86400, got {self.telemetry_interval_s}"
             )
+        parse_listen(self.inference_listen, self.data_dir)
+        if self.inference_model and not valid_id(self.inference_model):
+            raise ValueError(f"inference_model {self.inference_model!r} is invalid: {_ID_RULE}")
+        if not 1 <= self.inference_threads <= 256:
+            raise ValueError(f"inference_threads must be 1-256, got {self.inference_threads}")
+        unknown = [p for p in _providers(self.inference_providers) if p not in PROVIDERS]
+        if unknown or not _providers(self.inference_providers):
+            raise ValueError(
+                f"inference_providers {self.inference_providers!r}: use a comma-separated "
+                f"list of {', '.join(PROVIDERS)}"
+            )
+        for key in ("inference_max_batch", "inference_recent_inputs"):
+            if not 1 <= getattr(self, key) <= 1_000_000:
+                raise ValueError(f"{key} must be 1-1000000, got {getattr(self, key)}")
+        if not 0 <= self.inference_feedback_max_rows <= 10_000_000:
+            raise ValueError(
+                f"inference_feedback_max_rows must be 0-10000000, "
+                f"got {self.inference_feedback_max_rows}"
+            )
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The requested execution providers, short names, best first."""
+        return _providers(self.inference_providers)
+
+
+#: Execution providers `inference_providers` may name (onnx_runtime maps them).
+PROVIDERS = ("cpu", "cuda", "tensorrt", "openvino")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+SOCKET_NAME = "inference.sock"
+
+
+def _providers(text: str) -> tuple[str, ...]:
+    return tuple(p.strip().lower() for p in text.split(",") if p.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """Where the inference API listens: a Unix socket path, or a loopback host and port."""
+
+    path: str | None = None
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+
+
+def parse_listen(value: str, data_dir: str) -> ListenAddress:
+    """`inference_listen` parsed: ``""`` (``<data_dir>/inference.sock``), ``unix:PATH``, or
+    ``HOST:PORT`` on loopback; ValueError otherwise."""
+    if not value:
+        return ListenAddress(path=str(Path(data_dir) / SOCKET_NAME))
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path.startswith("/") or len(path.encode()) > 107:
+            raise ValueError(
+                f"inference_listen {value!r}: unix: needs an absolute path of at most 107 bytes"
+            )
+        return ListenAddress(path=path)
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or host not in LOOPBACK_HOSTS or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"inference_listen {value!r}: use unix:/absolute/path or a loopback HOST:PORT "
+            f"({', '.join(LOOPBACK_HOSTS)}; port 0-65535, 0 picks a free one)"
+        )
+    return ListenAddress(host=host, port=int(port))
 
 
 def default_device_id() -> str:

@@ -51,6 +51,7 @@ from protocols.topics import (
 )
 
 if TYPE_CHECKING:
+    from agent.inference_service import InferenceService
     from agent.learning import Learner
 
 log = logging.getLogger(__name__)
@@ -84,18 +85,34 @@ class Agent:
         )
         self.mqtt.subscribe(self._cmd_topic, qos=1)
         self.learner: Learner | None = None
-        if config.train:
-            from agent.learning import Learner  # onnxruntime and the outbox: only when training
+        self.inference: InferenceService | None = None
+        data_dir = Path(config.data_dir)
+        dataset_dir = Path(config.dataset_dir or data_dir / "data")
+        if config.train or config.inference:
+            # onnxruntime and the model cache: only when training or serving
+            from agent.learning import Learner
 
+            if config.inference:
+                from agent.inference_service import InferenceService
+                from agent.model_store import ModelStore
+
+                store = ModelStore(data_dir / "models")
+                self.inference = InferenceService(config, store, dataset_dir)
             self.learner = Learner(
                 dev,
-                Path(config.data_dir),
-                Path(config.dataset_dir or Path(config.data_dir) / "data"),
+                data_dir,
+                dataset_dir,
                 self.mqtt,
                 config.mqtt.max_payload_bytes,
+                listener=self.inference,
             )
-            for channel in (DeviceChannel.TASK, DeviceChannel.UPDATE_ACK, DeviceChannel.BLOB):
+            channels = [DeviceChannel.BLOB]
+            if config.train:
+                channels += [DeviceChannel.TASK, DeviceChannel.UPDATE_ACK]
+            for channel in channels:
                 self.mqtt.subscribe(device_topic(dev, channel), qos=1)
+            if config.inference_model:
+                self.learner.watch(config.inference_model)
 
     def _status(self, state: str, reason: str = "") -> bytes:
         return encode(Status(self.config.device_id, state, self.session_ts, __version__, reason))
@@ -157,7 +174,21 @@ class Agent:
         if command.action == "telemetry":
             self._publish_telemetry()
             return True, ""
+        if command.action == "rollback":
+            return self._rollback()
         return False, f"unknown action {command.action!r}"
+
+    def _rollback(self) -> tuple[bool, str]:
+        if self.inference is None:
+            return False, "inference is off"
+        from agent.serving import ModelUnavailableError
+
+        try:
+            self.inference.rollback()
+        except ModelUnavailableError as exc:
+            return False, str(exc)
+        self._publish_telemetry()  # the fleet sees the version change at once
+        return True, ""
 
     # --- main loop ---------------------------------------------------------------------
     def _publish_telemetry(self) -> None:
@@ -176,13 +207,25 @@ class Agent:
             load1=h.load1,
             agent_version=__version__,
             queue_depth=self.learner.outbox.depth() if self.learner else 0,
-            extra={"train": 1.0 if self.learner is not None else 0.0},
-            model_versions=self.learner.model_versions() if self.learner else {},
+            extra=self._extra(),
+            model_versions=self._model_versions(),
         )
         try:
             self.mqtt.publish(self._telemetry_topic, encode(message), qos=0)
         except NotConnectedError:
             log.debug("offline: telemetry %d skipped", seq)
+
+    def _extra(self) -> dict[str, float]:
+        extra = {"train": 1.0 if self.config.train else 0.0}
+        if self.inference is not None:
+            extra.update(self.inference.telemetry_extra())
+        return extra
+
+    def _model_versions(self) -> dict[str, str]:
+        versions = self.learner.model_versions() if self.learner else {}
+        if self.inference is not None:
+            versions.update(self.inference.served_versions())  # the version it serves
+        return versions
 
     def request_stop(self) -> None:
         """Ask `run` to shut down cleanly (safe from a signal handler)."""
@@ -200,6 +243,8 @@ class Agent:
         )
         if self.learner is not None:
             self.learner.start()
+        if self.inference is not None:
+            self.inference.start()
         self.mqtt.start()
         # Started as far as systemd is concerned; being offline is a state, not a failure.
         systemd.notify(f"READY=1\nSTATUS=connecting to {self.config.mqtt.host}")
@@ -229,6 +274,8 @@ class Agent:
             except MqttError as exc:
                 log.warning("could not publish the offline status: %s", exc)
         self.mqtt.stop()
+        if self.inference is not None:
+            self.inference.stop()
         if self.learner is not None:
             self.learner.stop()
         self._event(Event.DONE)

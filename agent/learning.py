@@ -58,6 +58,13 @@ class Transport(Protocol):
         """Subscribe now and after reconnects."""
 
 
+class ModelListener(Protocol):
+    """Told when a model version becomes current (the inference service implements it)."""
+
+    def model_activated(self, manifest: ModelManifest) -> None:
+        """`manifest` is now the current version of its model; return at once."""
+
+
 class TaskFailedError(AgentError):
     """A training task could not be completed; the message says why."""
 
@@ -80,12 +87,14 @@ class Learner:
         transport: Transport,
         max_payload_bytes: int,
         train_threads: int = 1,
+        listener: ModelListener | None = None,
     ) -> None:
         self.device_id = device_id
         self.transport = transport
         self.dataset_dir = dataset_dir
         self.max_payload_bytes = max_payload_bytes
         self.store = ModelStore(data_dir / "models")
+        self.listener = listener
         self.outbox = Outbox(data_dir / "outbox.db")
         self._residual_dir = data_dir / "residuals"
         self._compressors: dict[str, Compressor] = {}
@@ -137,6 +146,10 @@ class Learner:
         self._watch_model(task.model_name)
         self._tasks.put(task)
 
+    def watch(self, name: str) -> None:
+        """Follow model `name` (its manifests, hence its versions) without a task for it."""
+        self._watch_model(name)
+
     def _watch_model(self, name: str) -> None:
         if name not in self._models:
             self._models.add(name)
@@ -158,9 +171,14 @@ class Learner:
             ready = [m for m in self._latest.values() if not self.store.missing(m)]
         for manifest in ready:
             current = self.store.current(manifest.name)
-            if current is None or current.version != manifest.version:
-                self.store.activate(manifest)
-                log.info("model %s: now running version %s", manifest.name, manifest.version)
+            if current is not None and current.version == manifest.version:
+                continue
+            if manifest.version in self.store.blocked(manifest.name):
+                continue  # it failed to load here, or was rolled back
+            self.store.activate(manifest)
+            log.info("model %s: now running version %s", manifest.name, manifest.version)
+            if self.listener is not None:
+                self.listener.model_activated(manifest)
 
     def on_chunk(self, chunk: BlobChunk) -> None:
         """Add a chunk; a complete, verified blob goes into the model cache."""

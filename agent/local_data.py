@@ -4,6 +4,10 @@ Each file holds two arrays: ``x`` (float32, one row per sample, any trailing sha
 backbone takes) and ``y`` (int64 class labels, one per row). Files are read with
 ``allow_pickle=False``: an object array is refused, never unpickled.
 
+``feedback.npz`` (optional, same arrays) holds inputs that applications labelled through
+the inference API (`agent.feedback`); its rows are appended to the training split when
+their shape matches, and ignored otherwise (they belong to a model with another input).
+
     AgentError (agent.errors)
     └── LocalDataError   a data file is missing, unreadable or inconsistent
 """
@@ -21,6 +25,7 @@ from agent.errors import AgentError
 
 TRAIN_FILE = "train.npz"
 VAL_FILE = "val.npz"
+FEEDBACK_FILE = "feedback.npz"
 
 
 class LocalDataError(AgentError):
@@ -69,10 +74,20 @@ def _read_split(
     return x.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
 
 
+def read_feedback(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The labelled rows of a ``feedback.npz``; LocalDataError if it is malformed."""
+    return _read_split(path)
+
+
 def load_local_data(directory: Path | str) -> LocalData:
-    """Both splits from `directory`; LocalDataError naming the file that is missing or bad."""
+    """Both splits from `directory` (feedback rows added to train); LocalDataError if bad."""
     root = Path(directory)
     train_x, train_y = _read_split(root / TRAIN_FILE)
+    if (root / FEEDBACK_FILE).is_file():
+        fb_x, fb_y = _read_split(root / FEEDBACK_FILE)
+        if fb_x.shape[1:] == train_x.shape[1:]:
+            train_x = np.concatenate([train_x, fb_x])
+            train_y = np.concatenate([train_y, fb_y])
     val_x, val_y = _read_split(root / VAL_FILE)
     if train_y.size == 0:
         raise LocalDataError(f"{root / TRAIN_FILE}: no training samples")

@@ -2,7 +2,9 @@
 
 Layout under the root: ``blobs/<sha256>`` (verified on write), ``models/<name>/<version>``
 (encoded manifests), ``models/<name>/current`` and ``previous`` (version pointers, replaced
-atomically). Eviction never touches blobs that the current or previous version uses.
+atomically), ``models/<name>/blocked`` (versions that failed to load or were rolled back,
+one per line: never made current again). Eviction never touches blobs that the current or
+previous version uses.
 """
 
 from __future__ import annotations
@@ -126,6 +128,33 @@ class ModelStore:
         if current is not None:
             _atomic_write(directory / "previous", current.encode())
         _atomic_write(directory / "current", manifest.version.encode())
+
+    def point(self, name: str, current: str, previous: str | None) -> None:
+        """Set both version pointers (after a rollback or a version that failed to load)."""
+        directory = self._model_dir(name)
+        if previous is None:
+            (directory / "previous").unlink(missing_ok=True)
+        else:
+            _atomic_write(directory / "previous", previous.encode())
+        _atomic_write(directory / "current", current.encode())
+
+    def block(self, name: str, version: str) -> None:
+        """Never make `version` of `name` current again (it failed, or was rolled back)."""
+        if version not in self.blocked(name):
+            with open(self._model_dir(name) / "blocked", "a", encoding="utf-8") as f:
+                f.write(version + "\n")
+
+    def blocked(self, name: str) -> set[str]:
+        """Versions of `name` that must not become current."""
+        try:
+            text = (self._model_dir(name) / "blocked").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return set()
+        return {line for line in text.split() if line}
+
+    def names(self) -> list[str]:
+        """Names of the models that have a current version, sorted."""
+        return sorted(d.name for d in (self.root / "models").iterdir() if (d / "current").is_file())
 
     def evict(self) -> int:
         """Delete the least recently written unpinned blobs while over the cap; return count."""

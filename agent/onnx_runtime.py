@@ -2,8 +2,13 @@
 
 Sessions get explicit options (intra- and inter-op thread counts, sequential execution,
 no busy-wait spinning), so inference and the training child do not starve each other on a
-small device. onnxruntime's exceptions are translated here; its types do not leave this
-module.
+small device. Execution providers are picked from short names (`choose_providers`): those
+this onnxruntime build lacks are reported and skipped, and the CPU provider is always the
+last resort. `OnnxModel.check` validates an input batch against the model's input schema
+(dtype, rank, fixed dimensions; symbolic dimensions such as the batch take any size >= 1)
+before it reaches onnxruntime, and `OnnxModel.run_checked` runs an already checked batch
+straight through the session's native call. onnxruntime's exceptions are translated here;
+its types do not leave this module.
 
     AgentError (agent.errors)
     └── InferenceError   a model cannot be loaded or run
@@ -49,8 +54,38 @@ _DTYPES: dict[str, np.dtype[Any]] = {
 }
 
 
+#: Short provider names accepted in configuration, and onnxruntime's names for them.
+PROVIDER_NAMES: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+}
+CPU = PROVIDER_NAMES["cpu"]
+
+
 class InferenceError(AgentError):
     """An ONNX model could not be loaded or run."""
+
+
+class InputError(InferenceError):
+    """An input does not match the model's input schema (the caller's fault)."""
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build offers."""
+    return list(ort.get_available_providers())
+
+
+def choose_providers(requested: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(providers to use, best first and CPU last; requested ones this build lacks)."""
+    names = [PROVIDER_NAMES.get(r.strip().lower(), r.strip()) for r in requested if r.strip()]
+    available = set(available_providers())
+    chosen = [n for n in dict.fromkeys(names) if n in available]
+    missing = [n for n in dict.fromkeys(names) if n not in available]
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen, missing
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -71,7 +106,15 @@ def session_options(threads: int) -> ort.SessionOptions:
 class OnnxModel:
     """One loaded ONNX model with a single input; `run` returns its first output."""
 
-    __slots__ = ("_session", "input_dtype", "input_name", "input_shape", "output_name")
+    __slots__ = (
+        "_native",
+        "_outputs",
+        "_session",
+        "input_dtype",
+        "input_name",
+        "input_shape",
+        "output_name",
+    )
 
     def __init__(self, session: ort.InferenceSession) -> None:
         inputs = session.get_inputs()
@@ -87,6 +130,11 @@ class OnnxModel:
             raise InferenceError(f"unsupported input type {inputs[0].type} of {self.input_name!r}")
         self.input_dtype: np.dtype[Any] = dtype
         self.output_name: str = session.get_outputs()[0].name
+        self._outputs = [self.output_name]
+        # The wrapper's `run` re-checks names and options on every call; the native session
+        # (when this onnxruntime has one) does the same work without that Python.
+        native = getattr(session, "_sess", None)
+        self._native: Any = native if callable(getattr(native, "run", None)) else None
 
     @classmethod
     def from_bytes(
@@ -94,8 +142,9 @@ class OnnxModel:
         data: bytes,
         threads: int = 1,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        warm_up: bool = True,
     ) -> OnnxModel:
-        """Load a serialized model and run it once on zeros (warm-up); InferenceError if bad.
+        """Load a serialized model and (`warm_up`) run it once on zeros; InferenceError if bad.
 
         `providers` are tried in order; those this onnxruntime build lacks are skipped, and
         InferenceError is raised when none is left.
@@ -112,8 +161,17 @@ class OnnxModel:
         except ORT_ERRORS as exc:
             raise InferenceError(f"cannot load ONNX model: {exc}") from exc
         model = cls(session)
-        model.run(np.zeros(model.warmup_shape(), dtype=model.input_dtype))
+        if warm_up:
+            model.warm_up()
         return model
+
+    def warm_up(self, batches: Sequence[int] = (1,)) -> None:
+        """Run the model on zeros once per batch size (first-run allocations happen here)."""
+        for rows in batches:
+            shape = self.warmup_shape()
+            if self.input_shape and self.input_shape[0] is None:
+                shape = (rows, *shape[1:])
+            self.run_checked(np.zeros(shape, dtype=self.input_dtype))
 
     def warmup_shape(self) -> tuple[int, ...]:
         """The input shape with every symbolic dimension set to 1."""
@@ -123,6 +181,54 @@ class OnnxModel:
     def providers(self) -> list[str]:
         """Execution providers the session actually uses, best first."""
         return list(self._session.get_providers())
+
+    def check(self, x: object) -> npt.NDArray[Any]:
+        """`x` as a contiguous batch of the input's dtype; InputError naming what is wrong."""
+        if isinstance(x, np.ndarray):
+            batch = x
+        else:
+            try:
+                batch = np.asarray(x)
+            except (ValueError, TypeError) as exc:
+                raise InputError(
+                    f"input {self.input_name!r} is not a numeric array: {exc}"
+                ) from exc
+        if batch.dtype != self.input_dtype:
+            kind = batch.dtype.kind
+            if kind not in "biuf" or (kind == "f" and self.input_dtype.kind in "iu"):
+                raise InputError(
+                    f"input {self.input_name!r} must be {self.input_dtype}, got {batch.dtype}"
+                )
+            batch = batch.astype(self.input_dtype)
+        shape = self.input_shape
+        if batch.ndim != len(shape) or any(
+            (want is not None and got != want) or got < 1
+            for got, want in zip(batch.shape, shape, strict=True)
+        ):
+            expected = "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+            raise InputError(
+                f"input {self.input_name!r} must have shape {expected}, got {batch.shape}"
+            )
+        if not batch.flags.c_contiguous:
+            batch = np.ascontiguousarray(batch)
+        return batch
+
+    def run_checked(self, batch: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The first output for a batch that `check` returned."""
+        try:
+            if self._native is not None:
+                outputs = self._native.run(self._outputs, {self.input_name: batch}, None)
+            else:
+                outputs = self._session.run(self._outputs, {self.input_name: batch})
+        except ORT_ERRORS as exc:
+            raise InferenceError(
+                f"inference failed on input {batch.shape} {batch.dtype}: {exc}"
+            ) from exc
+        return outputs[0]  # type: ignore[no-any-return]
+
+    def raw_run(self, batch: npt.NDArray[Any]) -> object:
+        """onnxruntime's own `InferenceSession.run` on this session (the benchmarks' baseline)."""
+        return self._session.run(self._outputs, {self.input_name: batch})
 
     def run(self, x: npt.ArrayLike) -> npt.NDArray[Any]:
         """The first output for input batch `x` (cast to the model's input type)."""

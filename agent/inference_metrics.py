@@ -1,0 +1,172 @@
+"""The inference API's Prometheus metrics: counters and histograms kept in memory, rendered
+as Prometheus text (exposition format 0.0.4). No client library: the few kinds we need are
+a dict of counts under one lock.
+
+Metrics (all prefixed ``fedge_agent_``): ``predict_requests_total{outcome}``,
+``predictions_total`` (rows), ``predict_latency_seconds`` (histogram, per request, in the
+runtime: validation, session run, confidence), ``prediction_confidence`` (histogram, per
+row: the top class's softmax probability), ``model_info{model,version,role}`` (1 for the
+served and the standby version), ``model_swaps_total``, ``model_rollbacks_total``,
+``model_load_failures_total{reason}``, ``feedback_total{outcome}``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
+)  # fmt: skip
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+OUTCOMES = ("ok", "invalid", "unavailable", "error")
+_CONF_EDGES = np.asarray(CONFIDENCE_BUCKETS, dtype=np.float64)
+
+
+def _label_value(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Histogram:
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+        self.count = 0
+
+    def render(self, name: str) -> list[str]:
+        lines = [f"# TYPE {name} histogram"]
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        lines.append(f"{name}_sum {self.total!r}")
+        lines.append(f"{name}_count {self.count}")
+        return lines
+
+
+class InferenceMetrics:
+    """Counts and histograms of one agent's inference; safe to update from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: Counter[str] = Counter({o: 0 for o in OUTCOMES})
+        self._rows = 0
+        self._latency = _Histogram(LATENCY_BUCKETS)
+        self._confidence = _Histogram(CONFIDENCE_BUCKETS)
+        self._load_failures: Counter[str] = Counter()
+        self._feedback: Counter[str] = Counter()
+        self._swaps = 0
+        self._rollbacks = 0
+        self._models: list[tuple[str, str, str]] = []
+
+    def observe_one(self, seconds: float, confidence: float) -> None:
+        """One successful single-row request."""
+        lat, conf = self._latency, self._confidence
+        i = bisect.bisect_left(lat.bounds, seconds)
+        j = bisect.bisect_left(conf.bounds, confidence)
+        with self._lock:
+            self._requests["ok"] += 1
+            self._rows += 1
+            lat.counts[i] += 1
+            lat.total += seconds
+            lat.count += 1
+            conf.counts[j] += 1
+            conf.total += confidence
+            conf.count += 1
+
+    def observe_batch(self, seconds: float, confidences: npt.NDArray[Any]) -> None:
+        """One successful request of several rows."""
+        lat, conf = self._latency, self._confidence
+        i = bisect.bisect_left(lat.bounds, seconds)
+        bins = np.bincount(np.searchsorted(_CONF_EDGES, confidences), minlength=len(conf.counts))
+        total = float(confidences.sum())
+        with self._lock:
+            self._requests["ok"] += 1
+            self._rows += len(confidences)
+            lat.counts[i] += 1
+            lat.total += seconds
+            lat.count += 1
+            for k, n in enumerate(bins.tolist()):
+                conf.counts[k] += n
+            conf.total += total
+            conf.count += len(confidences)
+
+    def count_request(self, outcome: str) -> None:
+        """One request that did not succeed (`outcome`: invalid, unavailable, error)."""
+        with self._lock:
+            self._requests[outcome] += 1
+
+    def model_loaded(self, swapped: bool) -> None:
+        """A version was swapped in (`swapped`) or restored by a rollback."""
+        with self._lock:
+            if swapped:
+                self._swaps += 1
+            else:
+                self._rollbacks += 1
+
+    def load_failed(self, reason: str) -> None:
+        """A version could not be loaded or warmed up."""
+        with self._lock:
+            self._load_failures[reason] += 1
+
+    def feedback(self, outcome: str) -> None:
+        """A feedback request (`outcome`: stored, unknown_id, invalid)."""
+        with self._lock:
+            self._feedback[outcome] += 1
+
+    def set_models(self, models: list[tuple[str, str, str]]) -> None:
+        """The loaded versions as (model, version, role) for the ``model_info`` gauge."""
+        with self._lock:
+            self._models = list(models)
+
+    def snapshot(self) -> dict[str, float]:
+        """Counters as flat numbers (for telemetry's ``extra``)."""
+        with self._lock:
+            out = {f"inference_{k}": float(v) for k, v in self._requests.items()}
+            out["inference_rows"] = float(self._rows)
+            out["model_swaps"] = float(self._swaps)
+            out["model_rollbacks"] = float(self._rollbacks)
+            out["model_load_failures"] = float(sum(self._load_failures.values()))
+            if self._latency.count:
+                out["inference_latency_mean_ms"] = 1000 * self._latency.total / self._latency.count
+            if self._confidence.count:
+                out["inference_confidence_mean"] = self._confidence.total / self._confidence.count
+            return out
+
+    def render(self) -> str:
+        """Everything in the Prometheus text format."""
+        p = "fedge_agent_"
+        with self._lock:
+            lines = [f"# TYPE {p}predict_requests_total counter"]
+            lines += [f'{p}predict_requests_total{{outcome="{o}"}} {n}' for o, n in
+                      sorted(self._requests.items())]  # fmt: skip
+            lines += [f"# TYPE {p}predictions_total counter", f"{p}predictions_total {self._rows}"]
+            lines += self._latency.render(f"{p}predict_latency_seconds")
+            lines += self._confidence.render(f"{p}prediction_confidence")
+            lines.append(f"# TYPE {p}model_info gauge")
+            for model, version, role in self._models:
+                lines.append(
+                    f'{p}model_info{{model="{_label_value(model)}",'
+                    f'version="{_label_value(version)}",role="{role}"}} 1'
+                )
+            lines += [f"# TYPE {p}model_swaps_total counter", f"{p}model_swaps_total {self._swaps}"]
+            lines += [
+                f"# TYPE {p}model_rollbacks_total counter",
+                f"{p}model_rollbacks_total {self._rollbacks}",
+            ]
+            lines.append(f"# TYPE {p}model_load_failures_total counter")
+            lines += [f'{p}model_load_failures_total{{reason="{_label_value(r)}"}} {n}'
+                      for r, n in sorted(self._load_failures.items())]  # fmt: skip
+            lines.append(f"# TYPE {p}feedback_total counter")
+            lines += [f'{p}feedback_total{{outcome="{o}"}} {n}'
+                      for o, n in sorted(self._feedback.items())]  # fmt: skip
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,205 @@
+"""The daemon's inference service: model store → runtime → local API, and rollbacks.
+
+Wires `InferenceRuntime` (sessions and swaps), `RecentInputs` and `FeedbackLog` (labels
+become training data), `InferenceMetrics` and the `ApiServer`. It is the learner's
+`ModelListener`: a version made current is queued to the ``model-loader`` thread, which
+reads ``model.onnx`` from the store, loads and warms it, and swaps it in. A version that
+fails is blocked in the store (never made current again) and the pointers go back to
+what is served. `rollback` (HTTP, the MQTT ``rollback`` command) serves the previous
+version again, blocks the one it left, and moves the store's pointers with it, so a
+restart serves the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.config import AgentConfig, parse_listen
+from agent.errors import AgentError
+from agent.feedback import FeedbackError, FeedbackLog, RecentInputs
+from agent.http_api import ApiServer
+from agent.inference_metrics import InferenceMetrics
+from agent.model_store import ModelStore
+from agent.serving import InferenceRuntime, ModelUnavailableError, Predictions
+from protocols.messages import ModelManifest
+from protocols.model_format import MODEL_FILE
+
+log = logging.getLogger(__name__)
+
+
+class InferenceService:
+    """Serves one model (``inference_model``, or the first one made current) on this device."""
+
+    def __init__(self, config: AgentConfig, store: ModelStore, dataset_dir: Path) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = InferenceMetrics()
+        self.recent = RecentInputs(config.inference_recent_inputs)
+        self.runtime = InferenceRuntime(
+            self.metrics,
+            self.recent,
+            threads=config.inference_threads,
+            providers=config.providers,
+            max_batch=config.inference_max_batch,
+        )
+        self.feedback_log = FeedbackLog(dataset_dir, config.inference_feedback_max_rows)
+        self.model_name: str | None = config.inference_model or None
+        self.server: ApiServer | None = None
+        self._queue: queue.Queue[ModelManifest | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
+
+    # --- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the stored current version (in the background) and open the API."""
+        names = [self.model_name] if self.model_name else self.store.names()[:1]
+        for name in names:
+            manifest = self.store.current(name)
+            if manifest is not None:
+                self.model_activated(manifest)
+        self._loader.start()
+        address = parse_listen(self.config.inference_listen, self.config.data_dir)
+        try:
+            self.server = ApiServer(self, address)
+        except OSError as exc:
+            log.error("inference API cannot listen on %s: %s; running without it", address, exc)
+            return
+        self.server.start()
+
+    def stop(self) -> None:
+        """Close the API and stop the loader thread."""
+        if self.server is not None:
+            self.server.stop()
+        self._queue.put(None)
+        if self._loader.is_alive():
+            self._loader.join(timeout=10)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until every queued version was tried (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    # --- versions --------------------------------------------------------------------------
+    def model_activated(self, manifest: ModelManifest) -> None:
+        """Queue `manifest` for loading if it is the served model (ModelListener)."""
+        with self._lock:
+            if self.model_name is None:
+                self.model_name = manifest.name
+        if manifest.name == self.model_name:
+            self._queue.put(manifest)
+
+    def _load_loop(self) -> None:
+        while True:
+            manifest = self._queue.get()
+            try:
+                if manifest is None:
+                    return
+                self.install(manifest)
+            except Exception:  # supervisor of the loader thread: log with traceback, go on
+                log.exception("loading model %s failed unexpectedly", manifest)
+            finally:
+                self._queue.task_done()
+
+    def install(self, manifest: ModelManifest) -> bool:
+        """Load `manifest`'s model from the store and swap it in; False if it failed."""
+        try:
+            data = self.store.file(manifest, MODEL_FILE)
+        except AgentError as exc:
+            self.runtime.fail(manifest, "missing", str(exc))
+            ok = False
+        else:
+            ok = self.runtime.install(manifest, data)
+        if not ok:
+            self.store.block(manifest.name, manifest.version)
+            self._point_store()
+        return ok
+
+    def _point_store(self) -> None:
+        serving, standby = self.runtime.serving, self.runtime.standby
+        if serving is not None:
+            name = serving.manifest.name
+            self.store.point(name, serving.version, standby.version if standby else None)
+
+    # --- the API (Backend) ----------------------------------------------------------------
+    def predict(self, x: object) -> Predictions:
+        """Predict with the serving version (see `InferenceRuntime.predict`)."""
+        return self.runtime.predict(x)
+
+    def count_invalid(self) -> None:
+        """Count a predict request whose body could not be decoded."""
+        self.metrics.count_request("invalid")
+
+    def describe(self) -> dict[str, Any]:
+        """The serving version, the previous one, recent version states."""
+        return self.runtime.describe()
+
+    def rollback(self) -> dict[str, Any]:
+        """Serve the previous version again; ModelUnavailableError if there is none."""
+        left = self.runtime.serving
+        restored = self.runtime.rollback()
+        if left is not None:
+            self.store.block(left.manifest.name, left.version)
+        self._point_store()
+        log.info("rollback: serving %s again", restored.version)
+        return self.describe()
+
+    def feedback(self, prediction_id: str, label: str | int) -> dict[str, Any]:
+        """Store `label` for an earlier prediction's input as training data."""
+        try:
+            row, model, version = self.recent.get(prediction_id)
+            labels = self._labels(model, version)
+            if isinstance(label, str):
+                if label not in labels:
+                    raise FeedbackError(f"unknown label {label!r}; labels: {labels}", "invalid")
+                index = labels.index(label)
+            elif labels and not 0 <= label < len(labels):
+                raise FeedbackError(f"class index {label} out of range 0-{len(labels) - 1}",
+                                    "invalid")  # fmt: skip
+            else:
+                index = label
+            rows = self.feedback_log.append(row, index)
+        except FeedbackError as exc:
+            self.metrics.feedback(exc.reason)
+            raise
+        self.metrics.feedback("stored")
+        return {"stored": True, "rows": rows, "label_index": index}
+
+    def _labels(self, model: str, version: str) -> tuple[str, ...]:
+        for served in (self.runtime.serving, self.runtime.standby):
+            if served is not None and served.version == version:
+                return served.labels
+        manifest = self.store.manifest(model, version)
+        return manifest.labels if manifest is not None else ()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when a version is serving."""
+        serving = self.runtime.serving
+        if serving is None:
+            return False, {"status": "no_model", "model": self.model_name}
+        return True, {"status": "ok", "model": serving.manifest.name, "version": serving.version}
+
+    def metrics_text(self) -> str:
+        """Prometheus text."""
+        return self.metrics.render()
+
+    # --- telemetry -------------------------------------------------------------------------
+    def served_versions(self) -> dict[str, str]:
+        """{model: version} of what this device serves."""
+        serving = self.runtime.serving
+        return {serving.manifest.name: serving.version} if serving else {}
+
+    def telemetry_extra(self) -> dict[str, float]:
+        """Inference counters for telemetry's ``extra``."""
+        return self.metrics.snapshot()
+
+
+__all__ = ["InferenceService", "ModelUnavailableError"]

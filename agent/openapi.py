@@ -1,0 +1,211 @@
+"""The OpenAPI 3 document of the agent's local inference API (served at ``/openapi.json``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocols import __version__
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_BODY_TYPES = ("application/json", "application/msgpack")
+
+
+def _content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {kind: {"schema": schema} for kind in _BODY_TYPES}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _content(_ERROR)}
+
+
+_ROW = {
+    "type": "object",
+    "required": ["prediction", "class_index", "confidence", "prediction_id"],
+    "properties": {
+        "prediction": {"type": "string", "description": "the top class's label"},
+        "class_index": {"type": "integer"},
+        "confidence": {"type": "number", "description": "softmax probability of the top class"},
+        "prediction_id": {"type": "string", "description": "what /v1/feedback takes"},
+    },
+}
+_MODEL_REF = {
+    "model": {"type": "string"},
+    "version": {"type": "string"},
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {
+        "title": "fedge-agent local inference API",
+        "version": __version__,
+        "description": "Served by fedge-agent on loopback or a Unix socket. Bodies are JSON "
+        "or msgpack, chosen by Content-Type; the answer uses the request's format.",
+    },
+    "paths": {
+        "/v1/predict": {
+            "post": {
+                "summary": "Predict one sample or a batch with the serving model version",
+                "requestBody": {
+                    "required": True,
+                    "content": _content({"$ref": "#/components/schemas/PredictRequest"}),
+                },
+                "responses": {
+                    "200": {
+                        "description": "the prediction(s)",
+                        "content": _content({"$ref": "#/components/schemas/PredictResponse"}),
+                    },
+                    "400": _error("input does not match the model's input schema"),
+                    "413": _error("body too large"),
+                    "415": _error("unsupported content type"),
+                    "503": _error("no model loaded yet"),
+                },
+            }
+        },
+        "/v1/model": {
+            "get": {
+                "summary": "The serving model, its version, and the previous (standby) one",
+                "responses": {
+                    "200": {
+                        "description": "model information",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
+                        },
+                    }
+                },
+            }
+        },
+        "/v1/feedback": {
+            "post": {
+                "summary": "Label an earlier prediction; the row becomes local training data",
+                "requestBody": {
+                    "required": True,
+                    "content": _content({"$ref": "#/components/schemas/FeedbackRequest"}),
+                },
+                "responses": {
+                    "200": {
+                        "description": "stored",
+                        "content": _content(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "stored": {"type": "boolean"},
+                                    "rows": {"type": "integer"},
+                                },
+                            }
+                        ),
+                    },
+                    "400": _error("bad label"),
+                    "404": _error("unknown or expired prediction id"),
+                },
+            }
+        },
+        "/v1/rollback": {
+            "post": {
+                "summary": "Serve the previous version again",
+                "responses": {
+                    "200": {
+                        "description": "rolled back",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
+                        },
+                    },
+                    "503": _error("no previous version"),
+                },
+            }
+        },
+        "/healthz": {
+            "get": {
+                "summary": "Ready when a model version is serving",
+                "responses": {
+                    "200": {"description": "serving"},
+                    "503": {"description": "no model loaded yet"},
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (text format 0.0.4)",
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}
+        },
+    },
+    "components": {
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+            "Tensor": {
+                "type": "object",
+                "description": "msgpack only: raw little-endian bytes",
+                "required": ["dtype", "shape", "data"],
+                "properties": {
+                    "dtype": {
+                        "type": "string",
+                        "enum": [
+                            "float32",
+                            "float64",
+                            "float16",
+                            "int64",
+                            "int32",
+                            "int8",
+                            "uint8",
+                        ],
+                    },
+                    "shape": {"type": "array", "items": {"type": "integer"}},
+                    "data": {"type": "string", "format": "binary"},
+                },
+            },
+            "PredictRequest": {
+                "type": "object",
+                "required": ["input"],
+                "properties": {
+                    "input": {
+                        "description": "one sample (the input shape without the batch "
+                        "dimension) or a batch, as nested lists of numbers or a Tensor",
+                        "oneOf": [
+                            {"type": "array", "items": {}},
+                            {"$ref": "#/components/schemas/Tensor"},
+                        ],
+                    }
+                },
+            },
+            "PredictResponse": {
+                "oneOf": [
+                    {"allOf": [_ROW, {"type": "object", "properties": _MODEL_REF}]},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "predictions": {"type": "array", "items": _ROW},
+                            **_MODEL_REF,
+                        },
+                    },
+                ]
+            },
+            "FeedbackRequest": {
+                "type": "object",
+                "required": ["prediction_id", "label"],
+                "properties": {
+                    "prediction_id": {"type": "string"},
+                    "label": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                },
+            },
+            "Model": {
+                "type": "object",
+                "properties": {
+                    "model": {"type": "string", "nullable": True},
+                    "version": {"type": "string", "nullable": True},
+                    "previous_version": {"type": "string", "nullable": True},
+                    "serving": {"type": "object", "nullable": True},
+                    "versions": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "last_failure": {"type": "object", "nullable": True},
+                },
+            },
+        }
+    },
+}

@@ -1,0 +1,335 @@
+"""The inference runtime: the served model version, predictions, and atomic hot swaps.
+
+One onnxruntime session per loaded version (`agent.onnx_runtime`). `InferenceRuntime`
+holds a reference to the serving version and one to the standby (the version it replaced,
+kept loaded for `rollback`). `install` builds and warms the new session first, on the
+caller's thread (the service's loader thread, never a request), and only then swaps the
+reference: a request reads the reference once, so requests in flight finish on the old
+session while new ones get the new one. A version that fails to load, does not match its
+manifest's input schema, or fails its warm-up is never swapped in; the old one keeps
+serving and the failure is counted with its reason. Version states: `agent.rollout`.
+
+A prediction applies the manifest's preprocessing (``x * scale + offset``), runs the
+model, and takes its first output as logits: the answer is the top class and its softmax
+probability (the confidence). torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.errors import AgentError
+from agent.feedback import RecentInputs
+from agent.inference_metrics import InferenceMetrics
+from agent.onnx_runtime import InferenceError, InputError, OnnxModel, choose_providers
+from agent.rollout import VersionEvent, VersionLog
+from protocols.messages import ModelManifest
+
+log = logging.getLogger(__name__)
+_SCHEMA_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16",
+                  "float64": "float64", "int64": "int64", "int32": "int32",
+                  "int8": "int8", "uint8": "uint8"}  # fmt: skip
+
+
+class ModelUnavailableError(AgentError):
+    """No model version is loaded yet (or none to roll back to)."""
+
+
+class ModelLoadError(InferenceError):
+    """A version could not be loaded; `reason` is ``load``, ``schema`` or ``warmup``."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Predictions:
+    """The answer to one predict call: a row per input sample."""
+
+    prediction_id: str
+    model: str
+    version: str
+    classes: list[int]
+    confidences: list[float]
+    label_names: tuple[str, ...]
+    single: bool
+
+    @property
+    def labels(self) -> list[str]:
+        """The predicted label of every row (its class index when the model has no labels)."""
+        names = self.label_names
+        return [names[c] if c < len(names) else str(c) for c in self.classes]
+
+    def row_id(self, i: int) -> str:
+        """The prediction id of row `i` (feedback takes it)."""
+        return self.prediction_id if self.single else f"{self.prediction_id}.{i}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's answer: one prediction, or ``predictions`` for a batch."""
+        rows = [
+            {
+                "prediction": label,
+                "class_index": c,
+                "confidence": p,
+                "prediction_id": self.row_id(i),
+            }
+            for i, (label, c, p) in enumerate(
+                zip(self.labels, self.classes, self.confidences, strict=True)
+            )
+        ]
+        head = {"model": self.model, "version": self.version}
+        return {**rows[0], **head} if self.single else {"predictions": rows, **head}
+
+
+class ServedModel:
+    """One loaded, warmed-up model version."""
+
+    __slots__ = ("labels", "loaded_at", "manifest", "model", "offset", "rank", "scale")
+
+    def __init__(self, manifest: ModelManifest, model: OnnxModel) -> None:
+        self.manifest = manifest
+        self.model = model
+        self.labels = tuple(manifest.labels)
+        self.rank = len(model.input_shape)
+        pre = manifest.preprocessing
+        self.scale = float(pre.get("scale", 1.0) or 1.0)
+        self.offset = float(pre.get("offset", 0.0) or 0.0)
+        self.loaded_at = time.time()
+
+    @property
+    def version(self) -> str:
+        """The version's id."""
+        return self.manifest.version
+
+    def describe(self) -> dict[str, Any]:
+        """Name, version, input schema, labels, providers (JSON-ready)."""
+        m = self.manifest
+        return {
+            "name": m.name,
+            "version": m.version,
+            "parent_version": m.parent_version,
+            "inputs": [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in m.inputs
+            ],
+            "labels": list(m.labels),
+            "preprocessing": dict(m.preprocessing),
+            "providers": self.model.providers,
+            "loaded_at": self.loaded_at,
+        }
+
+
+def check_schema(manifest: ModelManifest, model: OnnxModel) -> None:
+    """InferenceError unless the session's one input matches the manifest's input spec."""
+    if len(manifest.inputs) != 1:
+        raise InferenceError(f"manifest declares {len(manifest.inputs)} inputs; one is served")
+    spec = manifest.inputs[0]
+    shape = tuple(None if d < 0 else d for d in spec.shape)
+    dtype = _SCHEMA_DTYPES.get(spec.dtype)
+    if spec.name != model.input_name or dtype != str(model.input_dtype):
+        raise InferenceError(
+            f"model input is {model.input_name!r} {model.input_dtype}, the manifest says "
+            f"{spec.name!r} {spec.dtype}"
+        )
+    if len(shape) != len(model.input_shape) or any(
+        a is not None and b is not None and a != b
+        for a, b in zip(shape, model.input_shape, strict=True)
+    ):
+        raise InferenceError(f"model input shape {model.input_shape} ≠ manifest's {spec.shape}")
+
+
+class InferenceRuntime:
+    """The serving version, its standby, predictions and swaps (thread-safe)."""
+
+    def __init__(
+        self,
+        metrics: InferenceMetrics,
+        recent: RecentInputs,
+        threads: int = 1,
+        providers: Sequence[str] = ("cpu",),
+        max_batch: int = 1024,
+    ) -> None:
+        self.metrics = metrics
+        self.recent = recent
+        self.threads = threads
+        self.providers, missing = choose_providers(providers)
+        if missing:
+            log.warning(
+                "execution providers %s are not available in this onnxruntime build; using %s",
+                ", ".join(missing),
+                ", ".join(self.providers),
+            )
+        self.max_batch = max_batch
+        self.versions = VersionLog()
+        self.last_failure: dict[str, str] = {}
+        self._serving: ServedModel | None = None
+        self._standby: ServedModel | None = None
+        self._swap_lock = threading.Lock()
+        self._prefix = f"{os.urandom(4).hex()}-"
+        self._ids = itertools.count(1)
+
+    @property
+    def serving(self) -> ServedModel | None:
+        """The version answering new requests, or None before the first load."""
+        return self._serving
+
+    @property
+    def standby(self) -> ServedModel | None:
+        """The version `rollback` returns to, or None."""
+        return self._standby
+
+    # --- loading and swapping -------------------------------------------------------------
+    def load(self, manifest: ModelManifest, model_bytes: bytes) -> ServedModel:
+        """A new, warmed-up session for `manifest`; InferenceError with ``reason`` if bad."""
+        stage = "load"
+        try:
+            model = OnnxModel.from_bytes(model_bytes, self.threads, self.providers, warm_up=False)
+            stage = "schema"
+            check_schema(manifest, model)
+            stage = "warmup"
+            model.warm_up((1, min(8, self.max_batch)))
+        except InferenceError as exc:
+            raise ModelLoadError(str(exc), stage) from exc
+        return ServedModel(manifest, model)
+
+    def install(self, manifest: ModelManifest, model_bytes: bytes) -> bool:
+        """Load and warm `manifest`'s model, then swap it in; False (old one kept) if it fails."""
+        with self._swap_lock:
+            current = self._serving
+            if current is not None and current.version == manifest.version:
+                return True
+            standby = self._standby
+            if current is not None and standby is not None and standby.version == manifest.version:
+                # the version it replaced comes back: its warm session swaps in again
+                self.versions.apply(current.version, VersionEvent.SUPERSEDED)
+                self.versions.apply(standby.version, VersionEvent.RESTORE)
+                self._serving, self._standby = standby, current
+                self.metrics.model_loaded(swapped=True)
+                self._publish_models()
+                return True
+            self.versions.begin(manifest.version)
+            try:
+                served = self.load(manifest, model_bytes)
+            except ModelLoadError as exc:
+                self.fail(manifest, exc.reason, str(exc))
+                return False
+            if current is not None:
+                self.versions.apply(current.version, VersionEvent.SUPERSEDED)
+            if self._standby is not None:
+                self.versions.apply(self._standby.version, VersionEvent.RETIRE)
+            self._standby = current
+            self._serving = served  # the swap: one reference assignment
+            self.versions.apply(served.version, VersionEvent.READY)
+            self.metrics.model_loaded(swapped=True)
+            self._publish_models()
+        log.info("model %s: serving version %s", manifest.name, manifest.version)
+        return True
+
+    def fail(self, manifest: ModelManifest, reason: str, message: str) -> None:
+        """Record that `manifest` could not be loaded (logged, counted, kept for /v1/model)."""
+        if self.versions.state(manifest.version) is None:
+            self.versions.begin(manifest.version)
+        self.versions.apply(manifest.version, VersionEvent.FAIL)
+        self.metrics.load_failed(reason)
+        self.last_failure = {"version": manifest.version, "reason": reason, "message": message}
+        kept = self._serving.version if self._serving else "nothing"
+        log.error("model %s %s not swapped in (%s): %s; still serving %s",
+                  manifest.name, manifest.version, reason, message, kept)  # fmt: skip
+
+    def rollback(self) -> ServedModel:
+        """Serve the standby version again; ModelUnavailableError if there is none."""
+        with self._swap_lock:
+            current, standby = self._serving, self._standby
+            if current is None or standby is None:
+                raise ModelUnavailableError("no previous version to roll back to")
+            self.versions.apply(current.version, VersionEvent.ROLL_BACK)
+            self.versions.apply(standby.version, VersionEvent.RESTORE)
+            self._serving, self._standby = standby, None
+            self.metrics.model_loaded(swapped=False)
+            self._publish_models()
+        log.warning("model %s: rolled back from %s to %s",
+                    standby.manifest.name, current.version, standby.version)  # fmt: skip
+        return standby
+
+    def _publish_models(self) -> None:
+        models = []
+        for served, role in ((self._serving, "serving"), (self._standby, "standby")):
+            if served is not None:
+                models.append((served.manifest.name, served.version, role))
+        self.metrics.set_models(models)
+
+    def describe(self) -> dict[str, Any]:
+        """The serving and standby versions, recent version states, the last load failure."""
+        serving, standby = self._serving, self._standby
+        return {
+            "model": serving.manifest.name if serving else None,
+            "version": serving.version if serving else None,
+            "previous_version": standby.version if standby else None,
+            "serving": serving.describe() if serving else None,
+            "versions": self.versions.as_dict(),
+            "last_failure": self.last_failure or None,
+        }
+
+    # --- predictions ---------------------------------------------------------------------
+    def predict(self, x: object) -> Predictions:
+        """Predict one sample or a batch; InputError for a bad input, ModelUnavailableError."""
+        start = time.perf_counter()
+        served = self._serving  # read once: this request stays on this version
+        if served is None:
+            self.metrics.count_request("unavailable")
+            raise ModelUnavailableError("no model is loaded yet")
+        try:
+            arr = x if isinstance(x, np.ndarray) else np.asarray(x)
+            single = arr.ndim == served.rank - 1
+            batch = served.model.check(arr[None] if single else arr)
+            if len(batch) > self.max_batch:
+                raise InputError(f"batch of {len(batch)} rows; at most {self.max_batch}")
+        except (InputError, ValueError, TypeError) as exc:
+            self.metrics.count_request("invalid")
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"input is not a numeric array: {exc}") from exc
+        if served.scale != 1.0:
+            batch = batch * served.scale
+        if served.offset != 0.0:
+            batch = batch + served.offset
+        if batch is x or batch.base is x:
+            batch = batch.copy()  # kept for feedback: the caller may reuse its array
+        try:
+            out = served.model.run_checked(batch)
+        except InferenceError:
+            self.metrics.count_request("error")
+            raise
+        pid = f"{self._prefix}{next(self._ids)}"
+        manifest = served.manifest
+        self.recent.put(pid, batch, manifest.name, manifest.version)
+        if len(out) == 1:
+            row = out[0].tolist()
+            top = max(row)
+            confidence = 1.0 / math.fsum([math.exp(v - top) for v in row])
+            self.metrics.observe_one(time.perf_counter() - start, confidence)
+            return Predictions(pid, manifest.name, manifest.version, [row.index(top)],
+                               [confidence], served.labels, single)  # fmt: skip
+        return self._batch_answer(out, pid, served, start)
+
+    def _batch_answer(
+        self, out: npt.NDArray[Any], pid: str, served: ServedModel, start: float
+    ) -> Predictions:
+        logits = out.reshape(len(out), -1)
+        top = logits.max(axis=1, keepdims=True)
+        conf = 1.0 / np.exp(logits - top).sum(axis=1)
+        self.metrics.observe_batch(time.perf_counter() - start, conf)
+        m = served.manifest
+        return Predictions(pid, m.name, m.version, logits.argmax(axis=1).tolist(),
+                           conf.tolist(), served.labels, False)  # fmt: skip
