@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cloud_coordinator.strategies.catalog import STRATEGY_NAMES
 from protocols import __version__
 from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
 from protocols.logs import setup_logging
@@ -74,7 +75,16 @@ def _parser() -> argparse.ArgumentParser:
         "--compression", default="f32", choices=["f32", "f16", "bf16", "int8", "topk"],
         help="how devices compress their updates (default f32)",
     )  # fmt: skip
-    demo.add_argument("--strategy", default="fedavg", help="aggregation strategy (default fedavg)")
+    demo.add_argument(
+        "--strategy", default="fedavg", choices=STRATEGY_NAMES, metavar="NAME",
+        help=f"aggregation strategy, with its default parameters: {', '.join(STRATEGY_NAMES)}"
+        " (default fedavg)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--mode", default="sync", choices=["sync", "async"],
+        help="sync rounds, or async (FedBuff: a new version each time 4/5 of the agents'"
+        " worth of updates are in) (default sync)",
+    )  # fmt: skip
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (default 0.5)")
     demo.add_argument("--seed", type=int, default=0, help="data split and model seed (default 0)")
     demo.add_argument(
@@ -178,6 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             template=args.template,
             compression=args.compression,
             strategy=args.strategy,
+            mode=args.mode,
             alpha=args.alpha,
             seed=args.seed,
             broker=args.broker,

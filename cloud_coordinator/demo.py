@@ -41,6 +41,7 @@ class DemoOptions:
     template: str = "digits_mlp"
     compression: str = "f32"
     strategy: str = "fedavg"
+    mode: str = "sync"
     alpha: float = 0.5
     seed: int = 0
     epochs: int = 2
@@ -75,6 +76,8 @@ def run_job(
         "job_id": job_id,
         "template": options.template,
         "strategy": options.strategy,
+        "mode": options.mode,
+        **({"async_buffer": max(1, options.agents * 4 // 5)} if options.mode == "async" else {}),
         "rounds": options.rounds,
         "devices_per_round": options.agents,
         "compression": options.compression,
