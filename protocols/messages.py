@@ -144,9 +144,17 @@ class ModelManifest:
     preprocessing: dict[str, Scalar] = field(default_factory=dict)
     signature: bytes = b""
     head_layers: tuple[LayerSpec, ...] = ()
+    signer_key: bytes = b""
+    serving_file: str = ""
+    variants: dict[str, Scalar] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _ids(model_name=self.name, version=self.version)
+
+    @property
+    def serving(self) -> str:
+        """The file devices run for inference (``model.onnx`` unless a variant was chosen)."""
+        return self.serving_file or "model.onnx"
 
 
 @fast_constructor

@@ -89,6 +89,9 @@ def samples() -> dict[str, Message]:
             {"mean": 0.5, "std": 0.25, "size": 224, "rgb": True, "layout": "NCHW"},
             bytes(range(64)),
             (LayerSpec("linear", 64, 32), LayerSpec("relu"), LayerSpec("linear", 32, 10)),
+            bytes(range(100, 132)),
+            "model.int8.onnx",
+            {"chosen": "int8", "fp32_accuracy": 0.975, "int8_accuracy": 0.9722},
         ),
         TrainTask(
             "task-3",

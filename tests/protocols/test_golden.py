@@ -90,4 +90,19 @@ def test_manifest_from_before_head_layers_still_decodes() -> None:
     manifest = samples()["manifest"]
     assert isinstance(manifest, messages.ModelManifest)
     assert manifest.head_layers
-    assert plain(decoded) == plain(dataclasses.replace(manifest, head_layers=()))
+    before = dataclasses.replace(
+        manifest, head_layers=(), signer_key=b"", serving_file="", variants={}
+    )
+    assert plain(decoded) == plain(before)
+
+
+def test_manifest_from_before_signer_key_still_decodes() -> None:
+    # A minor version added ``signer_key``, ``serving_file`` and ``variants`` (defaults).
+    old = (GOLDEN_DIR / "compat" / "manifest-before-signer-key.msgpack").read_bytes()
+    decoded = messages.decode(old)
+    manifest = samples()["manifest"]
+    assert isinstance(manifest, messages.ModelManifest)
+    before = dataclasses.replace(manifest, signer_key=b"", serving_file="", variants={})
+    assert plain(decoded) == plain(before)
+    assert isinstance(decoded, messages.ModelManifest)
+    assert decoded.serving == "model.onnx"

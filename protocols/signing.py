@@ -1,0 +1,110 @@
+"""Ed25519 signatures on model manifests: the coordinator signs, devices verify.
+
+The signed bytes are the manifest encoded with an empty ``signature`` (``signer_key``
+included), so any change to a file hash, the schema, the labels or the chosen variant
+breaks the signature. A device trusts a set of public keys (pinned in its config, or the
+first one it met); `verify_manifest` raises `SignatureError` with the reason it counts:
+
+- ``unsigned``: no signature or no signer key;
+- ``untrusted_key``: signed, but by a key the device does not trust;
+- ``bad_signature``: the signature does not match the bytes (tampered, or corrupted).
+
+Keys are raw 32-byte Ed25519 keys; `key_text`/`parse_key` give them a printable base64
+form for config files and the command line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+from collections.abc import Collection
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from protocols.errors import DecodeError
+from protocols.messages import ModelManifest, encode
+
+KEY_BYTES = 32
+SIGNATURE_REASONS = frozenset({"unsigned", "untrusted_key", "bad_signature"})
+
+
+class SignatureError(DecodeError):
+    """A manifest is unsigned, signed by an untrusted key, or its signature does not match."""
+
+    reason = "bad_signature"
+
+
+def generate_private_key() -> bytes:
+    """A new random Ed25519 private key (32 raw bytes)."""
+    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+
+    key = Ed25519PrivateKey.generate()
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def public_key(private_key: bytes) -> bytes:
+    """The 32-byte public key of a raw private key; ValueError if it is not one."""
+    key = Ed25519PrivateKey.from_private_bytes(_raw(private_key, "private key"))
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def key_text(key: bytes) -> str:
+    """A raw key as base64 text (what config files and `--model-key` hold)."""
+    return base64.b64encode(key).decode("ascii")
+
+
+def parse_key(text: str) -> bytes:
+    """A raw 32-byte key from its base64 text; ValueError saying what is wrong."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"not base64: {text[:20]!r}") from None
+    return _raw(raw, "key")
+
+
+def _raw(key: bytes, what: str) -> bytes:
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"an Ed25519 {what} is {KEY_BYTES} bytes, got {len(key)}")
+    return bytes(key)
+
+
+def signed_bytes(manifest: ModelManifest) -> bytes:
+    """The bytes a manifest's signature covers: the manifest with an empty signature."""
+    return encode(dataclasses.replace(manifest, signature=b""))
+
+
+def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
+    """`manifest` with ``signer_key`` set to the key's public half and signed by it."""
+    unsigned = dataclasses.replace(manifest, signer_key=public_key(private_key), signature=b"")
+    key = Ed25519PrivateKey.from_private_bytes(private_key)
+    return dataclasses.replace(unsigned, signature=key.sign(signed_bytes(unsigned)))
+
+
+def verify_manifest(manifest: ModelManifest, trusted: Collection[bytes]) -> None:
+    """Return if `manifest` is signed by one of the `trusted` keys; SignatureError if not."""
+    if not manifest.signature or not manifest.signer_key:
+        raise SignatureError(
+            f"manifest {manifest.name} {manifest.version} is not signed", reason="unsigned"
+        )
+    if manifest.signer_key not in trusted:
+        raise SignatureError(
+            f"manifest {manifest.name} {manifest.version} is signed by key"
+            f" {key_text(manifest.signer_key)}, which this device does not trust",
+            reason="untrusted_key",
+        )
+    try:
+        Ed25519PublicKey.from_public_bytes(manifest.signer_key).verify(
+            manifest.signature, signed_bytes(manifest)
+        )
+    except (InvalidSignature, ValueError):
+        raise SignatureError(
+            f"manifest {manifest.name} {manifest.version}: the signature does not match"
+            " (tampered with, or corrupted)",
+            reason="bad_signature",
+        ) from None
