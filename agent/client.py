@@ -21,11 +21,10 @@ import numpy as np
 
 from agent import api_codec
 from agent.api_codec import JSON, MSGPACK
-from agent.errors import AgentError
+from agent.errors import AgentError, InputError
 from agent.feedback import FeedbackError
 from agent.http_api import Backend
-from agent.onnx_runtime import InputError
-from agent.serving import ModelUnavailableError, Predictions
+from agent.predictions import ModelUnavailableError, Predictions
 
 
 class ClientError(AgentError):

@@ -181,7 +181,7 @@ class Agent:
     def _rollback(self) -> tuple[bool, str]:
         if self.inference is None:
             return False, "inference is off"
-        from agent.serving import ModelUnavailableError
+        from agent.predictions import ModelUnavailableError
 
         try:
             self.inference.rollback()

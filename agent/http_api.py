@@ -25,11 +25,10 @@ from typing import Any, Protocol
 from agent import api_codec
 from agent.api_codec import JSON, BadRequestError
 from agent.config import ListenAddress
-from agent.errors import AgentError
+from agent.errors import AgentError, InferenceError, InputError
 from agent.feedback import FeedbackError
-from agent.onnx_runtime import InferenceError, InputError
 from agent.openapi import OPENAPI
-from agent.serving import ModelUnavailableError, Predictions
+from agent.predictions import ModelUnavailableError, Predictions
 
 log = logging.getLogger(__name__)
 _OPENAPI_BYTES = json.dumps(OPENAPI, indent=1).encode()

@@ -25,7 +25,8 @@ from agent.feedback import FeedbackError, FeedbackLog, RecentInputs
 from agent.http_api import ApiServer
 from agent.inference_metrics import InferenceMetrics
 from agent.model_store import ModelStore
-from agent.serving import InferenceRuntime, ModelUnavailableError, Predictions
+from agent.predictions import ModelUnavailableError, Predictions
+from agent.serving import InferenceRuntime
 from protocols.messages import ModelManifest
 from protocols.model_format import MODEL_FILE
 

@@ -11,7 +11,8 @@ straight through the session's native call. onnxruntime's exceptions are transla
 its types do not leave this module.
 
     AgentError (agent.errors)
-    └── InferenceError   a model cannot be loaded or run
+    ├── InferenceError   a model cannot be loaded or run
+    └── InputError       an input does not fit the model's input schema
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from agent.errors import AgentError
+from agent.errors import InferenceError, InputError
+
+__all__ = ["InferenceError", "InputError", "OnnxModel", "choose_providers"]
 
 #: Everything onnxruntime raises on a bad model, bad input or failed provider.
 ORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -62,14 +65,6 @@ PROVIDER_NAMES: dict[str, str] = {
     "openvino": "OpenVINOExecutionProvider",
 }
 CPU = PROVIDER_NAMES["cpu"]
-
-
-class InferenceError(AgentError):
-    """An ONNX model could not be loaded or run."""
-
-
-class InputError(InferenceError):
-    """An input does not match the model's input schema (the caller's fault)."""
 
 
 def available_providers() -> list[str]:

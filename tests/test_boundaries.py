@@ -122,6 +122,37 @@ def test_pure_protocol_modules_import_no_io(path: Path) -> None:
     assert not forbidden, f"{path.name} imports {sorted(forbidden)}"
 
 
+# The inference path (issue 5): what each module may pull in. The runtime and the API run in
+# the daemon, so never torch; the client runs in applications, so not onnxruntime either.
+INFERENCE_MODULES = {
+    "agent.onnx_runtime": {"torch"},
+    "agent.serving": {"torch"},
+    "agent.inference_service": {"torch"},
+    "agent.http_api": {"torch", "onnxruntime"},
+    "agent.client": {"torch", "onnxruntime"},
+    "agent.predictions": {"torch", "onnxruntime", "numpy"},
+    "agent.api_codec": {"torch", "onnxruntime"},
+    "agent.inference_metrics": {"torch", "onnxruntime"},
+    "agent.feedback": {"torch", "onnxruntime"},
+    "agent.rollout": {"torch", "onnxruntime", "numpy"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(INFERENCE_MODULES))
+def test_the_inference_path_stays_light(module: str) -> None:
+    found = _imports("edge")[module]
+    assert isinstance(found, list), f"importing {module} failed: {found}"
+    leaked = set(found) & INFERENCE_MODULES[module]
+    assert not leaked, f"{module} pulls in {sorted(leaked)}"
+
+
+def test_onnxruntime_is_imported_by_one_agent_module_only() -> None:
+    importers = sorted(
+        p.name for p in (ROOT / "agent").glob("*.py") if "onnxruntime" in _direct_imports(p)
+    )
+    assert importers == ["onnx_runtime.py"]
+
+
 def test_the_walk_found_every_package() -> None:
     expected = {"protocols.messages", "protocols.mqtt", "agent.daemon", "cloud_coordinator.service"}
     assert expected <= set(_all_modules())
