@@ -24,7 +24,7 @@ exit status: 0 ok, 1 error, 78 invalid configuration.
 """
 
 
-COMMANDS = ("serve", "devices", "rejections", "demo")
+COMMANDS = ("serve", "devices", "rejections", "public-key", "demo")
 
 
 def _common(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     rejections = sub.add_parser("rejections", help="print counts of rejected messages")
     _common(rejections)
     rejections.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    key = sub.add_parser(
+        "public-key",
+        help="print the public key devices pin to check model signatures",
+        description="Print the base64 Ed25519 public key of the coordinator's model-signing"
+        " key (made on the coordinator's first start). Give it to agents as"
+        " `trust.model_keys` in agent.toml, FEDGE_TRUST_MODEL_KEYS, or --model-key.",
+    )
+    _common(key)
     demo = sub.add_parser(
         "demo",
         help="run the product tour on this machine",
@@ -212,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args, config)
         if command == "devices":
             return _devices(args, config.db_path)
+        if command == "public-key":
+            from cloud_coordinator.signing_key import read_public_key
+            from protocols.signing import key_text
+
+            print(key_text(read_public_key(Path(config.data_dir))))
+            return 0
         return _rejections(args, config.db_path)
     except StoreError as exc:
         print(f"fedge-coordinator: {exc}", file=sys.stderr)

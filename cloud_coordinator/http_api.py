@@ -4,6 +4,7 @@ GET /healthz          liveness and broker connection
 GET /metrics          Prometheus text: devices online, messages accepted and rejected
 GET /v1/devices       the fleet as JSON
 GET /v1/rejections    rejection counts by channel and reason
+GET /v1/signing-key   the public key model manifests are signed with (devices pin it)
 GET /v1/jobs          training jobs in brief
 GET /v1/jobs/{id}     one job with every round's metrics
 POST /v1/jobs         start a job (JSON body: the job spec; 400 names a bad field)
@@ -22,7 +23,9 @@ from typing import Any, Protocol
 
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.registry import read_devices, read_rejections
+from cloud_coordinator.signing_key import read_public_key
 from protocols import __version__
+from protocols.signing import key_text
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
                     self._json(404, {"error": f"no job {path.removeprefix('/v1/jobs/')!r}"})
                 else:
                     self._json(200, job)
+            elif path == "/v1/signing-key":
+                key = read_public_key(self.state.db_path.parent)
+                self._json(200, {"algorithm": "ed25519", "public_key": key_text(key)})
             elif path == "/v1/rejections":
                 counts = read_rejections(self.state.db_path)
                 rows = [{"channel": c, "reason": r, "count": n} for (c, r), n in counts.items()]

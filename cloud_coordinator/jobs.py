@@ -59,6 +59,7 @@ class JobRunner:
         candidates: Callable[[], list[Candidate]],
         device: str = "auto",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        signing_key: bytes | None = None,
     ) -> None:
         self.store = store
         self.models = models
@@ -66,7 +67,7 @@ class JobRunner:
         self.candidates = candidates
         self.device = pick_device(device)
         self.chunk_size = chunk_size
-        self.versions = VersionMaker(store, models, publisher)
+        self.versions = VersionMaker(store, models, publisher, signing_key)
         self.async_driver = AsyncDriver(store, candidates, self._busy, self._send_task)
         self._active: dict[str, ActiveJob] = {}
         self._lock = threading.RLock()
@@ -109,6 +110,7 @@ class JobRunner:
         bundle, _ = bundles.initial_bundle(
             template, spec.model, version, spec.seed, backbone=backbone
         )
+        bundle = self.versions.signed(bundle)
         holdout = datasets.server_data(template, spec.data_seed).holdout
         accuracy, loss = bundles.evaluate(bundle.files["model.onnx"], holdout.x, holdout.y)
         metrics = {"accuracy": accuracy, "loss": loss}

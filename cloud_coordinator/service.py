@@ -22,6 +22,7 @@ from cloud_coordinator.jobs import JobRunner
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.registry import Registry, read_devices
 from cloud_coordinator.selection import Candidate
+from cloud_coordinator.signing_key import load_or_create_key
 from protocols import __version__
 from protocols.mqtt import InboundMessage, MqttClient, settings_from_config
 from protocols.topics import all_devices_filter
@@ -59,6 +60,7 @@ class Coordinator:
             self._candidates,
             device=config.aggregation_device,
             chunk_size=config.effective_chunk_size,
+            signing_key=load_or_create_key(Path(config.data_dir)),
         )
         self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner)
         for channel in SUBSCRIBED:

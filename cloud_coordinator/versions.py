@@ -24,6 +24,7 @@ from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.strategies.server_opt import STEP_KEY, ServerOptimiser
 from protocols.messages import encode
 from protocols.model_format import MODEL_FILE, pack_tensors, unpack_tensors
+from protocols.signing import sign_manifest
 from protocols.topics import ModelChannel, model_topic
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,23 @@ def _unpack_state(data: bytes) -> dict[str, np.ndarray]:
 class VersionMaker:
     """Makes, records and announces new versions."""
 
-    def __init__(self, store: JobStore, models: ModelRegistry, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        models: ModelRegistry,
+        publisher: Publisher,
+        signing_key: bytes | None = None,
+    ) -> None:
         self.store = store
         self.models = models
         self.publisher = publisher
+        self.signing_key = signing_key
+
+    def signed(self, bundle: bundles.Bundle) -> bundles.Bundle:
+        """`bundle` with its manifest signed by the coordinator's key (as is without one)."""
+        if self.signing_key is None:
+            return bundle
+        return bundles.Bundle(bundle.files, sign_manifest(bundle.manifest, self.signing_key))
 
     def registered(self, name: str, version: str) -> bundles.Bundle | None:
         """The bundle of a registered version, or None."""
@@ -88,7 +102,7 @@ class VersionMaker:
         version = version_id(spec.job_id, active.round_no)
         bundle = self.registered(spec.model, version)  # made before a crash, from these updates
         if bundle is None:
-            bundle = bundles.next_bundle(active.bundle, head, version, active.version)
+            bundle = self.signed(bundles.next_bundle(active.bundle, head, version, active.version))
         else:
             head = bundle.head_state()
         accuracy, loss = bundles.evaluate(

@@ -219,3 +219,20 @@ def test_stop_without_start_returns(populated: Path) -> None:
         server._server._BaseServer__is_shut_down.set()  # type: ignore[attr-defined]
         stopper.join(5)
     assert not hung
+
+
+def test_signing_key_is_served_once_made(tmp_path: Path) -> None:
+    from cloud_coordinator.signing_key import load_or_create_key
+    from protocols.signing import key_text, public_key
+
+    db = tmp_path / "coordinator.db"
+    for _, get in _serve(db):
+        reply = get("/v1/signing-key")
+        assert reply.status == 503  # the coordinator has not made its key yet
+        body = reply.json()
+        assert isinstance(body, dict)
+        assert "start the coordinator once" in body["error"]
+        key = load_or_create_key(tmp_path)
+        reply = get("/v1/signing-key")
+        assert reply.status == 200
+        assert reply.json() == {"algorithm": "ed25519", "public_key": key_text(public_key(key))}
