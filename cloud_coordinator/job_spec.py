@@ -58,6 +58,7 @@ class JobSpec:
     max_train_seconds: float = 20.0
     data_seed: int = 0
     seed: int = 0
+    int8_variant: bool = True
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> JobSpecError:

@@ -110,9 +110,9 @@ class JobRunner:
         bundle, _ = bundles.initial_bundle(
             template, spec.model, version, spec.seed, backbone=backbone
         )
-        bundle = self.versions.signed(bundle)
         holdout = datasets.server_data(template, spec.data_seed).holdout
-        accuracy, loss = bundles.evaluate(bundle.files["model.onnx"], holdout.x, holdout.y)
+        accuracy, loss = self.versions.scored(bundle, holdout)
+        bundle = self.versions.finished(bundle, holdout, accuracy, spec.int8_variant)
         metrics = {"accuracy": accuracy, "loss": loss}
         self.models.put(bundle, job_id=spec.job_id, round=0, devices=(), metrics=metrics)
         self.versions.publish_manifest(bundle)

@@ -15,13 +15,14 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from cloud_coordinator import bundles
+from cloud_coordinator import bundles, datasets
 from cloud_coordinator.blob_server import Publisher
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_state import ActiveJob, version_id
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.strategies.server_opt import STEP_KEY, ServerOptimiser
+from cloud_coordinator.variants import choose_serving
 from protocols.messages import encode
 from protocols.model_format import MODEL_FILE, pack_tensors, unpack_tensors
 from protocols.signing import sign_manifest
@@ -75,6 +76,16 @@ class VersionMaker:
             {f.name: self.models.blob(f.sha256) for f in manifest.files}, manifest
         )
 
+    def scored(self, bundle: bundles.Bundle, holdout: datasets.Samples) -> tuple[float, float]:
+        """``(accuracy, loss)`` of the bundle's fp32 model on the holdout."""
+        return bundles.evaluate(bundle.files[MODEL_FILE], holdout.x, holdout.y)
+
+    def finished(
+        self, bundle: bundles.Bundle, holdout: datasets.Samples, accuracy: float, int8: bool
+    ) -> bundles.Bundle:
+        """A new version ready to register: its int8 variant chosen or not, then signed."""
+        return self.signed(choose_serving(bundle, holdout.x, holdout.y, accuracy, enabled=int8))
+
     def publish_manifest(self, bundle: bundles.Bundle) -> None:
         """Announce `bundle` to the fleet (retained)."""
         topic = model_topic(bundle.manifest.name, ModelChannel.MANIFEST)
@@ -101,13 +112,14 @@ class VersionMaker:
         head, optimiser_state = self.server_step(active, delta)
         version = version_id(spec.job_id, active.round_no)
         bundle = self.registered(spec.model, version)  # made before a crash, from these updates
+        accuracy = loss = 0.0
         if bundle is None:
-            bundle = self.signed(bundles.next_bundle(active.bundle, head, version, active.version))
+            bundle = bundles.next_bundle(active.bundle, head, version, active.version)
+            accuracy, loss = self.scored(bundle, active.holdout)
+            bundle = self.finished(bundle, active.holdout, accuracy, spec.int8_variant)
         else:
             head = bundle.head_state()
-        accuracy, loss = bundles.evaluate(
-            bundle.files[MODEL_FILE], active.holdout.x, active.holdout.y
-        )
+            accuracy, loss = self.scored(bundle, active.holdout)
         total = sum(n for _, n in active.device_val)
         metrics: dict[str, object] = {
             "accuracy": accuracy,
@@ -120,6 +132,8 @@ class VersionMaker:
             "device_val_acc_base": (
                 sum(a * n for a, n in active.device_val) / total if total else None
             ),
+            "serving": str(bundle.manifest.variants.get("chosen", "fp32")),
+            "int8_accuracy": bundle.manifest.variants.get("int8_accuracy"),
             "strategy": spec.strategy,
             "mode": spec.mode,
             **active.aggregate.report(),
