@@ -51,18 +51,20 @@ class InferenceService:
         self.feedback_log = FeedbackLog(dataset_dir, config.inference_feedback_max_rows)
         self.model_name: str | None = config.inference_model or None
         self.server: ApiServer | None = None
-        self._queue: queue.Queue[ModelManifest | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[ModelManifest, bool] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Load the stored current version (in the background) and open the API."""
+        """Load the stored previous and current versions (in the background); open the API."""
         names = [self.model_name] if self.model_name else self.store.names()[:1]
         for name in names:
-            manifest = self.store.current(name)
-            if manifest is not None:
-                self.model_activated(manifest)
+            current, previous = self.store.current(name), self.store.previous(name)
+            if current is not None:
+                self.model_activated(current)
+            if previous is not None and previous.version not in self.store.blocked(name):
+                self._queue.put((previous, True))  # the standby `rollback` returns to
         self._loader.start()
         address = parse_listen(self.config.inference_listen, self.config.data_dir)
         try:
@@ -96,17 +98,21 @@ class InferenceService:
             if self.model_name is None:
                 self.model_name = manifest.name
         if manifest.name == self.model_name:
-            self._queue.put(manifest)
+            self._queue.put((manifest, False))
 
     def _load_loop(self) -> None:
         while True:
-            manifest = self._queue.get()
+            item = self._queue.get()
             try:
-                if manifest is None:
+                if item is None:
                     return
-                self.install(manifest)
+                manifest, standby = item
+                if standby:
+                    self._keep_standby(manifest)
+                else:
+                    self.install(manifest)
             except Exception:  # supervisor of the loader thread: log with traceback, go on
-                log.exception("loading model %s failed unexpectedly", manifest)
+                log.exception("loading model %s failed unexpectedly", item)
             finally:
                 self._queue.task_done()
 
@@ -123,6 +129,14 @@ class InferenceService:
             self.store.block(manifest.name, manifest.version)
             self._point_store()
         return ok
+
+    def _keep_standby(self, manifest: ModelManifest) -> None:
+        try:
+            data = self.store.file(manifest, MODEL_FILE)
+        except AgentError as exc:
+            log.warning("previous version %s not kept for rollback: %s", manifest.version, exc)
+            return
+        self.runtime.keep_standby(manifest, data)
 
     def _point_store(self) -> None:
         serving, standby = self.runtime.serving, self.runtime.standby

@@ -2,16 +2,17 @@
 
 A version is `loading` while its session is built and warmed up off the request path. It
 starts `serving` only once that worked (else it is `failed` and never served); the version
-it replaces becomes the `standby` (kept loaded, so `rollback` is instant). A newer version
+it replaces becomes the `standby` (kept loaded, so `rollback` is instant). After a restart
+the previous version is loaded straight into `standby` (`kept`). A newer version
 retires the standby. `rollback` puts the standby back to `serving`, and the version it
 replaced is `rolled_back`: never served again unless it is published anew.
 
-| state | `ready` | `fail` | `superseded` | `restore` | `roll_back` | `retire` |
-|---|---|---|---|---|---|---|
-| `loading` | `serving` | `failed` | | | | |
-| `serving` | | | `standby` | | `rolled_back` | |
-| `standby` | | | | `serving` | | `retired` |
-| `failed`, `rolled_back`, `retired` | | | | | | |
+| state | `ready` | `kept` | `fail` | `superseded` | `restore` | `roll_back` | `retire` |
+|---|---|---|---|---|---|---|---|
+| `loading` | `serving` | `standby` | `failed` | | | | |
+| `serving` | | | | `standby` | | `rolled_back` | |
+| `standby` | | | | | `serving` | | `retired` |
+| `failed`, `rolled_back`, `retired` | | | | | | | |
 
 An empty cell raises `IllegalTransitionError`. Pure: no I/O, no clocks, no threads.
 """
@@ -38,6 +39,7 @@ class VersionEvent(Enum):
     """What can happen to a model version on this device."""
 
     READY = "ready"
+    KEPT = "kept"
     FAIL = "fail"
     SUPERSEDED = "superseded"
     RESTORE = "restore"
@@ -48,6 +50,7 @@ class VersionEvent(Enum):
 S, E = VersionState, VersionEvent
 TRANSITIONS: dict[tuple[VersionState, VersionEvent], VersionState] = {
     (S.LOADING, E.READY): S.SERVING,
+    (S.LOADING, E.KEPT): S.STANDBY,
     (S.LOADING, E.FAIL): S.FAILED,
     (S.SERVING, E.SUPERSEDED): S.STANDBY,
     (S.SERVING, E.ROLL_BACK): S.ROLLED_BACK,

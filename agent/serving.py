@@ -194,6 +194,23 @@ class InferenceRuntime:
         log.info("model %s: serving version %s", manifest.name, manifest.version)
         return True
 
+    def keep_standby(self, manifest: ModelManifest, model_bytes: bytes) -> bool:
+        """Load `manifest` as the standby (after a restart) if there is none; False if it fails."""
+        with self._swap_lock:
+            serving = self._serving
+            if self._standby is not None or (serving and serving.version == manifest.version):
+                return True
+            self.versions.begin(manifest.version)
+            try:
+                served = self.load(manifest, model_bytes)
+            except ModelLoadError as exc:
+                self.fail(manifest, exc.reason, str(exc))
+                return False
+            self._standby = served
+            self.versions.apply(served.version, VersionEvent.KEPT)
+            self._publish_models()
+        return True
+
     def fail(self, manifest: ModelManifest, reason: str, message: str) -> None:
         """Record that `manifest` could not be loaded (logged, counted, kept for /v1/model)."""
         if self.versions.state(manifest.version) is None:
