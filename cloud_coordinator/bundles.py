@@ -271,6 +271,25 @@ def session(model_onnx: bytes) -> ort.InferenceSession:
     return ort.InferenceSession(model_onnx, options, providers=["CPUExecutionProvider"])
 
 
+#: What onnxruntime raises when a session refuses an input (wrong shape, dtype or rank).
+ORT_RUN_ERRORS: tuple[type[Exception], ...] = (
+    ort.capi.onnxruntime_pybind11_state.Fail,
+    ort.capi.onnxruntime_pybind11_state.InvalidArgument,
+    ort.capi.onnxruntime_pybind11_state.RuntimeException,
+    RuntimeError,
+    ValueError,
+    TypeError,
+)
+
+
+def run_logits(runner: ort.InferenceSession, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """One batch's logits from an open session; ValueError if onnxruntime refuses `x`."""
+    try:
+        return np.asarray(runner.run([LOGITS_NAME], {INPUT_NAME: x})[0], np.float32)
+    except ORT_RUN_ERRORS as exc:
+        raise ValueError(f"the model refused input {x.shape} {x.dtype}: {exc}") from None
+
+
 def logits(
     model_onnx: bytes, x: npt.NDArray[np.floating], batch_size: int = 1024
 ) -> npt.NDArray[np.float32]:

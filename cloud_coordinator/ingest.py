@@ -48,6 +48,16 @@ class TrainingSink(Protocol):
         """Send the chunks a device asked for."""
 
 
+class InferenceSink(Protocol):
+    """Where offloaded predictions go (`CloudInference`); raises DecodeError to reject."""
+
+    def on_request(
+        self, device_id: str, payload: bytes, max_bytes: int,
+        response_topic: str = "", correlation: bytes = b"",
+    ) -> None:  # fmt: skip
+        """Check and queue one inference request."""
+
+
 #: Device channels the coordinator subscribes to in this version.
 SUBSCRIBED = (
     DeviceChannel.STATUS,
@@ -55,6 +65,7 @@ SUBSCRIBED = (
     DeviceChannel.ACK,
     DeviceChannel.UPDATE,
     DeviceChannel.BLOB_REQUEST,
+    DeviceChannel.INFER_REQUEST,
 )
 
 
@@ -62,10 +73,15 @@ class Ingest:
     """Decodes and applies device messages; keeps in-memory counters for /metrics."""
 
     def __init__(
-        self, store: DeviceStore, max_payload_bytes: int, training: TrainingSink | None = None
+        self,
+        store: DeviceStore,
+        max_payload_bytes: int,
+        training: TrainingSink | None = None,
+        inference: InferenceSink | None = None,
     ) -> None:
         self.store = store
         self.training = training
+        self.inference = inference
         self.max_payload_bytes = max_payload_bytes
         self.accepted: Counter[str] = Counter()
         self.rejected: Counter[tuple[str, str]] = Counter()
@@ -79,8 +95,12 @@ class Ingest:
             self._handlers[DeviceChannel.UPDATE] = self._update
             self._handlers[DeviceChannel.BLOB_REQUEST] = self._blob_request
 
-    def handle(self, topic: str, payload: bytes, now: float) -> bool:
-        """Apply one message; False (and a counted reason) if it was rejected."""
+    def handle(
+        self, topic: str, payload: bytes, now: float, *,
+        response_topic: str = "", correlation: bytes = b"",
+    ) -> bool:  # fmt: skip
+        """Apply one message; False (and a counted reason) if it was rejected. The MQTT 5
+        response topic and correlation data matter only to inference requests."""
         channel = "unknown"
         try:
             parsed = parse_topic(topic)
@@ -88,9 +108,13 @@ class Ingest:
                 raise DecodeError(f"{topic} is not a device topic", reason="topic")
             channel = parsed.channel.value
             handler = self._handlers.get(parsed.channel)
-            if handler is None:
+            if parsed.channel is DeviceChannel.INFER_REQUEST and self.inference is not None:
+                self.inference.on_request(parsed.device_id, payload, self.max_payload_bytes,
+                                          response_topic, correlation)  # fmt: skip
+            elif handler is None:
                 raise DecodeError(f"nothing handles {channel} yet", reason="unsupported")
-            handler(parsed.device_id, payload, now)
+            else:
+                handler(parsed.device_id, payload, now)
         except DecodeError as exc:
             self._reject(channel, exc.reason, topic, exc)
             return False

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cloud_coordinator.aggregation import set_threads
+from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.config import CoordinatorConfig
 from cloud_coordinator.http_api import ApiServer, ApiState
 from cloud_coordinator.ingest import SUBSCRIBED, Ingest
@@ -62,7 +63,9 @@ class Coordinator:
             chunk_size=config.effective_chunk_size,
             signing_key=load_or_create_key(Path(config.data_dir)),
         )
-        self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner)
+        self.inference = CloudInference(self.models, self.mqtt)
+        self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner,
+                             inference=self.inference)  # fmt: skip
         for channel in SUBSCRIBED:
             self.mqtt.subscribe(all_devices_filter(channel), qos=1)
         state = ApiState(
@@ -92,7 +95,9 @@ class Coordinator:
     def _drain(self) -> None:
         while (message := self._inbox.get()) is not None:
             try:
-                self.ingest.handle(message.topic, message.payload, time.time())
+                self.ingest.handle(message.topic, message.payload, time.time(),
+                                   response_topic=message.response_topic,
+                                   correlation=message.correlation)  # fmt: skip
             except Exception:  # the supervisor of the ingest loop: log, keep serving
                 log.exception("unexpected error ingesting %s", message.topic)
 
@@ -113,6 +118,7 @@ class Coordinator:
             self.runner.device,
         )
         self._worker.start()
+        self.inference.start()
         self.api.start()
         # Resume jobs before connecting, so updates the broker kept for us find their round.
         self.runner.start()
@@ -123,6 +129,7 @@ class Coordinator:
         self.mqtt.stop()
         self._inbox.put(None)
         self._worker.join(timeout=10)
+        self.inference.stop()
         self.api.stop()
         self.registry.close()
         self.job_store.close()

@@ -102,6 +102,8 @@ class InboundMessage:
     qos: int
     retain: bool
     received_at: float = field(default_factory=time.monotonic)
+    response_topic: str = ""  # MQTT 5 request/response: where the sender wants the answer
+    correlation: bytes = b""  # ... and what to echo back with it
 
 
 class PublishHandle:
@@ -240,11 +242,30 @@ class MqttClient:
             self._client.subscribe(topic_filter, qos)
 
     def publish(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        response_topic: str = "",
+        correlation: bytes = b"",
     ) -> PublishHandle:
-        """Queue `payload` for `topic`; QoS 1 survives reconnects, QoS 0 offline raises."""
+        """Queue `payload` for `topic`; QoS 1 survives reconnects, QoS 0 offline raises.
+
+        With MQTT 5, `response_topic` and `correlation` travel as the message's Response
+        Topic and Correlation Data (request/response); MQTT 3.1.1 has no place for them."""
+        properties = None
+        if (response_topic or correlation) and self.settings.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation:
+                properties.CorrelationData = correlation
         try:
-            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            info = self._client.publish(
+                topic, payload, qos=qos, retain=retain, properties=properties
+            )
         except ValueError as exc:  # bad topic, QoS or payload type
             raise PublishError(f"cannot publish to {topic!r}: {exc}") from exc
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
@@ -298,7 +319,15 @@ class MqttClient:
             self._notify(False)
 
     def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
-        message = InboundMessage(msg.topic, bytes(msg.payload), int(msg.qos), bool(msg.retain))
+        props = getattr(msg, "properties", None)
+        message = InboundMessage(
+            msg.topic,
+            bytes(msg.payload),
+            int(msg.qos),
+            bool(msg.retain),
+            response_topic=str(getattr(props, "ResponseTopic", "") or ""),
+            correlation=bytes(getattr(props, "CorrelationData", b"") or b""),
+        )
         try:
             self._on_message(message)
         except Exception:  # a callback bug must not kill the network thread

@@ -89,7 +89,8 @@ def test_a_newer_session_applies_after_an_older_one(
 def test_the_subscribed_channels_are_the_handled_ones() -> None:
     registry_channels = {DeviceChannel.STATUS, DeviceChannel.TELEMETRY, DeviceChannel.ACK}
     training_channels = {DeviceChannel.UPDATE, DeviceChannel.BLOB_REQUEST}
-    assert set(SUBSCRIBED) == registry_channels | training_channels
+    inference_channels = {DeviceChannel.INFER_REQUEST}
+    assert set(SUBSCRIBED) == registry_channels | training_channels | inference_channels
 
 
 # --- rejected ---------------------------------------------------------------------------
