@@ -16,7 +16,7 @@ from typing import Any
 from cloud_coordinator.errors import StoreError
 from protocols.messages import ONLINE, Status, Telemetry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id      TEXT PRIMARY KEY,
@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS devices (
     agent_version  TEXT NOT NULL DEFAULT '',
     telemetry      TEXT,
     telemetry_ts   REAL,
-    model_versions TEXT NOT NULL DEFAULT '{}'
+    model_versions TEXT NOT NULL DEFAULT '{}',
+    fleet          TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS rejections (
     channel TEXT NOT NULL,
@@ -54,6 +55,7 @@ class DeviceRecord:
     agent_version: str
     telemetry: dict[str, Any] | None
     model_versions: dict[str, str]
+    fleet: str = ""
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -67,6 +69,7 @@ class DeviceRecord:
             "agent_version": self.agent_version,
             "telemetry": self.telemetry,
             "model_versions": self.model_versions,
+            "fleet": self.fleet,
         }
 
 
@@ -100,6 +103,9 @@ class Registry:
             )
         with self._db:
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(devices)")}
+            if "fleet" not in columns:  # schema 1 (before rollouts): add the device's group
+                self._db.execute("ALTER TABLE devices ADD COLUMN fleet TEXT NOT NULL DEFAULT ''")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -122,7 +128,8 @@ class Registry:
                 "status_changed = CASE WHEN online != :online OR session_ts != :session "
                 "  THEN :now ELSE status_changed END, "
                 "online = :online, session_ts = :session, status_reason = :reason, "
-                "agent_version = CASE WHEN :version != '' THEN :version ELSE agent_version END "
+                "agent_version = CASE WHEN :version != '' THEN :version ELSE agent_version END, "
+                "fleet = CASE WHEN :fleet != '' THEN :fleet ELSE fleet END "
                 "WHERE device_id = :device AND session_ts <= :session",
                 {
                     "online": int(status.state == ONLINE),
@@ -130,6 +137,7 @@ class Registry:
                     "now": now,
                     "reason": status.reason,
                     "version": status.agent_version,
+                    "fleet": status.fleet,
                     "device": status.device_id,
                 },
             )
@@ -201,6 +209,7 @@ def _devices(db: sqlite3.Connection) -> list[DeviceRecord]:
             agent_version=row["agent_version"],
             telemetry=json.loads(row["telemetry"]) if row["telemetry"] else None,
             model_versions=json.loads(row["model_versions"]),
+            fleet=row["fleet"] if "fleet" in row.keys() else "",  # noqa: SIM118
         )
         for row in rows
     ]

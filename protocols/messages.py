@@ -41,9 +41,12 @@ class Status:
     ts: float
     agent_version: str = ""
     reason: str = ""
+    fleet: str = ""  # the device's group, for rollouts; empty from agents before 0.2
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id)
+        if self.fleet:
+            _ids(fleet=self.fleet)
         if self.state not in (ONLINE, OFFLINE):
             raise ValueError(f"state must be {ONLINE!r} or {OFFLINE!r}, not {self.state!r}")
 

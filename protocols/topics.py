@@ -3,7 +3,7 @@
 Layout (root ``fedge/v1``)::
 
     fedge/v1/dev/{device}/{status|telemetry|update|ack|blob/req|infer/req}      device -> cloud
-    fedge/v1/dev/{device}/{cmd|task|update/ack|blob|infer/resp}               cloud -> device
+    fedge/v1/dev/{device}/{cmd|task|update/ack|blob|infer/resp|deploy}        cloud -> device
     fedge/v1/model/{name}/{manifest|blob}
     fedge/v1/job/{job}/{task|control}
 
@@ -37,6 +37,7 @@ class DeviceChannel(StrEnum):
     UPDATE_ACK = "update/ack"
     BLOB = "blob"
     BLOB_REQUEST = "blob/req"
+    DEPLOY = "deploy"  # retained: the signed manifest of the version the device is to serve
 
 
 class ModelChannel(StrEnum):

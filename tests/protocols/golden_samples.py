@@ -60,7 +60,7 @@ def samples() -> dict[str, Message]:
     """One sample of every message kind, keyed by kind; equal on every call."""
     tensors = _tensors()
     found: list[Message] = [
-        Status("cam-01", messages.ONLINE, 1_700_000_000.5, "0.1.0", ""),
+        Status("cam-01", messages.ONLINE, 1_700_000_000.5, "0.1.0", "", "lab-2"),
         Telemetry(
             "cam-01",
             1_700_000_001.25,

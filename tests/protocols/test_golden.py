@@ -106,3 +106,13 @@ def test_manifest_from_before_signer_key_still_decodes() -> None:
     assert plain(decoded) == plain(before)
     assert isinstance(decoded, messages.ModelManifest)
     assert decoded.serving == "model.onnx"
+
+
+def test_status_from_before_fleet_still_decodes() -> None:
+    # A minor version added ``fleet`` (default ""): older bytes must still decode.
+    old = (GOLDEN_DIR / "compat" / "status-before-fleet.msgpack").read_bytes()
+    decoded = messages.decode(old)
+    status = samples()["status"]
+    assert isinstance(status, messages.Status)
+    assert status.fleet == "lab-2"
+    assert plain(decoded) == plain(dataclasses.replace(status, fleet=""))

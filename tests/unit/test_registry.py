@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,4 +208,32 @@ def test_as_json_says_online_or_offline(registry: Registry) -> None:
         "agent_version",
         "telemetry",
         "model_versions",
+        "fleet",
     }
+
+
+def test_a_schema_1_registry_gains_the_fleet_column(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as db:  # the devices table as schema 1 made it
+        db.execute(
+            "CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, "
+            "last_seen REAL NOT NULL, online INTEGER NOT NULL DEFAULT 0, session_ts REAL NOT "
+            "NULL DEFAULT 0, status_changed REAL, status_reason TEXT NOT NULL DEFAULT '', "
+            "agent_version TEXT NOT NULL DEFAULT '', telemetry TEXT, telemetry_ts REAL, "
+            "model_versions TEXT NOT NULL DEFAULT '{}')"
+        )
+        db.execute("INSERT INTO devices (device_id, first_seen, last_seen) VALUES ('old', 1, 1)")
+        db.execute("PRAGMA user_version=1")
+    db.close()
+    assert [d.fleet for d in read_devices(db_path)] == [""]  # readers cope before migrating
+    registry = Registry(db_path)
+    try:
+        assert user_version(db_path) == SCHEMA_VERSION == 2
+        status = builders.status("cam-1", ts=100.0)
+        registry.apply_status(dataclasses.replace(status, fleet="lab-2"), 10)
+        registry.apply_status(dataclasses.replace(status, ts=101.0), 11)  # no fleet: kept
+        fleets = {d.device_id: d.fleet for d in registry.devices()}
+        assert fleets == {"old": "", "cam-1": "lab-2"}
+        assert read_devices(db_path)[0].as_json()["fleet"] == "lab-2"
+    finally:
+        registry.close()
