@@ -115,7 +115,8 @@ class Agent:
                 self.learner.watch(config.inference_model)
 
     def _status(self, state: str, reason: str = "") -> bytes:
-        return encode(Status(self.config.device_id, state, self.session_ts, __version__, reason))
+        c = self.config
+        return encode(Status(c.device_id, state, self.session_ts, __version__, reason, c.fleet))
 
     def _event(self, event: Event) -> State:
         with self._lock:

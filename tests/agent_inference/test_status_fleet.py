@@ -1,0 +1,21 @@
+"""Every Status the agent sends (online, its Will, the offline on shutdown) names its fleet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from protocols.messages import OFFLINE, ONLINE, Status, decode_as
+
+
+def test_online_will_and_offline_statuses_carry_the_fleet(tmp_path: Path) -> None:
+    config = AgentConfig("cam-3", str(tmp_path), fleet="lab-2", train=False, inference=False)
+    agent = Agent(config)
+    will = agent.mqtt.settings.will
+    assert will is not None
+    statuses = [decode_as(Status, p) for p in
+                (agent._status(ONLINE), will.payload, agent._status(OFFLINE, "shutdown"))]  # fmt: skip
+    assert [(s.state, s.fleet) for s in statuses] == [
+        ("online", "lab-2"), ("offline", "lab-2"), ("offline", "lab-2"),
+    ]  # fmt: skip
