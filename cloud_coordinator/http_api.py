@@ -8,6 +8,10 @@ GET /v1/signing-key   the public key model manifests are signed with (devices pi
 GET /v1/jobs          training jobs in brief
 GET /v1/jobs/{id}     one job with every round's metrics
 POST /v1/jobs         start a job (JSON body: the job spec; 400 names a bad field)
+GET /v1/rollouts      every rollout, with its canary's health and the decision
+GET /v1/rollouts/{id} one rollout
+POST /v1/rollouts     deploy a version (JSON: model, version, group, canary_fraction, rule)
+POST /v1/rollouts/{id}/promote, /rollback   decide a canary by hand
 """
 
 from __future__ import annotations
@@ -43,6 +47,22 @@ class JobsApi(Protocol):
         """Every job in brief."""
 
 
+class RolloutsApi(Protocol):
+    """What the API needs from the rollout manager."""
+
+    def create(self, body: object) -> dict[str, Any]:
+        """Start a rollout; ValueError naming what is wrong."""
+
+    def steer(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """Promote or roll back by hand; KeyError if unknown, ValueError if not a canary."""
+
+    def rollouts_json(self) -> list[dict[str, Any]]:
+        """Every rollout."""
+
+    def rollout_json(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout, or None."""
+
+
 @dataclass(frozen=True, slots=True)
 class ApiState:
     """What the API reads: the registry file and live counters from the running service."""
@@ -51,6 +71,7 @@ class ApiState:
     mqtt_connected: Callable[[], bool]
     accepted: Callable[[], dict[str, int]]
     jobs: JobsApi | None = None
+    rollouts: RolloutsApi | None = None
 
 
 def _metrics(state: ApiState) -> str:
@@ -122,6 +143,14 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/v1/signing-key":
                 key = read_public_key(self.state.db_path.parent)
                 self._json(200, {"algorithm": "ed25519", "public_key": key_text(key)})
+            elif path == "/v1/rollouts" and self.state.rollouts is not None:
+                self._json(200, {"rollouts": self.state.rollouts.rollouts_json()})
+            elif path.startswith("/v1/rollouts/") and self.state.rollouts is not None:
+                rollout = self.state.rollouts.rollout_json(path.removeprefix("/v1/rollouts/"))
+                if rollout is None:
+                    self._json(404, {"error": f"no rollout {path.removeprefix('/v1/rollouts/')!r}"})
+                else:
+                    self._json(200, rollout)
             elif path == "/v1/rejections":
                 counts = read_rejections(self.state.db_path)
                 rows = [{"channel": c, "reason": r, "count": n} for (c, r), n in counts.items()]
@@ -136,12 +165,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path != "/v1/jobs" or self.state.jobs is None:
+        jobs, rollouts = self.state.jobs, self.state.rollouts
+        action: Callable[[object], dict[str, Any]] | None = None
+        if path == "/v1/jobs" and jobs is not None:
+            action = jobs.create_json
+        elif path == "/v1/rollouts" and rollouts is not None:
+            action = rollouts.create
+        elif path.startswith("/v1/rollouts/") and rollouts is not None:
+            rollout_id, _, verb = path.removeprefix("/v1/rollouts/").partition("/")
+
+            def action(_: object) -> dict[str, Any]:
+                assert rollouts is not None
+                return rollouts.steer(rollout_id, verb)
+
+        if action is None:
             self._json(404, {"error": f"no such endpoint POST {path}"})
             return
         length = int(self.headers.get("Content-Length") or 0)
         if length > 1 << 20:
-            self._json(413, {"error": "job spec larger than 1 MiB"})
+            self._json(413, {"error": "request body larger than 1 MiB"})
             return
         try:
             body = json.loads(self.rfile.read(length) or b"null")
@@ -149,7 +191,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(400, {"error": f"body is not JSON: {exc}"})
             return
         try:
-            self._json(201, self.state.jobs.create_json(body))
+            self._json(201 if path in ("/v1/jobs", "/v1/rollouts") else 200, action(body))
+        except KeyError as exc:
+            self._json(404, {"error": f"no rollout {exc.args[0]!r}"})
         except ValueError as exc:
             self._json(400, {"error": str(exc)})
         except StoreError as exc:

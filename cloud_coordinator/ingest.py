@@ -78,8 +78,10 @@ class Ingest:
         max_payload_bytes: int,
         training: TrainingSink | None = None,
         inference: InferenceSink | None = None,
+        acks: Callable[[str, Ack], None] | None = None,
     ) -> None:
         self.store = store
+        self.acks = acks
         self.training = training
         self.inference = inference
         self.max_payload_bytes = max_payload_bytes
@@ -158,6 +160,8 @@ class Ingest:
     def _ack(self, device_id: str, payload: bytes, now: float) -> None:
         ack = decode_as(Ack, payload, self.max_payload_bytes)
         self.store.touch(device_id, now)
+        if self.acks is not None:
+            self.acks(device_id, ack)
         log.info(
             "device %s acknowledged %s: %s %s",
             device_id,

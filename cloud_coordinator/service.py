@@ -22,6 +22,7 @@ from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.jobs import JobRunner
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.registry import Registry, read_devices
+from cloud_coordinator.rollouts import RolloutManager, RolloutStore
 from cloud_coordinator.selection import Candidate
 from cloud_coordinator.signing_key import load_or_create_key
 from protocols import __version__
@@ -64,8 +65,12 @@ class Coordinator:
             signing_key=load_or_create_key(Path(config.data_dir)),
         )
         self.inference = CloudInference(self.models, self.mqtt)
+        self.rollout_store = RolloutStore(config.db_path)
+        self.rollouts = RolloutManager(
+            self.rollout_store, self.models, self.mqtt, lambda: read_devices(config.db_path)
+        )
         self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner,
-                             inference=self.inference)  # fmt: skip
+                             inference=self.inference, acks=self.rollouts.on_ack)  # fmt: skip
         for channel in SUBSCRIBED:
             self.mqtt.subscribe(all_devices_filter(channel), qos=1)
         state = ApiState(
@@ -73,6 +78,7 @@ class Coordinator:
             lambda: self.mqtt.connected,
             lambda: dict(self.ingest.accepted),
             jobs=self.runner,
+            rollouts=self.rollouts,
         )
         self.api = ApiServer(config.http_host, config.http_port, state)
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
@@ -119,6 +125,7 @@ class Coordinator:
         )
         self._worker.start()
         self.inference.start()
+        self.rollouts.start()
         self.api.start()
         # Resume jobs before connecting, so updates the broker kept for us find their round.
         self.runner.start()
@@ -130,8 +137,10 @@ class Coordinator:
         self._inbox.put(None)
         self._worker.join(timeout=10)
         self.inference.stop()
+        self.rollouts.stop()
         self.api.stop()
         self.registry.close()
         self.job_store.close()
+        self.rollout_store.close()
         self.models.close()
         return 0

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,59 @@ def test_signing_key_is_served_once_made(tmp_path: Path) -> None:
         reply = get("/v1/signing-key")
         assert reply.status == 200
         assert reply.json() == {"algorithm": "ed25519", "public_key": key_text(public_key(key))}
+
+
+class _Rollouts:
+    """Stands in for the rollout manager: records what the API asked."""
+
+    def __init__(self) -> None:
+        self.made: list[object] = []
+
+    def create(self, body: object) -> dict[str, Any]:
+        if body == {"model": "bad"}:
+            raise ValueError("no version of model 'bad'")
+        self.made.append(body)
+        return {"rollout_id": "r1", "state": "canary"}
+
+    def steer(self, rollout_id: str, action: str) -> dict[str, Any]:
+        if rollout_id != "r1":
+            raise KeyError(rollout_id)
+        return {"rollout_id": rollout_id, "state": action}
+
+    def rollouts_json(self) -> list[dict[str, Any]]:
+        return [{"rollout_id": "r1"}]
+
+    def rollout_json(self, rollout_id: str) -> dict[str, Any] | None:
+        return {"rollout_id": "r1"} if rollout_id == "r1" else None
+
+
+def test_rollout_endpoints(populated: Path) -> None:
+    rollouts = _Rollouts()
+    state = ApiState(populated, lambda: True, dict, rollouts=rollouts)
+    server = ApiServer("127.0.0.1", 0, state)
+    server.start()
+    try:
+
+        def post(path: str, body: object) -> tuple[int, Any]:
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            try:
+                conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                return resp.status, json.loads(resp.read())
+            finally:
+                conn.close()
+
+        get = _getter(server.port)
+        assert post("/v1/rollouts", {"model": "m", "version": "v2"}) == (
+            201, {"rollout_id": "r1", "state": "canary"},
+        )  # fmt: skip
+        assert rollouts.made == [{"model": "m", "version": "v2"}]
+        status, body = post("/v1/rollouts", {"model": "bad"})
+        assert (status, body["error"]) == (400, "no version of model 'bad'")
+        assert post("/v1/rollouts/r1/promote", None)[0] == 200
+        assert post("/v1/rollouts/zz/promote", None)[0] == 404
+        assert get("/v1/rollouts").json() == {"rollouts": [{"rollout_id": "r1"}]}
+        assert get("/v1/rollouts/r1").json() == {"rollout_id": "r1"}
+        assert get("/v1/rollouts/zz").status == 404
+    finally:
+        server.stop()

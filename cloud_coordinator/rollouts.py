@@ -1,0 +1,329 @@
+"""Rollouts: a model version to a fleet or a named group, through a canary first.
+
+`RolloutManager.create` picks the target devices (every device, or those whose ``fleet``
+is the group), a canary share of them (``canary_fraction``, at least one device; 0 sends
+to all at once), remembers what each served before and the counters each reported, and
+publishes the version's signed manifest **retained** on each canary's
+``dev/{id}/deploy``. Its thread then judges the canary every second by the rule in
+`rollout_rules` and either promotes (the manifest goes to the rest) or rolls back (each
+canary gets back the manifest of the version it served before). A device that cannot load
+a deployed version says so in an ``Ack`` (ref ``deploy/{model}/{version}``), which rolls
+the canary back at once. Operators can also promote or roll back by hand. Every decision
+is stored with its reason (SQLite, ``rollouts`` table), so a restart resumes judging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sqlite3
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloud_coordinator.blob_server import Publisher
+from cloud_coordinator.errors import StoreError
+from cloud_coordinator.model_registry import ModelRegistry
+from cloud_coordinator.registry import DeviceRecord
+from cloud_coordinator.rollout_rules import (
+    RolloutEvent,
+    RolloutState,
+    Rule,
+    Verdict,
+    Window,
+    counters,
+    judge,
+    next_rollout_state,
+)
+from protocols.messages import Ack, encode
+from protocols.topics import DeviceChannel, device_topic, valid_id
+
+log = logging.getLogger(__name__)
+TICK_S = 1.0
+ACK_PREFIX = "deploy/"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    body       TEXT NOT NULL
+);
+"""
+
+
+class RolloutError(ValueError):
+    """A rollout cannot be made or changed as asked; the message says why."""
+
+
+@dataclass(slots=True)
+class Rollout:
+    """One rollout and everything needed to judge and finish it."""
+
+    rollout_id: str
+    model: str
+    version: str
+    group: str
+    canary_fraction: float
+    canary: list[str]
+    rest: list[str]
+    previous: dict[str, str]
+    baseline: dict[str, dict[str, float]]
+    rule: dict[str, float]
+    state: str = RolloutState.CANARY.value
+    created: float = 0.0
+    decided: float | None = None
+    reason: str = ""
+    load_failures: dict[str, str] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+class RolloutStore:
+    """Rollouts in the coordinator's database (one JSON body per rollout)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            with self._db:
+                self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the rollout store {path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def put(self, rollout: Rollout) -> None:
+        """Insert or replace a rollout."""
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?)",
+                             (rollout.rollout_id, json.dumps(rollout.as_json())))  # fmt: skip
+
+    def all(self) -> list[Rollout]:
+        """Every rollout, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT body FROM rollouts").fetchall()
+        rollouts = [Rollout(**json.loads(body)) for (body,) in rows]
+        return sorted(rollouts, key=lambda r: r.created)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+
+class RolloutManager:
+    """Creates rollouts and drives their canaries to a decision."""
+
+    def __init__(
+        self,
+        store: RolloutStore,
+        models: ModelRegistry,
+        publisher: Publisher,
+        devices: Callable[[], list[DeviceRecord]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.models = models
+        self.publisher = publisher
+        self.devices = devices
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._rollouts = {r.rollout_id: r for r in store.all()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+
+    # --- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        """Start judging canaries."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop judging (state stays in the store)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK_S):
+            try:
+                self.tick()
+            except Exception:  # supervisor of the rollout loop: log, keep going
+                log.exception("rollout loop failed; retrying")
+
+    # --- create ------------------------------------------------------------------------
+    def create(self, body: object) -> dict[str, Any]:
+        """Start a rollout from a JSON request; RolloutError naming what is wrong."""
+        if not isinstance(body, dict):
+            raise RolloutError("a rollout must be a JSON object")
+        known = {"model", "version", "group", "canary_fraction", "rule"}
+        if unknown := sorted(set(body) - known):
+            raise RolloutError(f"unknown rollout fields {unknown}; valid: {sorted(known)}")
+        model, version = body.get("model"), body.get("version")
+        group = body.get("group", "")
+        fraction = body.get("canary_fraction", 0.1)
+        if not isinstance(model, str) or not isinstance(version, str):
+            raise RolloutError("'model' and 'version' are required strings")
+        if not isinstance(group, str) or (group and not valid_id(group)):
+            raise RolloutError("'group' must be a fleet name (A-Z a-z 0-9 _ . -), or absent")
+        number = isinstance(fraction, int | float) and not isinstance(fraction, bool)
+        if not number or not 0 <= fraction <= 1:
+            raise RolloutError("'canary_fraction' must be a number in [0, 1]")
+        rule = self._rule(body.get("rule", {}))
+        try:
+            self.models.manifest(model, version)
+        except StoreError:
+            raise RolloutError(f"no version {version!r} of model {model!r} is registered") from None
+        targets = sorted(d.device_id for d in self.devices() if not group or d.fleet == group)
+        if not targets:
+            raise RolloutError(f"no device in {'group ' + repr(group) if group else 'the fleet'}")
+        share = math.ceil(fraction * len(targets))
+        count = 0 if fraction == 0 else min(len(targets), max(1, share))
+        ranked = sorted(targets, key=lambda d: zlib.crc32(f"{version}/{d}".encode()))
+        records = {d.device_id: d for d in self.devices()}
+        rollout = Rollout(
+            rollout_id=uuid.uuid4().hex[:12], model=model, version=version, group=group,
+            canary_fraction=float(fraction), canary=sorted(ranked[:count]),
+            rest=sorted(ranked[count:]),
+            previous={d: records[d].model_versions.get(model, "") for d in targets},
+            baseline={d: counters(records[d].telemetry or {}) for d in targets},
+            rule=asdict(rule), created=self.clock(),
+        )  # fmt: skip
+        self._deploy(rollout, rollout.canary or rollout.rest)
+        if not rollout.canary:
+            self._decide(rollout, RolloutEvent.PROMOTE, "no canary asked for: sent to all")
+        with self._lock:
+            self._rollouts[rollout.rollout_id] = rollout
+            self.store.put(rollout)
+        log.info("rollout %s: %s %s to %d devices, canary %s", rollout.rollout_id, model,
+                 version, len(targets), rollout.canary)  # fmt: skip
+        return rollout.as_json()
+
+    @staticmethod
+    def _rule(raw: object) -> Rule:
+        if not isinstance(raw, dict):
+            raise RolloutError("'rule' must be an object")
+        names = set(Rule.__dataclass_fields__)
+        if unknown := sorted(set(raw) - names):
+            raise RolloutError(f"unknown rule fields {unknown}; valid: {sorted(names)}")
+        if any(isinstance(v, bool) or not isinstance(v, int | float) for v in raw.values()):
+            raise RolloutError("rule values must be numbers")
+        try:
+            return Rule(**raw)
+        except (TypeError, ValueError) as exc:
+            raise RolloutError(str(exc)) from None
+
+    # --- deploy and decide ---------------------------------------------------------------
+    def _deploy(self, rollout: Rollout, devices: list[str], version: str | None = None) -> None:
+        """Publish a version's manifest, retained, on each device's deploy topic."""
+        for device_id in devices:
+            target = version if version is not None else rollout.version
+            if not target:
+                log.warning("rollout %s: %s served no earlier %s; left as it is",
+                            rollout.rollout_id, device_id, rollout.model)  # fmt: skip
+                continue
+            manifest = self.models.manifest(rollout.model, target)
+            self.publisher.publish(device_topic(device_id, DeviceChannel.DEPLOY),
+                                   encode(manifest), qos=1, retain=True)  # fmt: skip
+
+    def _decide(self, rollout: Rollout, event: RolloutEvent, reason: str) -> None:
+        rollout.state = next_rollout_state(RolloutState(rollout.state), event).value
+        rollout.decided, rollout.reason = self.clock(), reason
+        if event is RolloutEvent.PROMOTE:
+            self._deploy(rollout, rollout.rest)
+        else:
+            for device_id in rollout.canary:
+                self._deploy(rollout, [device_id], rollout.previous.get(device_id, ""))
+        log.info("rollout %s %s: %s", rollout.rollout_id, rollout.state, reason)
+
+    def steer(self, rollout_id: str, action: str) -> dict[str, Any]:
+        """Promote or roll back a canary by hand; RolloutError if it is not one."""
+        events = {"promote": RolloutEvent.PROMOTE, "rollback": RolloutEvent.ROLL_BACK}
+        if action not in events:
+            raise RolloutError(f"unknown action {action!r}; use promote or rollback")
+        with self._lock:
+            rollout = self._rollouts.get(rollout_id)
+            if rollout is None:
+                raise KeyError(rollout_id)
+            if rollout.state != RolloutState.CANARY.value:
+                raise RolloutError(f"rollout {rollout_id} is already {rollout.state}")
+            self._decide(rollout, events[action], f"{action} by an operator")
+            self.store.put(rollout)
+            return rollout.as_json()
+
+    def on_ack(self, device_id: str, ack: Ack) -> None:
+        """Note a device's answer to a deployment (a failed load rolls its canary back)."""
+        if not ack.ref.startswith(ACK_PREFIX) or ack.ok:
+            return
+        model, _, version = ack.ref.removeprefix(ACK_PREFIX).rpartition("/")
+        with self._lock:
+            for rollout in self._rollouts.values():
+                ours = (rollout.model, rollout.version) == (model, version)
+                if ours and device_id in rollout.canary:
+                    rollout.load_failures[device_id] = ack.reason or "load failed"
+
+    def tick(self) -> None:
+        """Judge every canary once."""
+        records = {d.device_id: d for d in self.devices()}
+        with self._lock:
+            for rollout in self._rollouts.values():
+                if rollout.state != RolloutState.CANARY.value:
+                    continue
+                canary = self._window(rollout, rollout.canary, records)
+                rest = self._window(rollout, rollout.rest, records)
+                before = Window()
+                for d in rollout.canary:
+                    before += Window.between({}, rollout.baseline.get(d, {}))
+                rule = Rule(**rollout.rule)
+                reference = rest if rest.requests >= rule.min_requests else (
+                    before if before.requests >= rule.min_requests else None)  # fmt: skip
+                failed = "; ".join(f"{d}: {r}" for d, r in sorted(rollout.load_failures.items()))
+                verdict, reason = judge(canary, reference, rule,
+                                        self.clock() - rollout.created, failed)  # fmt: skip
+                rollout.health = {
+                    "canary": _health(canary), "rest": _health(rest),
+                    "reference": None if reference is None else _health(reference),
+                    "verdict": verdict.value, "why": reason,
+                }  # fmt: skip
+                if verdict is not Verdict.WAIT:
+                    event = (RolloutEvent.PROMOTE if verdict is Verdict.PROMOTE
+                             else RolloutEvent.ROLL_BACK)  # fmt: skip
+                    self._decide(rollout, event, reason)
+                self.store.put(rollout)
+
+    @staticmethod
+    def _window(
+        rollout: Rollout, devices: list[str], records: Mapping[str, DeviceRecord]
+    ) -> Window:
+        total = Window()
+        for d in devices:
+            record = records.get(d)
+            if record is None or record.model_versions.get(rollout.model) != rollout.version:
+                continue  # not serving the version yet: nothing of it to judge
+            after = counters(record.telemetry or {})
+            total += Window.between(rollout.baseline.get(d, {}), after)
+        return total
+
+    # --- views -----------------------------------------------------------------------------
+    def rollouts_json(self) -> list[dict[str, Any]]:
+        """Every rollout, oldest first."""
+        with self._lock:
+            return [r.as_json() for r in sorted(self._rollouts.values(), key=lambda r: r.created)]
+
+    def rollout_json(self, rollout_id: str) -> dict[str, Any] | None:
+        """One rollout, or None."""
+        with self._lock:
+            rollout = self._rollouts.get(rollout_id)
+            return None if rollout is None else rollout.as_json()
+
+
+def _health(window: Window) -> dict[str, float | None]:
+    return {"requests": window.requests, "error_rate": window.error_rate,
+            "latency_ms": window.latency_ms, "confidence": window.confidence,
+            "load_failures": window.load_failures}  # fmt: skip
