@@ -3,7 +3,8 @@
 Wires `InferenceRuntime` (sessions and swaps), `RecentInputs` and `FeedbackLog` (labels
 become training data), `InferenceMetrics` and the `ApiServer`. It is the learner's
 `ModelListener`: a version made current is queued to the ``model-loader`` thread, which
-reads ``model.onnx`` from the store, loads and warms it, and swaps it in. A version that
+reads the file the manifest names for serving (`ModelManifest.serving`: ``model.onnx``, or
+``model.int8.onnx`` when the coordinator chose its int8 variant) from the store, loads and warms it, and swaps it in. A version that
 fails is blocked in the store (never made current again) and the pointers go back to
 what is served. `rollback` (HTTP, the MQTT ``rollback`` command) serves the previous
 version again, blocks the one it left, and moves the store's pointers with it, so a
@@ -28,7 +29,6 @@ from agent.model_store import ModelStore
 from agent.predictions import ModelUnavailableError, Predictions
 from agent.serving import InferenceRuntime
 from protocols.messages import ModelManifest
-from protocols.model_format import MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class InferenceService:
     def install(self, manifest: ModelManifest) -> bool:
         """Load `manifest`'s model from the store and swap it in; False if it failed."""
         try:
-            data = self.store.file(manifest, MODEL_FILE)
+            data = self.store.file(manifest, manifest.serving)
         except AgentError as exc:
             self.runtime.fail(manifest, "missing", str(exc))
             ok = False
@@ -132,7 +132,7 @@ class InferenceService:
 
     def _keep_standby(self, manifest: ModelManifest) -> None:
         try:
-            data = self.store.file(manifest, MODEL_FILE)
+            data = self.store.file(manifest, manifest.serving)
         except AgentError as exc:
             log.warning("previous version %s not kept for rollback: %s", manifest.version, exc)
             return
@@ -154,8 +154,18 @@ class InferenceService:
         self.metrics.count_request("invalid")
 
     def describe(self) -> dict[str, Any]:
-        """The serving version, the previous one, recent version states."""
-        return self.runtime.describe()
+        """The serving version (and the file, fp32 or int8 variant, it runs), the previous
+        one, recent version states."""
+        described = self.runtime.describe()
+        serving = self.runtime.serving
+        if serving is not None and isinstance(described.get("serving"), dict):
+            m = serving.manifest
+            described["serving"]["file"] = m.serving
+            described["serving"]["variant"] = str(m.variants.get("chosen", "")) or (
+                "int8" if ".int8." in m.serving else "fp32"
+            )
+            described["serving"]["variants"] = dict(m.variants)
+        return described
 
     def rollback(self) -> dict[str, Any]:
         """Serve the previous version again; ModelUnavailableError if there is none."""
