@@ -36,6 +36,7 @@ from cloud_coordinator.rounds import (
 )
 from cloud_coordinator.selection import Candidate, select_devices
 from cloud_coordinator.templates import get_template
+from cloud_coordinator.ticker import Ticker
 from cloud_coordinator.versions import VersionMaker
 from protocols.chunks import DEFAULT_CHUNK_SIZE
 from protocols.errors import DecodeError
@@ -71,8 +72,7 @@ class JobRunner:
         self.async_driver = AsyncDriver(store, candidates, self._busy, self._send_task)
         self._active: dict[str, ActiveJob] = {}
         self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
+        self._ticker = Ticker("jobs", TICK_S, self.tick)
         self._picked_last: dict[str, tuple[str, ...]] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -84,20 +84,11 @@ class JobRunner:
             except (CoordinatorError, JobSpecError, ValueError) as exc:
                 log.error("cannot resume job %s: %s", record.spec.job_id, exc)
                 self.store.set_job(record.spec.job_id, state="failed", message=str(exc))
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
         """Stop driving rounds (state stays in the store)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(TICK_S):
-            try:
-                self.tick()
-            except Exception:  # supervisor of the job loop: log with traceback, keep going
-                log.exception("job loop failed; retrying")
+        self._ticker.stop()
 
     # --- jobs ----------------------------------------------------------------------------
     def create(self, spec: JobSpec) -> JobRecord:

@@ -41,6 +41,7 @@ from cloud_coordinator.rollout_rules import (
     judge,
     next_rollout_state,
 )
+from cloud_coordinator.ticker import Ticker
 from protocols.messages import Ack, encode
 from protocols.topics import DeviceChannel, device_topic, valid_id
 
@@ -136,26 +137,16 @@ class RolloutManager:
         self.clock = clock
         self._lock = threading.RLock()
         self._rollouts = {r.rollout_id: r for r in store.all()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
+        self._ticker = Ticker("rollouts", TICK_S, self.tick)
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
         """Start judging canaries."""
-        self._thread.start()
+        self._ticker.start()
 
     def stop(self) -> None:
         """Stop judging (state stays in the store)."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(TICK_S):
-            try:
-                self.tick()
-            except Exception:  # supervisor of the rollout loop: log, keep going
-                log.exception("rollout loop failed; retrying")
+        self._ticker.stop()
 
     # --- create ------------------------------------------------------------------------
     def create(self, body: object) -> dict[str, Any]:
