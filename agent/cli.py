@@ -17,7 +17,9 @@ EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
 config file: --config, $FEDGE_CONFIG, /etc/fedge/agent.toml, ~/.config/fedge/agent.toml.
 environment: FEDGE_DEVICE_ID, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT, FEDGE_MQTT_TLS_CA,
-  FEDGE_INFERENCE, FEDGE_INFERENCE_LISTEN, FEDGE_INFERENCE_THREADS, ...
+  FEDGE_INFERENCE, FEDGE_INFERENCE_LISTEN, FEDGE_INFERENCE_THREADS, FEDGE_MODEL_KEYS, ...
+model signatures: manifests must be signed by a key in model_keys (--model-key); with none
+  configured, the first signer met is pinned in <data-dir>/trust/model-keys.
 inference API (on unless --no-inference): POST /v1/predict, GET /v1/model, POST /v1/feedback,
   POST /v1/rollback, GET /healthz, GET /metrics, GET /openapi.json; on a Unix socket
   (default <data-dir>/inference.sock) or a loopback HOST:PORT. Python: agent.client.
@@ -68,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
         help="execution providers, best first: cpu, cuda, tensorrt, openvino (default cpu); "
         "unavailable ones are skipped with a warning",
     )
+    p.add_argument(
+        "--model-key",
+        action="append",
+        metavar="BASE64",
+        help="trust model manifests signed by this Ed25519 public key (`fedge-coordinator "
+        "public-key` prints it); repeatable. Default: the model_keys config key, or trust the "
+        "first signer met (pinned in <data-dir>/trust/model-keys)",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        default=None,
+        help="ask the cloud model when a prediction's confidence is below offload_threshold",
+    )
     p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
     p.add_argument("--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds")
     p.add_argument("--telemetry-interval", type=float, metavar="S", help="seconds between reports")
@@ -104,6 +120,10 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if getattr(args, flag) is not None:
             flags[key] = getattr(args, flag)
+    if args.model_key:
+        flags["model_keys"] = ",".join(args.model_key)
+    if args.offload is not None:
+        flags["offload"] = args.offload
     if args.broker:
         host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
         mqtt["host"] = host

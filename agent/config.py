@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from protocols.config import BrokerConfig, default_data_dir, load
+from protocols.signing import parse_key
 from protocols.topics import valid_id
 
 _ID_RULE = "use 1-64 characters from A-Z a-z 0-9 _ . -"
@@ -39,6 +40,13 @@ class AgentConfig:
     inference_max_batch: int = 1024
     inference_recent_inputs: int = 1024
     inference_feedback_max_rows: int = 10000
+    model_keys: str = ""
+    allow_unsigned_models: bool = False
+    offload: bool = False
+    offload_threshold: float = 0.6
+    offload_timeout_ms: int = 300
+    keep_low_confidence: bool = False
+    low_confidence_max_rows: int = 10000
     mqtt: BrokerConfig = field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
@@ -72,6 +80,28 @@ class AgentConfig:
                 f"got {self.inference_feedback_max_rows}"
             )
 
+        for text in _split(self.model_keys):
+            try:
+                parse_key(text)
+            except ValueError as exc:
+                raise ValueError(
+                    f"model_keys: {exc}; use the base64 key `fedge-coordinator public-key` "
+                    "prints (comma-separated for several)"
+                ) from None
+        if not 0.0 <= self.offload_threshold <= 1.0:
+            raise ValueError(f"offload_threshold must be 0-1, got {self.offload_threshold}")
+        if not 1 <= self.offload_timeout_ms <= 60_000:
+            raise ValueError(f"offload_timeout_ms must be 1-60000, got {self.offload_timeout_ms}")
+        if not 1 <= self.low_confidence_max_rows <= 10_000_000:
+            raise ValueError(
+                f"low_confidence_max_rows must be 1-10000000, got {self.low_confidence_max_rows}"
+            )
+
+    @property
+    def trusted_keys(self) -> tuple[bytes, ...]:
+        """The pinned model-signing public keys (raw), from ``model_keys``."""
+        return tuple(parse_key(text) for text in _split(self.model_keys))
+
     @property
     def providers(self) -> tuple[str, ...]:
         """The requested execution providers, short names, best first."""
@@ -86,6 +116,10 @@ SOCKET_NAME = "inference.sock"
 
 def _providers(text: str) -> tuple[str, ...]:
     return tuple(p.strip().lower() for p in text.split(",") if p.strip())
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @dataclass(frozen=True, slots=True)

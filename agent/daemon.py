@@ -26,6 +26,7 @@ from protocols.messages import (
     Ack,
     BlobChunk,
     Command,
+    InferenceResponse,
     ModelManifest,
     Status,
     Telemetry,
@@ -51,8 +52,10 @@ from protocols.topics import (
 )
 
 if TYPE_CHECKING:
+    from agent.deployer import Deployer
     from agent.inference_service import InferenceService
     from agent.learning import Learner
+    from agent.trust import ManifestTrust
 
 log = logging.getLogger(__name__)
 SHUTDOWN_PUBLISH_TIMEOUT_S = 2.0
@@ -86,27 +89,47 @@ class Agent:
         self.mqtt.subscribe(self._cmd_topic, qos=1)
         self.learner: Learner | None = None
         self.inference: InferenceService | None = None
+        self.deployer: Deployer | None = None
+        self.trust: ManifestTrust | None = None
         data_dir = Path(config.data_dir)
         dataset_dir = Path(config.dataset_dir or data_dir / "data")
         if config.train or config.inference:
             # onnxruntime and the model cache: only when training or serving
             from agent.learning import Learner
+            from agent.trust import ManifestTrust
 
+            self.trust = ManifestTrust(
+                config.trusted_keys, data_dir, allow_unsigned=config.allow_unsigned_models
+            )
             if config.inference:
                 from agent.inference_service import InferenceService
                 from agent.model_store import ModelStore
 
                 store = ModelStore(data_dir / "models")
                 self.inference = InferenceService(config, store, dataset_dir)
+                self.inference.trust = self.trust
             self.learner = Learner(
                 dev,
                 data_dir,
                 dataset_dir,
                 self.mqtt,
                 config.mqtt.max_payload_bytes,
+                trust=self.trust,
                 listener=self.inference,
             )
             channels = [DeviceChannel.BLOB]
+            if self.inference is not None:
+                from agent.deployer import Deployer
+
+                self.deployer = Deployer(dev, self.learner.store, self.trust, self.learner,
+                                         self.inference, self.mqtt)  # fmt: skip
+                self.learner.blob_listener = self.deployer
+                channels.append(DeviceChannel.DEPLOY)
+                if config.offload:
+                    from agent.offload import Offloader
+
+                    self.inference.offloader = Offloader(dev, self.mqtt, config, dataset_dir)
+                    channels.append(DeviceChannel.INFER_RESPONSE)
             if config.train:
                 channels += [DeviceChannel.TASK, DeviceChannel.UPDATE_ACK]
             for channel in channels:
@@ -153,6 +176,20 @@ class Agent:
                 self.learner.on_chunk(decode_as(BlobChunk, message.payload, cap))
             elif isinstance(topic, DeviceTopic) and topic.channel is DeviceChannel.UPDATE_ACK:
                 self.learner.on_update_ack(decode_as(Ack, message.payload, cap))
+            elif (
+                isinstance(topic, DeviceTopic)
+                and topic.channel is DeviceChannel.DEPLOY
+                and self.deployer is not None
+            ):
+                self.deployer.on_deploy(decode_as(ModelManifest, message.payload, cap))
+            elif (
+                isinstance(topic, DeviceTopic)
+                and topic.channel is DeviceChannel.INFER_RESPONSE
+                and self.inference is not None
+                and self.inference.offloader is not None
+            ):
+                response = decode_as(InferenceResponse, message.payload, cap)
+                self.inference.offloader.on_response(response, message.correlation)
             else:
                 raise DecodeError(f"nothing handles {message.topic}", reason="unsupported")
         except DecodeError as exc:
@@ -218,6 +255,8 @@ class Agent:
 
     def _extra(self) -> dict[str, float]:
         extra = {"train": 1.0 if self.config.train else 0.0}
+        if self.trust is not None:
+            extra.update(self.trust.telemetry_extra())
         if self.inference is not None:
             extra.update(self.inference.telemetry_extra())
         return extra

@@ -3,12 +3,14 @@
 Wires `InferenceRuntime` (sessions and swaps), `RecentInputs` and `FeedbackLog` (labels
 become training data), `InferenceMetrics` and the `ApiServer`. It is the learner's
 `ModelListener`: a version made current is queued to the ``model-loader`` thread, which
-reads the file the manifest names for serving (`ModelManifest.serving`: ``model.onnx``, or
-``model.int8.onnx`` when the coordinator chose its int8 variant) from the store, loads and warms it, and swaps it in. A version that
-fails is blocked in the store (never made current again) and the pointers go back to
-what is served. `rollback` (HTTP, the MQTT ``rollback`` command) serves the previous
-version again, blocks the one it left, and moves the store's pointers with it, so a
-restart serves the same version.
+reads the file the manifest names for serving (`ModelManifest.serving`: ``model.onnx``,
+or ``model.int8.onnx`` when the coordinator chose its int8 variant) from the store,
+loads and warms it, and swaps it in (so does a deployment, `agent.deployer`, which is
+told the outcome). With offload on, low-confidence predictions go through
+`agent.offload`. A version that fails is blocked in the store (never made current
+again) and the pointers go back to what is served. `rollback` (HTTP, the MQTT
+``rollback`` command) serves the previous version again, blocks the one it left, and
+moves the store's pointers with it, so a restart serves the same version.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentConfig, parse_listen
 from agent.errors import AgentError
@@ -29,6 +31,11 @@ from agent.model_store import ModelStore
 from agent.predictions import ModelUnavailableError, Predictions
 from agent.serving import InferenceRuntime
 from protocols.messages import ModelManifest
+
+if TYPE_CHECKING:
+    from agent.deployer import DeployDone
+    from agent.offload import Offloader
+    from agent.trust import ManifestTrust
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,11 @@ class InferenceService:
         self.feedback_log = FeedbackLog(dataset_dir, config.inference_feedback_max_rows)
         self.model_name: str | None = config.inference_model or None
         self.server: ApiServer | None = None
-        self._queue: queue.Queue[tuple[ModelManifest, bool] | None] = queue.Queue()
+        self.trust: ManifestTrust | None = None  # its rejection counts go to /metrics
+        self.offloader: Offloader | None = None  # set when offload is on
+        self._queue: queue.Queue[tuple[ModelManifest, str, DeployDone | None] | None] = (
+            queue.Queue()
+        )
         self._lock = threading.Lock()
         self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
 
@@ -64,7 +75,7 @@ class InferenceService:
             if current is not None:
                 self.model_activated(current)
             if previous is not None and previous.version not in self.store.blocked(name):
-                self._queue.put((previous, True))  # the standby `rollback` returns to
+                self._queue.put((previous, "standby", None))  # what `rollback` returns to
         self._loader.start()
         address = parse_listen(self.config.inference_listen, self.config.data_dir)
         try:
@@ -97,8 +108,19 @@ class InferenceService:
         with self._lock:
             if self.model_name is None:
                 self.model_name = manifest.name
-        if manifest.name == self.model_name:
-            self._queue.put((manifest, False))
+        if manifest.name == self.model_name and self.store.deployed(manifest.name) is None:
+            self._queue.put((manifest, "install", None))
+
+    def deploy(self, manifest: ModelManifest, done: DeployDone) -> str | None:
+        """Queue a deployed version to be served (`done` is told how it went); the reason
+        if this device cannot serve it at all."""
+        with self._lock:
+            if self.model_name is None:
+                self.model_name = manifest.name
+        if manifest.name != self.model_name:
+            return f"this device serves model {self.model_name}, not {manifest.name}"
+        self._queue.put((manifest, "deploy", done))
+        return None
 
     def _load_loop(self) -> None:
         while True:
@@ -106,11 +128,16 @@ class InferenceService:
             try:
                 if item is None:
                     return
-                manifest, standby = item
-                if standby:
+                manifest, kind, done = item
+                if kind == "standby":
                     self._keep_standby(manifest)
-                else:
+                elif done is None:
                     self.install(manifest)
+                else:
+                    ok = self.install(manifest)
+                    failure = self.runtime.last_failure
+                    reason = "" if ok else f"{failure.get('reason')}: {failure.get('message')}"
+                    done.deploy_finished(manifest, ok, reason)
             except Exception:  # supervisor of the loader thread: log with traceback, go on
                 log.exception("loading model %s failed unexpectedly", item)
             finally:
@@ -146,8 +173,11 @@ class InferenceService:
 
     # --- the API (Backend) ----------------------------------------------------------------
     def predict(self, x: object) -> Predictions:
-        """Predict with the serving version (see `InferenceRuntime.predict`)."""
-        return self.runtime.predict(x)
+        """Predict with the serving version (see `InferenceRuntime.predict`); with offload on,
+        low-confidence rows are answered by the cloud when it answers in time."""
+        if self.offloader is None:
+            return self.runtime.predict(x)
+        return self.offloader.refine(self.runtime.predict(x), self.recent)
 
     def count_invalid(self) -> None:
         """Count a predict request whose body could not be decoded."""
@@ -213,8 +243,12 @@ class InferenceService:
         return True, {"status": "ok", "model": serving.manifest.name, "version": serving.version}
 
     def metrics_text(self) -> str:
-        """Prometheus text."""
-        return self.metrics.render()
+        """Prometheus text (with manifest rejections and offload counts when they apply)."""
+        text = self.metrics.render()
+        extra = self.trust.metrics_lines() if self.trust is not None else []
+        if self.offloader is not None:
+            extra += self.offloader.metrics_lines()
+        return text + "\n".join(extra) + "\n" if extra else text
 
     # --- telemetry -------------------------------------------------------------------------
     def served_versions(self) -> dict[str, str]:
@@ -223,8 +257,11 @@ class InferenceService:
         return {serving.manifest.name: serving.version} if serving else {}
 
     def telemetry_extra(self) -> dict[str, float]:
-        """Inference counters for telemetry's ``extra``."""
-        return self.metrics.snapshot()
+        """Inference counters (and offload counts) for telemetry's ``extra``."""
+        extra = self.metrics.snapshot()
+        if self.offloader is not None:
+            extra.update(self.offloader.telemetry_extra())
+        return extra
 
 
 __all__ = ["InferenceService", "ModelUnavailableError"]

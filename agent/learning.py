@@ -20,11 +20,13 @@ import numpy as np
 
 from agent.compression import Compressor, clip_by_norm
 from agent.errors import AgentError
+from agent.lineage import newest_descendant, wants_latest
 from agent.local_data import load_local_data
 from agent.model_store import ModelStore
 from agent.onnx_runtime import OnnxModel
 from agent.outbox import Outbox
 from agent.trainer import TrainerProcess
+from agent.trust import ManifestTrust
 from protocols.chunks import Reassembly
 from protocols.errors import DecodeError
 from protocols.messages import (
@@ -65,6 +67,13 @@ class ModelListener(Protocol):
         """`manifest` is now the current version of its model; return at once."""
 
 
+class BlobListener(Protocol):
+    """Told when a blob arrived (the deployer implements it)."""
+
+    def blob_stored(self) -> None:
+        """A blob is now in the model cache; return at once."""
+
+
 class TaskFailedError(AgentError):
     """A training task could not be completed; the message says why."""
 
@@ -86,6 +95,7 @@ class Learner:
         dataset_dir: Path,
         transport: Transport,
         max_payload_bytes: int,
+        trust: ManifestTrust,
         train_threads: int = 1,
         listener: ModelListener | None = None,
     ) -> None:
@@ -95,6 +105,8 @@ class Learner:
         self.max_payload_bytes = max_payload_bytes
         self.store = ModelStore(data_dir / "models")
         self.listener = listener
+        self.trust = trust
+        self.blob_listener: BlobListener | None = None
         self.outbox = Outbox(data_dir / "outbox.db")
         self._residual_dir = data_dir / "residuals"
         self._compressors: dict[str, Compressor] = {}
@@ -156,7 +168,9 @@ class Learner:
             self.transport.subscribe(model_topic(name, ModelChannel.MANIFEST), qos=1)
 
     def on_manifest(self, manifest: ModelManifest) -> None:
-        """Keep a published manifest, fetch its missing blobs, and switch to it once complete."""
+        """Verify a published manifest (SignatureError if refused), keep it, fetch its missing
+        blobs, and switch to it once complete."""
+        self.trust.verify(manifest)
         self.store.put_manifest(manifest)
         with self._cond:
             self._latest[manifest.name] = manifest
@@ -175,6 +189,8 @@ class Learner:
                 continue
             if manifest.version in self.store.blocked(manifest.name):
                 continue  # it failed to load here, or was rolled back
+            if self.store.deployed(manifest.name) is not None:
+                continue  # deployments choose the served version, not training
             self.store.activate(manifest)
             log.info("model %s: now running version %s", manifest.name, manifest.version)
             if self.listener is not None:
@@ -200,6 +216,8 @@ class Learner:
             del self._fetches[chunk.blob_sha256]
         self.store.put_blob(chunk.blob_sha256, blob)
         self._activate_latest()
+        if self.blob_listener is not None:
+            self.blob_listener.blob_stored()
         with self._cond:
             self._cond.notify_all()
 
@@ -218,6 +236,14 @@ class Learner:
             self._cond.notify_all()
 
     # --- blobs -------------------------------------------------------------------------
+    def fetch(self, manifest: ModelManifest) -> bool:
+        """Request `manifest`'s missing blobs (re-requested until they arrive); True if none
+        is missing."""
+        missing = self.store.missing(manifest)
+        for entry in missing:
+            self._request(entry.sha256)
+        return not missing
+
     def _request(self, sha256: str) -> None:
         with self._cond:
             if sha256 not in self._fetches and not self.store.has_blob(sha256):
@@ -238,10 +264,25 @@ class Learner:
             topic = device_topic(self.device_id, DeviceChannel.BLOB_REQUEST)
             self.transport.publish(topic, encode(request), qos=1)
 
+    def _newest_base(self, task: TrainTask) -> ModelManifest | None:
+        """For ``base = "latest"``: the newest complete version descending from the base."""
+        name = task.model_name
+        heads = (self._latest.get(name), self.store.current(name))
+        return newest_descendant(
+            heads,
+            task.base_version,
+            lambda version: self.store.manifest(name, version),
+            lambda manifest: not self.store.missing(manifest),
+        )
+
     def _wait_for_model(self, task: TrainTask) -> ModelManifest:
         deadline = min(task.deadline, time.time() + 60)
+        latest = wants_latest(task)
         with self._cond:
             while True:
+                newest = self._newest_base(task) if latest else None
+                if newest is not None:
+                    return newest
                 manifest = self.store.manifest(task.model_name, task.base_version)
                 if manifest is not None:
                     missing = self.store.missing(manifest)
@@ -269,6 +310,7 @@ class Learner:
             except queue.Empty:
                 task = None
             self._resend_due()
+            self._send_requests()  # blobs asked for outside a task are re-requested too
             if task is None:
                 continue
             self._busy = True
@@ -347,7 +389,7 @@ class Learner:
             device_id=self.device_id,
             job_id=task.job_id,
             round=task.round,
-            base_version=task.base_version,
+            base_version=manifest.version,  # newer than the task's when base = "latest"
             seq=int(time.time() * 1000) % (1 << 31),
             num_samples=len(data.y_train),
             tensors=tensors,
@@ -361,6 +403,6 @@ class Learner:
         if self.transport.connected:
             self.outbox.mark_sent(key)
             self.transport.publish(topic, payload, qos=1)
-        log.info("task %s: trained %d samples in %.2fs, sent %d bytes (%s)",
-                 task.task_id, update.num_samples, time.time() - started, len(payload),
-                 task.compression)  # fmt: skip
+        log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
+                 task.task_id, update.num_samples, manifest.version, time.time() - started,
+                 len(payload), task.compression)  # fmt: skip

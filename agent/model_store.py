@@ -3,8 +3,9 @@
 Layout under the root: ``blobs/<sha256>`` (verified on write), ``models/<name>/<version>``
 (encoded manifests), ``models/<name>/current`` and ``previous`` (version pointers, replaced
 atomically), ``models/<name>/blocked`` (versions that failed to load or were rolled back,
-one per line: never made current again). Eviction never touches blobs that the current or
-previous version uses.
+one per line: never made current again), ``models/<name>/deployed`` (the version the
+coordinator last deployed; once there, training versions no longer become current).
+Eviction never touches blobs that the current, previous or deployed version uses.
 """
 
 from __future__ import annotations
@@ -138,6 +139,14 @@ class ModelStore:
             _atomic_write(directory / "previous", previous.encode())
         _atomic_write(directory / "current", current.encode())
 
+    def deployed(self, name: str) -> str | None:
+        """The version last deployed to this device, or None (never deployed)."""
+        return self._pointer(name, "deployed")
+
+    def set_deployed(self, name: str, version: str) -> None:
+        """Record that `version` of `name` was deployed (served versions follow deploys)."""
+        _atomic_write(self._model_dir(name) / "deployed", version.encode())
+
     def block(self, name: str, version: str) -> None:
         """Never make `version` of `name` current again (it failed, or was rolled back)."""
         if version not in self.blocked(name):
@@ -160,8 +169,9 @@ class ModelStore:
         """Delete the least recently written unpinned blobs while over the cap; return count."""
         pinned: set[str] = set()
         for model_dir in (self.root / "models").iterdir():
-            for which in ("current", "previous"):
-                manifest = (self.current if which == "current" else self.previous)(model_dir.name)
+            for which in ("current", "previous", "deployed"):
+                version = self._pointer(model_dir.name, which)
+                manifest = None if version is None else self.manifest(model_dir.name, version)
                 if manifest is not None:
                     pinned |= {f.sha256 for f in manifest.files}
         blobs = sorted((self.root / "blobs").iterdir(), key=lambda p: p.stat().st_mtime)

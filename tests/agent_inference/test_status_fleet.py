@@ -14,8 +14,8 @@ def test_online_will_and_offline_statuses_carry_the_fleet(tmp_path: Path) -> Non
     agent = Agent(config)
     will = agent.mqtt.settings.will
     assert will is not None
-    statuses = [decode_as(Status, p) for p in
-                (agent._status(ONLINE), will.payload, agent._status(OFFLINE, "shutdown"))]  # fmt: skip
+    payloads = (agent._status(ONLINE), will.payload, agent._status(OFFLINE, "shutdown"))
+    statuses = [decode_as(Status, p) for p in payloads]
     assert [(s.state, s.fleet) for s in statuses] == [
         ("online", "lab-2"), ("offline", "lab-2"), ("offline", "lab-2"),
     ]  # fmt: skip

@@ -32,10 +32,13 @@ def prepare_data(tmp_path: Path, n: int, scheme: str = "iid", seed: int = 0) -> 
     return prepare_fleet(get_template(TEMPLATE), n, scheme, 0.5, seed, tmp_path / "fleet")
 
 
-def start_agents(mosquitto: Mosquitto, tmp_path: Path, data: list[Path]) -> list[Agent]:
-    """One training agent per data directory, named after it."""
+def start_agents(
+    mosquitto: Mosquitto, tmp_path: Path, data: list[Path], *flags: str
+) -> list[Agent]:
+    """One training agent per data directory, named after it (`flags` added to each)."""
+    env = mosquitto.env()
     return [
-        Agent(d.name, tmp_path / "agents" / d.name, mosquitto.env(), "--dataset-dir", str(d))
+        Agent(d.name, tmp_path / "agents" / d.name, env, "--dataset-dir", str(d), *flags)
         for d in data
     ]
 
@@ -66,12 +69,12 @@ def stop_all(*daemons: Daemon) -> None:
 
 @contextmanager
 def fleet(
-    mosquitto: Mosquitto, tmp_path: Path, data: list[Path]
+    mosquitto: Mosquitto, tmp_path: Path, data: list[Path], *agent_flags: str
 ) -> Iterator[tuple[Coordinator, list[Agent]]]:
     """A coordinator and one agent per data directory, started together, all online;
     every process is stopped when the block ends, whatever happens."""
     coordinator = Coordinator(tmp_path / "coordinator", mosquitto.env())
-    agents = start_agents(mosquitto, tmp_path, data)
+    agents = start_agents(mosquitto, tmp_path, data, *agent_flags)
     try:
         coordinator.wait_connected(30)
         wait_online(coordinator, [d.name for d in data])

@@ -1,0 +1,250 @@
+"""Hybrid inference: a local prediction whose confidence is below ``offload_threshold`` is
+asked of the cloud model, and answered with the cloud's prediction when it arrives before
+``offload_timeout_ms``, else with the local one.
+
+The low-confidence rows (preprocessed, as the model takes them) go out as one
+`InferenceRequest` on ``dev/{id}/infer/req`` with MQTT 5 request/response (Response Topic
+``dev/{id}/infer/resp``, Correlation Data = the request id); the coordinator answers there
+with the logits. Outcomes are counted (``answered``, ``timeout``, ``error``). With
+``keep_low_confidence`` those rows are also kept, unlabelled, in
+``<dataset_dir>/candidates.npz`` (array ``x``, at most ``low_confidence_max_rows``, oldest
+dropped first, written atomically) as candidates for local training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.config import AgentConfig
+from agent.feedback import FeedbackError, RecentInputs
+from agent.predictions import Predictions
+from protocols.errors import DecodeError
+from protocols.messages import InferenceRequest, InferenceResponse, encode
+from protocols.mqtt import MqttError
+from protocols.tensors import decode_tensor, encode_dense
+from protocols.topics import DeviceChannel, device_topic
+
+log = logging.getLogger(__name__)
+CANDIDATES_FILE = "candidates.npz"
+OUTCOMES = ("answered", "timeout", "error")
+
+
+class Requester(Protocol):
+    """What the offloader needs from the MQTT client."""
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
+        response_topic: str = "", correlation: bytes = b"",
+    ) -> object:  # fmt: skip
+        """Queue one message (with MQTT 5 request/response properties)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadedPredictions(Predictions):
+    """Predictions of which some rows may come from the cloud model (`sources`)."""
+
+    sources: tuple[str, ...] = ()
+    cloud_version: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's answer, each row with its ``source`` (``cloud`` or ``local``)."""
+        answer = Predictions.as_json(self)
+        if self.single:
+            answer["source"] = self.sources[0]
+        else:
+            for row, source in zip(answer["predictions"], self.sources, strict=True):
+                row["source"] = source
+            kinds = set(self.sources)
+            answer["source"] = kinds.pop() if len(kinds) == 1 else "mixed"
+        if self.cloud_version:
+            answer["cloud_version"] = self.cloud_version
+        return answer
+
+
+class _Waiter:
+    __slots__ = ("event", "response")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.response: InferenceResponse | None = None
+
+
+class CandidateLog:
+    """Unlabelled low-confidence inputs in ``candidates.npz`` (bounded, thread-safe)."""
+
+    def __init__(self, path: Path, max_rows: int) -> None:
+        self.path = path
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._x: npt.NDArray[np.float32] | None = None
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    self._x = np.asarray(data["x"], np.float32)
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring unreadable %s: %s", path, exc)
+
+    def append(self, rows: npt.NDArray[Any]) -> int:
+        """Keep `rows`; return the number of rows now kept (a new input shape starts afresh)."""
+        rows = np.asarray(rows, np.float32)
+        with self._lock:
+            old = self._x
+            if old is None or old.shape[1:] != rows.shape[1:]:
+                xs = rows[-self.max_rows :]
+            else:
+                xs = np.concatenate([old, rows])[-self.max_rows :]
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, x=xs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._x = xs
+            return len(xs)
+
+
+class Offloader:
+    """Asks the cloud about low-confidence predictions (request threads wait, MQTT thread
+    answers)."""
+
+    def __init__(
+        self, device_id: str, requester: Requester, config: AgentConfig, dataset_dir: Path
+    ) -> None:
+        self.requester = requester
+        self.threshold = config.offload_threshold
+        self.timeout_s = config.offload_timeout_ms / 1000
+        self._request_topic = device_topic(device_id, DeviceChannel.INFER_REQUEST)
+        self._response_topic = device_topic(device_id, DeviceChannel.INFER_RESPONSE)
+        self.candidates = (
+            CandidateLog(dataset_dir / CANDIDATES_FILE, config.low_confidence_max_rows)
+            if config.keep_low_confidence
+            else None
+        )
+        self.counts: Counter[str] = Counter({o: 0 for o in OUTCOMES})
+        self.kept = 0
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Waiter] = {}
+        self._ids = 0
+        self._prefix = os.urandom(4).hex()
+
+    def refine(self, answer: Predictions, recent: RecentInputs) -> OffloadedPredictions:
+        """`answer` with its low-confidence rows answered by the cloud when it answers in time."""
+        sources = ["local"] * len(answer.classes)
+        low = [i for i, c in enumerate(answer.confidences) if c < self.threshold]
+        classes, confidences = list(answer.classes), list(answer.confidences)
+        cloud_version = ""
+        if low:
+            try:
+                rows = np.stack([recent.get(answer.row_id(i))[0] for i in low])
+            except FeedbackError:  # evicted already: nothing to send
+                rows = None
+            if rows is not None:
+                self._keep(rows)
+                response = self._ask(answer.model, rows)
+                logits = self._logits(response, len(low))
+                if logits is not None and response is not None:
+                    cloud_version = response.model_version
+                    for i, row in zip(low, logits.tolist(), strict=True):
+                        top = max(row)
+                        classes[i] = row.index(top)
+                        confidences[i] = 1.0 / math.fsum(math.exp(v - top) for v in row)
+                        sources[i] = "cloud"
+        return OffloadedPredictions(answer.prediction_id, answer.model, answer.version,
+                                    classes, confidences, answer.label_names, answer.single,
+                                    tuple(sources), cloud_version)  # fmt: skip
+
+    def _keep(self, rows: npt.NDArray[Any]) -> None:
+        if self.candidates is None:
+            return
+        try:
+            self.candidates.append(rows)
+        except OSError as exc:
+            log.warning("could not keep low-confidence inputs: %s", exc)
+            return
+        with self._lock:
+            self.kept += len(rows)
+
+    def _ask(self, model: str, rows: npt.NDArray[Any]) -> InferenceResponse | None:
+        with self._lock:
+            self._ids += 1
+            request_id = f"{self._prefix}-{self._ids}"
+            waiter = self._pending[request_id] = _Waiter()
+        deadline = time.time() + self.timeout_s
+        request = InferenceRequest(request_id, model, (encode_dense("input", rows),),
+                                   self._response_topic, deadline)  # fmt: skip
+        try:
+            self.requester.publish(self._request_topic, encode(request), qos=0,
+                                   response_topic=self._response_topic,
+                                   correlation=request_id.encode())  # fmt: skip
+            arrived = waiter.event.wait(self.timeout_s)
+        except MqttError as exc:
+            log.debug("offload request not sent: %s", exc)
+            self._count("error")
+            return None
+        finally:
+            with self._lock:
+                self._pending.pop(request_id, None)
+        if not arrived:
+            self._count("timeout")
+            return None
+        return waiter.response
+
+    def _logits(self, response: InferenceResponse | None, n: int) -> npt.NDArray[Any] | None:
+        if response is None:
+            return None
+        try:
+            if response.error or len(response.outputs) != 1:
+                raise DecodeError(response.error or "no output", reason="cloud_error")
+            logits = np.asarray(decode_tensor(response.outputs[0]), np.float64).reshape(n, -1)
+            if not np.all(np.isfinite(logits)):
+                raise DecodeError("non-finite logits", reason="cloud_error")
+        except (DecodeError, ValueError) as exc:
+            log.debug("offload answer not used: %s", exc)
+            self._count("error")
+            return None
+        self._count("answered")
+        return logits
+
+    def on_response(self, response: InferenceResponse, correlation: bytes) -> None:
+        """An answer arrived (MQTT thread): wake the request waiting for it, if any."""
+        request_id = correlation.decode(errors="replace") if correlation else response.request_id
+        with self._lock:
+            waiter = self._pending.get(request_id)
+        if waiter is None or response.request_id != request_id:
+            return  # too late, or not ours
+        waiter.response = response
+        waiter.event.set()
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.counts[outcome] += 1
+
+    def telemetry_extra(self) -> dict[str, float]:
+        """``offload_<outcome>`` and ``low_confidence_kept`` for telemetry's ``extra``."""
+        with self._lock:
+            out = {f"offload_{o}": float(n) for o, n in sorted(self.counts.items())}
+            out["low_confidence_kept"] = float(self.kept)
+        return out
+
+    def metrics_lines(self) -> list[str]:
+        """Prometheus lines: ``offload_requests_total{outcome}``, ``low_confidence_kept_total``."""
+        p = "fedge_agent_"
+        with self._lock:
+            lines = [f"# TYPE {p}offload_requests_total counter"]
+            lines += [f'{p}offload_requests_total{{outcome="{o}"}} {n}'
+                      for o, n in sorted(self.counts.items())]  # fmt: skip
+            lines += [f"# TYPE {p}low_confidence_kept_total counter",
+                      f"{p}low_confidence_kept_total {self.kept}"]  # fmt: skip
+        return lines

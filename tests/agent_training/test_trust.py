@@ -1,0 +1,76 @@
+"""Which manifests the agent accepts: signed by a pinned key (configured, or trusted on
+first use and kept across restarts), never unsigned or tampered with; refusals counted."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from agent.trust import ManifestTrust
+from protocols.messages import FileEntry, ModelManifest
+from protocols.signing import SignatureError, generate_private_key, public_key, sign_manifest
+
+KEY_A, KEY_B = generate_private_key(), generate_private_key()
+
+
+def _manifest(version: str = "v1") -> ModelManifest:
+    files = (FileEntry("model.onnx", "ab" * 32, 10),)
+    return ModelManifest("m", version, 1.0, files, (), ())
+
+
+def _refused(trust: ManifestTrust, manifest: ModelManifest) -> str:
+    with pytest.raises(SignatureError) as caught:
+        trust.verify(manifest)
+    return caught.value.reason
+
+
+def test_a_configured_key_is_required(tmp_path: Path) -> None:
+    trust = ManifestTrust((public_key(KEY_A),), tmp_path)
+    trust.verify(sign_manifest(_manifest(), KEY_A))
+    assert _refused(trust, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+    assert _refused(trust, _manifest()) == "unsigned"
+    tampered = dataclasses.replace(sign_manifest(_manifest(), KEY_A), labels=("cat",))
+    assert _refused(trust, tampered) == "bad_signature"
+    assert trust.telemetry_extra() == {
+        "manifest_rejected_bad_signature": 1.0,
+        "manifest_rejected_unsigned": 1.0,
+        "manifest_rejected_untrusted_key": 1.0,
+    }
+    assert 'fedge_agent_manifests_rejected_total{reason="unsigned"} 1' in trust.metrics_lines()
+    assert not (tmp_path / "trust").exists()  # configured keys are never pinned
+
+
+def test_the_refusal_says_what_to_do(tmp_path: Path) -> None:
+    trust = ManifestTrust((public_key(KEY_A),), tmp_path)
+    with pytest.raises(SignatureError, match="fedge-coordinator public-key"):
+        trust.verify(sign_manifest(_manifest(), KEY_B))
+    with pytest.raises(SignatureError, match="allow_unsigned_models"):
+        trust.verify(_manifest())
+
+
+def test_trust_on_first_use_pins_the_first_signer_across_restarts(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trust = ManifestTrust((), tmp_path)
+    assert _refused(trust, _manifest()) == "unsigned"  # unsigned never pins
+    tampered = dataclasses.replace(sign_manifest(_manifest(), KEY_B), version="v9")
+    assert _refused(trust, tampered) == "bad_signature"  # nor does a bad signature
+    assert trust.keys == frozenset()
+    trust.verify(sign_manifest(_manifest(), KEY_A))
+    trust.verify(sign_manifest(_manifest("v2"), KEY_A))
+    pinned = [r for r in caplog.records if "on first use" in r.getMessage()]
+    assert [r.levelname for r in pinned] == ["WARNING"]
+    assert _refused(trust, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+    restarted = ManifestTrust((), tmp_path)
+    assert restarted.keys == {public_key(KEY_A)}
+    restarted.verify(sign_manifest(_manifest("v3"), KEY_A))
+    assert _refused(restarted, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+
+
+def test_unsigned_manifests_only_when_allowed(tmp_path: Path) -> None:
+    trust = ManifestTrust((public_key(KEY_A),), tmp_path, allow_unsigned=True)
+    trust.verify(_manifest())
+    assert trust.unsigned_accepted == 1
+    assert _refused(trust, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
