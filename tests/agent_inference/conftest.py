@@ -49,6 +49,11 @@ def broken(bundle: Bundle, version: str, model_bytes: bytes) -> Bundle:
 @pytest.fixture(scope="session")
 def bundles() -> Bundles:
     """Exported once per session (torch export takes a few seconds)."""
+    return make_bundles()
+
+
+def make_bundles() -> Bundles:
+    """Versions v1 and v2 of digits-mlp, exported the way the coordinator does."""
     v1, _ = initial_bundle(get_template("digits_mlp"), MODEL, "v1", seed=0, created=1.0)
     rng = np.random.default_rng(1)
     head = {k: v + rng.normal(0, 0.05, v.shape).astype(np.float32)
