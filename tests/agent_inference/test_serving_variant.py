@@ -11,6 +11,7 @@ from agent.model_store import ModelStore
 from cloud_coordinator.bundles import Bundle, file_entries
 from cloud_coordinator.variants import INT8_FILE, quantise_int8
 from protocols.model_format import MODEL_FILE
+from protocols.schema import Scalar
 from tests.agent_inference.conftest import Bundles, agent_config, put
 
 
@@ -18,7 +19,7 @@ def _int8_only(bundle: Bundle) -> Bundle:
     """The int8 variant chosen, and model.onnx unusable: only the variant can serve."""
     files = {**bundle.files, INT8_FILE: quantise_int8(bundle.files[MODEL_FILE]),
              MODEL_FILE: b"not an onnx model"}  # fmt: skip
-    variants = {"chosen": "int8", "reason": "within 1 point"}
+    variants: dict[str, Scalar] = {"chosen": "int8", "reason": "within 1 point"}
     manifest = dataclasses.replace(bundle.manifest, version="v1-int8", files=file_entries(files),
                                    serving_file=INT8_FILE, variants=variants)  # fmt: skip
     return Bundle(files, manifest)
