@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from cloud_coordinator.aggregation import AggregationError
+from cloud_coordinator.aggregation import AggregationError, decode_update
 from cloud_coordinator.job_state import ActiveJob
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.rounds import RoundEvent, RoundState, next_round_state
@@ -38,13 +38,14 @@ def version_round(job_id: str, version: str) -> int | None:
     return int(digits) if digits.isdigit() and digits == str(int(digits)) else None
 
 
-def staleness_of(active: ActiveJob, update: ModelUpdate) -> int | None:
-    """How many versions behind the current one `update` was trained (None: not a version
-    of this job, or one newer than its task or than the current version)."""
+def staleness_of(active: ActiveJob, update: ModelUpdate, buffer: int | None = None) -> int | None:
+    """How many versions behind the version buffer `buffer` (default: the one collecting)
+    is made from `update` was trained (None: not a version of this job, or one older than
+    its task or newer than the current version)."""
     base = version_round(active.spec.job_id, update.base_version)
     if base is None or not update.round - 1 <= base <= active.round_no - 1:
         return None
-    return active.round_no - 1 - base
+    return (active.round_no if buffer is None else buffer) - 1 - base
 
 
 class AsyncDriver:
@@ -62,17 +63,20 @@ class AsyncDriver:
         self.busy = busy
         self.send_task = send_task
 
-    def open_buffer(self, active: ActiveJob, round_no: int) -> None:
-        """Start collecting version `round_no` (a retried buffer starts empty again)."""
+    def open_buffer(self, active: ActiveJob, round_no: int, retry: bool = False) -> None:
+        """Start collecting version `round_no`, with the updates stored ahead for it while
+        the previous buffer was full (a retried buffer starts empty again)."""
         now = time.time()
         active.open_collection(round_no, now, 0.0)
         active.state = RoundState.SELECTING
-        self.store.start_round(active.spec.job_id, round_no, active.version, [], 0.0)
-        active.tasked[round_no] = set()
+        self.store.start_round(active.spec.job_id, round_no, active.version, [], 0.0,
+                               keep_updates=not retry)  # fmt: skip
+        active.tasked.setdefault(round_no, set())
         for old in [k for k in active.tasked if k < round_no - active.spec.max_staleness]:
             del active.tasked[old]
         active.state = next_round_state(active.state, RoundEvent.TASKS_SENT)
         self.store.set_round(active.spec.job_id, round_no, active.state.value)
+        self._replay(active, round_no)
 
     def full(self, active: ActiveJob) -> bool:
         """True once the buffer holds enough updates for a new version."""
@@ -90,7 +94,7 @@ class AsyncDriver:
         if slots <= 0:
             return
         busy = self.busy()
-        taken = set(active.outstanding) | active.received
+        taken = set(active.outstanding) | active.received | active.parked
         free = [
             Candidate(c.device_id, c.online, c.busy or c.device_id in busy or c.device_id in taken)
             for c in self.candidates()
@@ -116,7 +120,9 @@ class AsyncDriver:
             return True
         if active.state is not RoundState.COLLECTING:
             raise DecodeError("the job is between versions", reason="late")
-        staleness = staleness_of(active, update)
+        ahead = self.full(active)  # this buffer is closing: store it for the next one
+        target = active.round_no + 1 if ahead else active.round_no
+        staleness = staleness_of(active, update, target)
         if staleness is None:
             raise DecodeError(
                 f"base {update.base_version} is not a version of this job between its task"
@@ -131,14 +137,27 @@ class AsyncDriver:
             raise DecodeError("device was not sent that task", reason="not_selected")
         if update.num_samples <= 0:
             raise DecodeError("update trained on no samples", reason="bad_field")
-        verdict = self.store.add_update(spec.job_id, active.round_no, update.device_id,
+        verdict = self.store.add_update(spec.job_id, target, update.device_id,
                                         update.base_version, update.seq, update.num_samples,
                                         payload)  # fmt: skip
         if verdict != "new":
             raise DecodeError("this device already has an update in this version",
                               reason="conflict")  # fmt: skip
-        self._fold(active, update, len(payload), staleness)
+        if ahead:
+            self._park(active, update, target)
+        else:
+            self._fold(active, update, len(payload), staleness)
         return False
+
+    def _park(self, active: ActiveJob, update: ModelUpdate, target: int) -> None:
+        """Check an update stored for the next buffer as folding would, without folding."""
+        try:
+            decode_update(update.tensors, active.shapes, active.device)
+        except AggregationError as exc:
+            self.store.delete_update(active.spec.job_id, target, update.device_id)
+            raise DecodeError(str(exc), reason=exc.reason) from exc
+        active.parked.add(update.device_id)
+        active.outstanding.pop(update.device_id, None)
 
     def _fold(self, active: ActiveJob, update: ModelUpdate, size: int, staleness: int) -> None:
         assert active.aggregate is not None
@@ -161,14 +180,19 @@ class AsyncDriver:
             earlier = self.store.round(spec.job_id, k)
             active.tasked[k] = set(earlier.selected) if earlier is not None else set()
         active.selected = tuple(sorted(active.tasked[round_no]))
-        for stored in self.store.updates(spec.job_id, round_no):
+        self._replay(active, round_no)
+        log.info("job %s: resumed version buffer %d with %d stored updates",
+                 spec.job_id, round_no, len(active.received))  # fmt: skip
+
+    def _replay(self, active: ActiveJob, round_no: int) -> None:
+        """Fold the updates stored for buffer `round_no` (after a restart, or stored ahead)."""
+        for stored in self.store.updates(active.spec.job_id, round_no):
             update = decode_as(ModelUpdate, stored.payload, 1 << 30)
             staleness = staleness_of(active, update)
             try:
                 if staleness is None:  # cannot happen: it was checked when it was stored
                     raise DecodeError("not a version of this job", reason="bad_field")
                 self._fold(active, update, len(stored.payload), staleness)
-            except DecodeError as exc:  # stored, then refused before a crash: dropped
-                log.warning("job %s: dropped a stored update it refuses: %s", spec.job_id, exc)
-        log.info("job %s: resumed version buffer %d with %d stored updates",
-                 spec.job_id, round_no, len(active.received))  # fmt: skip
+            except DecodeError as exc:  # refused now (cannot happen but after a crash)
+                log.warning("job %s: dropped a stored update it refuses: %s",
+                            active.spec.job_id, exc)  # fmt: skip

@@ -64,6 +64,7 @@ class ActiveJob:
         self.optimiser_state: bytes | None = None  # the server optimiser after `version`
         self.tasked: dict[int, set[str]] = {}
         self.outstanding: dict[str, tuple[int, float]] = {}
+        self.parked: set[str] = set()  # async: stored for the next buffer (this one is full)
 
     @property
     def is_async(self) -> bool:
@@ -74,6 +75,7 @@ class ActiveJob:
         """Start collecting round (or buffer) `round_no` with an empty aggregate."""
         self.round_no = round_no
         self.received = set()
+        self.parked = set()
         self.uplink = 0
         self.device_val = []
         self.staleness = []

@@ -172,13 +172,21 @@ class JobStore:
 
     # --- rounds ------------------------------------------------------------------------
     def start_round(
-        self, job_id: str, round_no: int, base_version: str, selected: list[str], deadline: float
+        self,
+        job_id: str,
+        round_no: int,
+        base_version: str,
+        selected: list[str],
+        deadline: float,
+        keep_updates: bool = False,
     ) -> None:
-        """Record a round in the selecting state (replacing a failed attempt of it)."""
+        """Record a round in the selecting state, replacing a failed attempt of it (and its
+        updates, unless `keep_updates`: those stored ahead for it are kept)."""
         with self._lock, self._db:
-            self._db.execute(
-                "DELETE FROM updates WHERE job_id = ? AND round = ?", (job_id, round_no)
-            )
+            if not keep_updates:
+                self._db.execute(
+                    "DELETE FROM updates WHERE job_id = ? AND round = ?", (job_id, round_no)
+                )
             self._db.execute(
                 "INSERT OR REPLACE INTO rounds (job_id, round, state, base_version, selected, "
                 "started, deadline) VALUES (?, ?, 'selecting', ?, ?, ?, ?)",

@@ -200,7 +200,7 @@ class JobRunner:
             if active.state is RoundState.DONE:
                 driver.open_buffer(active, active.round_no + 1)
             elif active.state is RoundState.FAILED:
-                driver.open_buffer(active, active.round_no)
+                driver.open_buffer(active, active.round_no, retry=True)
             if active.state is RoundState.COLLECTING and not driver.full(active):
                 driver.hand_out_tasks(active)
 

@@ -52,7 +52,7 @@ def test_async_job_keeps_going_without_a_stopped_device(
     for r in done:
         assert r["metrics"]["mode"] == "async"
         # a buffer closes at 2 updates; one arriving as it closes may still be folded in
-        assert r["metrics"]["updates"] == len(r["metrics"]["contributors"]) >= 2
+        assert r["metrics"]["updates"] == len(r["metrics"]["contributors"]) == 2
         assert r["new_version"] == f"fedbuff.r{r['round']}"
         assert r["base_version"] == f"fedbuff.r{r['round'] - 1}"
     # the first versions were made without the held device ...

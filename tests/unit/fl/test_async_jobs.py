@@ -252,3 +252,46 @@ def test_version_round_parses_only_this_jobs_versions() -> None:
     assert async_rounds.version_round("j", "j.r12") == 12
     for bad in ("j.r", "j.r-1", "j.r01", "k.r1", "j.r1x", "jj.r1"):
         assert async_rounds.version_round("j", bad) is None
+
+
+def test_an_update_for_a_full_buffer_is_kept_for_the_next_version(fleet: Fleet) -> None:
+    fleet.runner.tick()
+    a, b, c = sorted(fleet.publisher.tasks())
+    da, db, dc = deltas(1), deltas(2), deltas(3)
+    fleet.send(a, 1, da, n=10)
+    fleet.send(b, 1, db, n=10)  # the buffer is full (2), but not closed yet
+    fleet.send(c, 1, dc, n=10)  # acknowledged, stored for version 2
+    assert fleet.last_ack(c) == (True, False, "")
+    fleet.send(c, 1, dc, n=10)  # its resend is a duplicate, not a second update
+    assert fleet.last_ack(c) == (True, True, "")
+    fleet.runner.tick()  # version 1 from exactly a and b; buffer 2 opens holding c's
+    v0, v1 = fleet.head(V[0]), fleet.head(V[1])
+    for name in v0:
+        np.testing.assert_allclose(v1[name], v0[name] + (da[name] + db[name]) / 2,
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert c not in tasked_in(fleet, 2)  # it already has an update in version 2
+    d = tasked_in(fleet, 2)[0]
+    dd = deltas(4)
+    fleet.send(d, 2, dd, n=10)
+    fleet.runner.tick()
+    v2 = fleet.head(V[2])
+    w_c = 10 * 2**-0.5  # trained on V0, folded into version 2 (made from V1): staleness 1
+    for name in v1:
+        expected = v1[name] + (w_c * dc[name] + 10 * dd[name]) / (w_c + 10)
+        np.testing.assert_allclose(v2[name], expected, rtol=1e-5, atol=1e-6)
+    record = fleet.store.round(JOB.job_id, 2)
+    assert record is not None
+    assert record.metrics["contributors"] == sorted([c, d])
+
+
+def test_a_bad_update_for_the_next_buffer_is_refused_at_once(fleet: Fleet) -> None:
+    fleet.runner.tick()
+    a, b, c = sorted(fleet.publisher.tasks())
+    fleet.send(a, 1, deltas(1))
+    fleet.send(b, 1, deltas(2))
+    bad = deltas(3)
+    bad[next(iter(bad))].reshape(-1)[0] = np.inf
+    with pytest.raises(DecodeError):
+        fleet.send(c, 1, bad)
+    assert fleet.last_ack(c) == (False, False, "non_finite")
+    assert fleet.store.updates(JOB.job_id, 2) == []
