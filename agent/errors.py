@@ -12,6 +12,7 @@ AgentError
 ├── FeedbackError            a label for an unknown prediction id, or a bad label (feedback)
 ├── BadRequestError          an inference API body that cannot be used (api_codec)
 ├── ClientError              the inference API could not be reached (client)
+├── TrustError               the pinned model-signing keys cannot be read (trust)
 ├── CompressionError         an update could not be compressed, e.g. NaN/Inf (compression)
 └── TrainingError            the training child failed (train_worker, trainer)
     ├── TrainingTimeoutError     it ran past its time and was killed
