@@ -12,10 +12,9 @@ served and the standby version), ``model_swaps_total``, ``model_rollbacks_total`
 
 from __future__ import annotations
 
-import bisect
 import threading
 from collections import Counter
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +25,10 @@ LATENCY_BUCKETS = (
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 OUTCOMES = ("ok", "invalid", "unavailable", "error")
 _CONF_EDGES = np.asarray(CONFIDENCE_BUCKETS, dtype=np.float64)
+_LATENCY_EDGES = np.asarray(LATENCY_BUCKETS, dtype=np.float64)
+
+
+_T = TypeVar("_T")
 
 
 def _label_value(text: str) -> str:
@@ -53,15 +56,47 @@ class _Histogram:
         return lines
 
 
+def _take(pending: list[_T]) -> list[_T]:
+    """The items `pending` holds now, removed from it; items appended meanwhile stay."""
+    n = len(pending)
+    items = pending[:n]
+    del pending[:n]  # appends by other threads land after index n: none is lost
+    return items
+
+
+def _fold_into(hist: _Histogram, edges: npt.NDArray[np.float64], values: npt.ArrayLike) -> None:
+    """Count `values` into `hist`'s buckets (``le`` bounds: `bisect_left`'s side)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        return
+    bins = np.bincount(np.searchsorted(edges, array), minlength=len(hist.counts))
+    for k, n in enumerate(bins.tolist()):
+        hist.counts[k] += n
+    hist.total += float(array.sum())
+    hist.count += len(array)
+
+
 class InferenceMetrics:
-    """Counts and histograms of one agent's inference; safe to update from any thread."""
+    """Counts and histograms of one agent's inference; safe to update from any thread.
+
+    A successful request only appends its latency and its confidences to pending lists
+    (``list.append`` is atomic: no lock, no bucket search on the request's path); they are
+    folded into the buckets (one ``searchsorted`` over many) when `FOLD` requests are
+    waiting and whenever the metrics are read, so readers always see every request. The
+    successful request and row counts are the two histograms' counts.
+    """
+
+    #: Requests whose observations wait at most before being folded into the buckets.
+    FOLD = 1024
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: Counter[str] = Counter({o: 0 for o in OUTCOMES})
-        self._rows = 0
+        self._requests: Counter[str] = Counter({o: 0 for o in OUTCOMES if o != "ok"})
         self._latency = _Histogram(LATENCY_BUCKETS)
         self._confidence = _Histogram(CONFIDENCE_BUCKETS)
+        self._seconds: list[float] = []  # pending: one latency per request
+        self._rows: list[float] = []  # pending: confidences of single-row requests
+        self._batches: list[npt.NDArray[Any]] = []  # pending: confidences of batches
         self._load_failures: Counter[str] = Counter()
         self._feedback: Counter[str] = Counter()
         self._swaps = 0
@@ -70,35 +105,33 @@ class InferenceMetrics:
 
     def observe_one(self, seconds: float, confidence: float) -> None:
         """One successful single-row request."""
-        lat, conf = self._latency, self._confidence
-        i = bisect.bisect_left(lat.bounds, seconds)
-        j = bisect.bisect_left(conf.bounds, confidence)
-        with self._lock:
-            self._requests["ok"] += 1
-            self._rows += 1
-            lat.counts[i] += 1
-            lat.total += seconds
-            lat.count += 1
-            conf.counts[j] += 1
-            conf.total += confidence
-            conf.count += 1
+        pending = self._seconds
+        pending.append(seconds)
+        self._rows.append(confidence)
+        if len(pending) >= self.FOLD:
+            with self._lock:
+                self._fold()
 
     def observe_batch(self, seconds: float, confidences: npt.NDArray[Any]) -> None:
-        """One successful request of several rows."""
-        lat, conf = self._latency, self._confidence
-        i = bisect.bisect_left(lat.bounds, seconds)
-        bins = np.bincount(np.searchsorted(_CONF_EDGES, confidences), minlength=len(conf.counts))
-        total = float(confidences.sum())
-        with self._lock:
-            self._requests["ok"] += 1
-            self._rows += len(confidences)
-            lat.counts[i] += 1
-            lat.total += seconds
-            lat.count += 1
-            for k, n in enumerate(bins.tolist()):
-                conf.counts[k] += n
-            conf.total += total
-            conf.count += len(confidences)
+        """One successful request of several rows (`confidences` is kept: not modified later)."""
+        pending = self._seconds
+        pending.append(seconds)
+        self._batches.append(confidences)
+        if len(pending) >= self.FOLD:
+            with self._lock:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Move the pending observations into their buckets (the lock is held)."""
+        _fold_into(self._latency, _LATENCY_EDGES, _take(self._seconds))
+        rows = _take(self._rows)
+        batches = _take(self._batches)
+        conf = np.concatenate([np.asarray(rows, dtype=np.float64), *batches]) if batches else rows
+        _fold_into(self._confidence, _CONF_EDGES, conf)
+
+    def _outcomes(self) -> list[tuple[str, int]]:
+        """Requests by outcome, ``ok`` included (the lock is held)."""
+        return [("ok", self._latency.count), *self._requests.items()]
 
     def count_request(self, outcome: str) -> None:
         """One request that did not succeed (`outcome`: invalid, unavailable, error)."""
@@ -131,8 +164,9 @@ class InferenceMetrics:
     def snapshot(self) -> dict[str, float]:
         """Counters as flat numbers (for telemetry's ``extra``)."""
         with self._lock:
-            out = {f"inference_{k}": float(v) for k, v in self._requests.items()}
-            out["inference_rows"] = float(self._rows)
+            self._fold()
+            out = {f"inference_{k}": float(v) for k, v in self._outcomes()}
+            out["inference_rows"] = float(self._confidence.count)
             out["model_swaps"] = float(self._swaps)
             out["model_rollbacks"] = float(self._rollbacks)
             out["model_load_failures"] = float(sum(self._load_failures.values()))
@@ -146,10 +180,12 @@ class InferenceMetrics:
         """Everything in the Prometheus text format."""
         p = "fedge_agent_"
         with self._lock:
+            self._fold()
+            rows = self._confidence.count
             lines = [f"# TYPE {p}predict_requests_total counter"]
             lines += [f'{p}predict_requests_total{{outcome="{o}"}} {n}' for o, n in
-                      sorted(self._requests.items())]  # fmt: skip
-            lines += [f"# TYPE {p}predictions_total counter", f"{p}predictions_total {self._rows}"]
+                      sorted(self._outcomes())]  # fmt: skip
+            lines += [f"# TYPE {p}predictions_total counter", f"{p}predictions_total {rows}"]
             lines += self._latency.render(f"{p}predict_latency_seconds")
             lines += self._confidence.render(f"{p}prediction_confidence")
             lines.append(f"# TYPE {p}model_info gauge")
