@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from cloud_coordinator.broker import BrokerKind
+from cloud_coordinator.demo_serving import canary_rollout, show_local_predictions
 from cloud_coordinator.demo_view import FleetWatcher, RoundProgress, human_bytes, say
 from cloud_coordinator.fleet_view import device_table
 from cloud_coordinator.local_fleet import LocalFleet
@@ -152,7 +153,10 @@ def _tour(
     baseline = _baseline_accuracy(options)
     summary["baseline_accuracy"] = round(baseline, 4)
     summary["accuracy_gap_points"] = round(100 * (baseline - summary["final_accuracy"]), 2)
-    return True, summary
+    show_local_predictions(fleet, start, options.seed)
+    rollout = canary_rollout(fleet, start, options.seed, job["current_version"])
+    summary["rollout"] = rollout["state"]
+    return rollout["state"] == "promoted", summary
 
 
 def run_demo(options: DemoOptions) -> int:
