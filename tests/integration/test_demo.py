@@ -39,6 +39,10 @@ def test_demo_trains_a_model_and_ends_with_a_json_summary(tmp_path: Path) -> Non
     assert summary["rounds"] == 3
     assert summary["final_accuracy"] > 0.8
     assert summary["baseline_accuracy"] > 0.95
+    # the last act: an agent serves the model locally, and a canary rollout is promoted
+    assert "serves digits-mlp demo.r3 locally" in out
+    assert "rollout promoted: canary healthy" in out
+    assert summary["rollout"] == "promoted"
 
 
 def test_demo_over_the_embedded_mqtt_3_1_1_broker(tmp_path: Path) -> None:
