@@ -74,6 +74,11 @@ bench: setup
 	$(BIN)/python -m bench.compression
 	$(BIN)/python -m bench.aggregate
 	$(BIN)/python -m bench.round
+	$(BIN)/python -m bench.byzantine
+	$(BIN)/python -m bench.async_rounds
+	$(BIN)/python -m bench.gpu_aggregate
+	$(BIN)/python -m bench.inference
+	$(BIN)/python -m bench.hot_swap
 
 dist: $(STAMP)
 	rm -rf dist
