@@ -221,9 +221,12 @@ class OnnxModel:
             ) from exc
         return outputs[0]  # type: ignore[no-any-return]
 
-    def bound(self, rows: int) -> BoundRun:
-        """A reusable run for batches of `rows` rows (warms that size up); InferenceError."""
-        return BoundRun(self, rows)
+    def bound(self, rows: int, extra: Sequence[str] = ()) -> BoundRun:
+        """A reusable run for batches of `rows` rows (warms that size up); InferenceError.
+
+        `extra` names further outputs to bind besides the first one (`BoundRun.extra`).
+        """
+        return BoundRun(self, rows, extra)
 
     def raw_run(self, batch: npt.NDArray[Any]) -> object:
         """onnxruntime's own `InferenceSession.run` on this session (the benchmarks' baseline)."""
@@ -244,25 +247,32 @@ class OnnxModel:
 class BoundRun:
     """One batch size's run through preallocated arrays (onnxruntime's I/O binding).
 
-    Write the batch into `input`, call, read the first output from `output`. The arrays are
-    reused by every call, so one BoundRun serves one thread at a time; it skips the
-    per-call conversion of inputs and outputs that `OnnxModel.run_checked` pays.
+    Write the batch into `input`, call, read the first output from `output` and the `extra`
+    outputs (flattened) from `extra`. The arrays are reused by every call, so one BoundRun
+    serves one thread at a time; it skips the per-call conversion of inputs and outputs
+    that `OnnxModel.run_checked` pays.
     """
 
-    __slots__ = ("_binding", "_native", "_run", "input", "output")
+    __slots__ = ("_binding", "_native", "_run", "extra", "input", "output")
 
-    def __init__(self, model: OnnxModel, rows: int) -> None:
+    def __init__(self, model: OnnxModel, rows: int, extra: Sequence[str] = ()) -> None:
         shape = (rows, *model.warmup_shape()[1:])
         self.input: npt.NDArray[Any] = np.zeros(shape, dtype=model.input_dtype)
-        self.output: npt.NDArray[Any] = np.array(model.run_checked(self.input), order="C")
+        names = [model.output_name, *extra]
         session = model._session
         binding = session.io_binding()
         try:
+            arrays = [
+                np.array(a, order="C") for a in session.run(names, {model.input_name: self.input})
+            ]
             binding.bind_cpu_input(model.input_name, self.input)
-            binding.bind_output(model.output_name, "cpu", 0, self.output.dtype,
-                                list(self.output.shape), self.output.ctypes.data)  # fmt: skip
+            for name, array in zip(names, arrays, strict=True):
+                binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape),
+                                    array.ctypes.data)  # fmt: skip
         except ORT_ERRORS as exc:
             raise InferenceError(f"cannot bind a batch of {rows}: {exc}") from exc
+        self.output: npt.NDArray[Any] = arrays[0]
+        self.extra: tuple[npt.NDArray[Any], ...] = tuple(a.reshape(-1) for a in arrays[1:])
         self._binding = binding
         native = model._native
         if native is not None and hasattr(binding, "_iobinding"):

@@ -8,12 +8,14 @@ import threading
 
 import numpy as np
 import numpy.typing as npt
+import onnx
+import onnxruntime as ort
 import pytest
 
 from agent.feedback import RecentInputs
 from agent.inference_metrics import InferenceMetrics
 from agent.predictions import Predictions, new_predictions
-from agent.serving import BOUND_SIZES, InferenceRuntime
+from agent.serving import ANSWER_OUTPUTS, BOUND_SIZES, InferenceRuntime, with_answer_outputs
 from cloud_coordinator.bundles import Bundle, logits
 from protocols.model_format import MODEL_FILE
 from tests.agent_inference.conftest import Bundles
@@ -183,3 +185,76 @@ def test_the_fast_constructor_builds_an_ordinary_answer() -> None:
     assert fast.labels == ["d"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         fast.model = "other"  # type: ignore[misc]
+
+
+def _tiny_model(opset: int, elem_type: int) -> bytes:
+    """y = Relu(x) (float) or Identity (other types): one input, one output, shape (N, 4)."""
+    op = "Relu" if elem_type == onnx.TensorProto.FLOAT else "Identity"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, ["x"], ["y"])],
+        "tiny",
+        [onnx.helper.make_tensor_value_info("x", elem_type, ["n", 4])],
+        [onnx.helper.make_tensor_value_info("y", elem_type, ["n", 4])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def test_the_answer_nodes_make_a_valid_model_that_agrees(bundles: Bundles) -> None:
+    data = bundles.v1.files[MODEL_FILE]
+    answered = with_answer_outputs(data)
+    assert answered is not None
+    assert answered.startswith(data)  # the original bytes stay as they are
+    model = onnx.load_from_string(answered)
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == ["logits", *ANSWER_OUTPUTS]
+    session = ort.InferenceSession(answered, providers=["CPUExecutionProvider"])
+    x = bundles.pixels[:50] / np.float32(16)
+    out, conf, cls = session.run(None, {"input": x})
+    classes, confidences = _expected(bundles.v1, x)
+    assert cls.ravel().tolist() == classes == out.argmax(axis=1).tolist()
+    assert conf.ravel() == pytest.approx(confidences, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty"),
+        (b"\x0a\xff\xff\xff\xff\x0f", "truncated"),
+        (b"\x0f\x00", "bad wire type"),
+        (_tiny_model(12, onnx.TensorProto.FLOAT), "opset 12"),
+        (_tiny_model(17, onnx.TensorProto.INT64), "integer output"),
+    ],
+)
+def test_models_that_cannot_take_the_answer_nodes_are_left_alone(data: bytes, why: str) -> None:
+    assert with_answer_outputs(data) is None, why
+
+
+def test_a_model_with_answer_nodes_added_to_a_recent_opset_loads() -> None:
+    answered = with_answer_outputs(_tiny_model(17, onnx.TensorProto.FLOAT))
+    assert answered is not None
+    session = ort.InferenceSession(answered, providers=["CPUExecutionProvider"])
+    x = np.asarray([[0.5, 3.0, -1.0, 2.0]], dtype=np.float32)
+    _, conf, cls = session.run(None, {"x": x})
+    assert cls.tolist() == [[1]]
+    assert conf.item() == pytest.approx(np.exp(3.0) / np.exp([0.5, 3.0, 0.0, 2.0]).sum())
+
+
+def test_without_answer_nodes_the_runtime_answers_itself(
+    bundles: Bundles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _runtime(bundles.v1).serving.answers == ANSWER_OUTPUTS  # type: ignore[union-attr]
+    monkeypatch.setattr("agent.serving.with_answer_outputs", lambda data: b"not a model")
+    rt = _runtime(bundles.v1)  # the appended model fails to load: the original one serves
+    served = rt.serving
+    assert served is not None
+    assert served.answers == ()
+    x = bundles.pixels[:9].copy()
+    classes, confidences = _expected(bundles.v1, x / np.float32(16))
+    for rows in (1, 9):
+        for _ in range(3):
+            answer = rt.predict(x[:rows])
+            assert answer.classes == classes[:rows]
+            assert answer.confidences == pytest.approx(confidences[:rows], rel=1e-5)
+    assert all(not run.extra for run in served.local.runs.values() if run is not None)
