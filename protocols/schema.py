@@ -227,19 +227,26 @@ def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
     src.names.update(names, _FAIL=_FAIL, _MISSING=_MISSING)
     src.emit(0, f"def decode(fields{params}):")
     fields = [(f"a{i}", f, spec) for i, (f, spec) in enumerate(_fields(cls)) if f.init]
-    src.emit(1, "try:")
+    src.emit(1, "try:")  # every field present, the common case: no method calls
+    src.emit(2, "pass")
+    for v, field, _ in fields:
+        src.emit(2, f"{v} = fields[{field.name!r}]")
+    src.emit(1, "except KeyError:")
+    src.emit(2, "try:")
     for v, field, _ in fields:
         if _required(field):
-            src.emit(2, f"{v} = fields[{field.name!r}]")
-    src.emit(2, "get = fields.get")
-    src.emit(1, "except KeyError:")
-    src.emit(2, fail)
+            src.emit(3, f"{v} = fields[{field.name!r}]")
+    src.emit(3, "get = fields.get")
+    src.emit(2, "except KeyError:")
+    src.emit(3, fail)
+    for v, field, _ in fields:
+        if not _required(field):
+            src.emit(2, f"{v} = get({field.name!r}, _MISSING)")
     args = []
     for v, field, spec in fields:
         if _required(field):
             _gen_check(src, spec, v, 1, fail)
         else:
-            src.emit(1, f"{v} = get({field.name!r}, _MISSING)")
             src.emit(1, f"if {v} is _MISSING:")
             if field.default_factory is not dataclasses.MISSING:
                 src.emit(2, f"{v} = {src.ref(field.default_factory)}()")
@@ -424,6 +431,16 @@ def encoder(
         src.emit(1, f"{v} = o.{field.name}")
         if finite:
             _gen_finite(src, spec, v, 1)
+        if spec[0] == "binary":  # wire.big, inline for the common case: a large view
+            w, big = src.var(), src.ref(wire.big)
+            src.emit(1, f"if type({v}) is memoryview and {v}.nbytes >= {wire.BIG_BINARY}:")
+            src.emit(2, f"if not {v}.c_contiguous: {big}({v})  # raises")
+            src.emit(2, f"{w} = {src.ref(object.__new__)}({src.ref(wire.BigBinary)})")
+            src.emit(2, f"{w}.view = {v}")
+            src.emit(2, f"{v} = {w}")
+            src.emit(1, f"else: {v} = {big}({v})")
+            items.append(f"{field.name!r}: {v}")
+            continue
         items.append(f"{field.name!r}: {_gen_value(src, spec, v, finite)}")
     src.emit(1, f"return {{{', '.join(items)}}}")
     fn: Callable[[Any], dict[str, Any]] = src.build("encode", f"{cls.__qualname__}.<encoder>")

@@ -25,7 +25,7 @@ DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 #: Payloads at least this large are walked without copying their binaries.
 ZERO_COPY_THRESHOLD = 64 * 1024
 #: Binaries at least this large are joined in (encode) or sliced out (decode) without copies.
-_BIG_BIN = 4096
+BIG_BINARY = _BIG_BIN = 4096
 _MAX_DEPTH = 32
 
 _MSGPACK_ERRORS: tuple[type[BaseException], ...] = (
@@ -42,6 +42,7 @@ _TOKEN = os.urandom(16)
 _MARK_LEN = 20  # token (16 bytes) + ordinal (4 bytes), packed as bin8
 _MARK_HEADER = b"\xc4\x14"
 _MARKS = [_TOKEN + i.to_bytes(4, "little") for i in range(256)]
+_MARK0 = _MARK_HEADER + _MARKS[0]  # as packed: bin 8 header and the marker, 22 bytes
 _BIN8 = struct.Struct(">BB").pack
 _BIN16 = struct.Struct(">BH").pack
 _BIN32 = struct.Struct(">BI").pack
@@ -130,11 +131,10 @@ def pack_map(fields: Mapping[str, Any]) -> bytes:
         if views:
             if len(views) == 1:  # the common case, spliced here
                 view = views[0]
-                at = packed.find(_MARKS[0]) - 2
                 n = view.nbytes
-                if at >= 0 and packed[at : at + 2] == _MARK_HEADER and 0x10000 <= n < 1 << 32:
-                    tail = packed[at + 2 + _MARK_LEN :]
-                    return b"".join((packed[:at], _BIN32(0xC6, n), view, tail))
+                head, found, tail = packed.partition(_MARK0)
+                if found and 0x10000 <= n < 1 << 32:
+                    return b"".join((head, _BIN32(0xC6, n), view, tail))
             packed = splicer.splice(packed)
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode message: {exc}") from exc
@@ -156,7 +156,35 @@ def unpack_map(
     if size == 0:
         raise DecodeError("empty payload", reason="malformed")
     if size >= ZERO_COPY_THRESHOLD:
-        value = _cut_and_unpack(data) if type(data) is bytes else _FAIL
+        value = _FAIL
+        if type(data) is bytes:
+            # The common case, tried first: one bin 32 found near the start that ends too near
+            # the end for another large binary to follow (what `_cut_and_unpack` would cut).
+            at = data.find(b"\xc6", 0, _CUT_WINDOW)
+            stop = size - _BIG_BIN - 3
+            if 0 <= at <= stop:
+                end = at + 5 + _U32(data, at + 1)[0]
+                if stop < end <= size and end - at - 5 >= _BIG_BIN:
+                    view = memoryview(data)[at + 5 : end]
+                    met = 0
+
+                    def hook(code: int, ext: bytes) -> Any:  # as _unpack_cut's, for one
+                        nonlocal met
+                        if ext == _PH0_BODY and code == _PLACEHOLDER_CODE:
+                            met += 1  # (more than once only if the input held the nonce)
+                            return view
+                        return _other_ext(code, ext)
+
+                    try:
+                        value = _unpackb(
+                            data[:at] + _PH0 + data[end:], ext_hook=hook, max_bin_len=_BIG_BIN - 1
+                        )
+                    except _MSGPACK_ERRORS:
+                        value = _FAIL
+                    if met != 1:
+                        value = _FAIL
+            if value is _FAIL:
+                value = _cut_and_unpack(data)
         if value is _FAIL:
             value = walk(data)
     else:
@@ -193,35 +221,22 @@ def _placeholder(i: int) -> bytes:  # fixext 16, code 127: the nonce and the ord
 
 
 _PLACEHOLDERS = [b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little") for i in range(256)]
+_PH0 = _PLACEHOLDERS[0]
+_PH0_BODY = _PH0[2:]
+_unpackb = msgpack.unpackb
+
+
+def _other_ext(code: int, ext: bytes) -> Any:
+    """An extension value that is not the one placeholder: `_FAIL` for any other placeholder."""
+    if code == _PLACEHOLDER_CODE and ext[:12] == _NONCE:
+        raise ValueError("placeholder out of order")
+    return msgpack.ExtType(code, ext)
 
 
 def _cut_and_unpack(data: bytes) -> Any:
     """Decode `data` as `walk` would, or return `_FAIL` to leave it to `walk`."""
     size = len(data)
     stop = size - _BIG_BIN - 3  # no large binary fits in a header found past this
-    at = data.find(b"\xc6", 0, _CUT_WINDOW)
-    if 0 <= at <= stop:  # try the common case: one bin 32, no room after it for another
-        end = at + 5 + _U32(data, at + 1)[0]
-        if stop < end <= size and end - at - 5 >= _BIG_BIN:
-            view = memoryview(data)[at + 5 : end]
-            met = False
-
-            def hook(code: int, ext: bytes) -> Any:  # _unpack_cut's, for one placeholder
-                nonlocal met
-                if code == _PLACEHOLDER_CODE and ext[:12] == _NONCE:
-                    if met or ext != _PLACEHOLDERS[0][2:]:
-                        raise ValueError("placeholder out of order")
-                    met = True
-                    return view
-                return msgpack.ExtType(code, ext)
-
-            skeleton = data[:at] + _PLACEHOLDERS[0] + data[end:]
-            try:
-                value = msgpack.unpackb(skeleton, ext_hook=hook, max_bin_len=_BIG_BIN - 1)
-            except _MSGPACK_ERRORS:
-                value = _FAIL
-            if met and value is not _FAIL:
-                return value
     find = data.find
     pieces: list[bytes] = []
     views: list[memoryview] = []
