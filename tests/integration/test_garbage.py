@@ -10,10 +10,18 @@ import msgpack
 import pytest
 
 from cloud_coordinator.ingest import SUBSCRIBED
-from protocols.messages import Ack, BlobRequest, ModelUpdate, Status, Telemetry, encode
+from protocols.messages import (
+    Ack,
+    BlobRequest,
+    InferenceRequest,
+    ModelUpdate,
+    Status,
+    Telemetry,
+    encode,
+)
 from protocols.mqtt import MqttClient, settings_from_config
 from protocols.tensors import encode_dense
-from protocols.topics import ROOT, device_topic
+from protocols.topics import ROOT, DeviceChannel, device_topic
 from tests.broker import Mosquitto
 from tests.procs import Agent, Coordinator, running, wait_until
 
@@ -31,6 +39,10 @@ def _valid(channel: str, device_id: str) -> bytes:
         return encode(ModelUpdate(device_id, "job-g", 1, "job-g.r0", 1, 10, (tensor,)))
     if channel == "blob/req":
         return encode(BlobRequest(device_id, "0" * 64, (0,), "req-1"))
+    if channel == "infer/req":  # names no device: its reply address is what is checked
+        reply_to = device_topic(device_id, DeviceChannel.INFER_RESPONSE)
+        tensor = encode_dense("input", [[0.0] * 64])
+        return encode(InferenceRequest("q-1", "digits-mlp", (tensor,), reply_to, time.time()))
     return encode(Ack("cmd-1", True, time.time()))
 
 
@@ -46,7 +58,9 @@ def _garbage(channel: str) -> dict[str, bytes]:
         "version": msgpack.packb({**good, "v": 2}),
         "missing_field": msgpack.packb({"v": 1, "kind": good["kind"]}),
     }
-    if channel != "ack":
+    if channel == "infer/req":
+        cases["bad_reply_to"] = _valid(channel, "someone-else")
+    elif channel != "ack":
         cases["device_mismatch"] = _valid(channel, "someone-else")
     return cases
 
