@@ -19,7 +19,7 @@ version; < 1 means async is faster); ``accuracy_gap_points`` = 100 x (sync final
 accuracy - async final holdout accuracy). Target (issue 4): async faster, at comparable
 accuracy.
 
-Run: ``python -m bench.async_rounds [--agents 10] [--slow 2] [--versions 10]
+Run: ``python -m bench.async_rounds [--agents 10] [--slow 2] [--versions 20]
 [--buffer 8] [--stop-ms 200] [--run-ms 50]``.
 """
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--slow", type=int, default=2)
-    parser.add_argument("--versions", type=int, default=10)
+    parser.add_argument("--versions", type=int, default=20)
     parser.add_argument("--buffer", type=int, default=8)
     parser.add_argument("--stop-ms", type=float, default=200.0)
     parser.add_argument("--run-ms", type=float, default=50.0)
