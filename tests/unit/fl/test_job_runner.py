@@ -738,13 +738,8 @@ def test_a_crash_between_registering_and_recording_a_version_recovers(collecting
     assert {t.base_version for t in w.publisher.tasks().values()} == {V1}
 
 
-def test_a_store_failure_when_finishing_a_round_keeps_memory_and_store_in_step(
-    collecting: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Fault injection: the store refuses to record the round as done, once (disk full).
-    tick() used to raise IllegalRoundTransitionError ('fail' in state 'done') and leave memory
-    a version ahead of the store."""
-    w = collecting
+def fail_finish_once(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the store refuse, once, to record a round as done (as a full disk would)."""
     real_finish = w.store.finish_round
     failures = [StoreError("database or disk is full")]
 
@@ -754,6 +749,16 @@ def test_a_store_failure_when_finishing_a_round_keeps_memory_and_store_in_step(
         real_finish(*args, **kwargs)
 
     monkeypatch.setattr(w.store, "finish_round", finish_round)
+
+
+def test_a_store_failure_when_finishing_a_round_keeps_memory_and_store_in_step(
+    collecting: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fault injection: the store refuses to record the round as done, once (disk full).
+    tick() used to raise IllegalRoundTransitionError ('fail' in state 'done') and leave memory
+    a version ahead of the store."""
+    w = collecting
+    fail_finish_once(w, monkeypatch)
     for n, device in enumerate(w.selected()):
         send_good(w, device, seed=n, num_samples=10)
     w.runner.tick()  # not recorded: nothing is announced that the store does not hold
@@ -780,15 +785,7 @@ def test_a_round_whose_recording_failed_is_finished_from_its_own_updates(
     """A failed finish leaves V1 registered from this round's updates; the next tick records
     that same version instead of redoing the round with other updates under its name."""
     w = collecting
-    real_finish = w.store.finish_round
-    failures = [StoreError("database or disk is full")]
-
-    def finish_round(*args: Any, **kwargs: Any) -> None:
-        if failures:
-            raise failures.pop()
-        real_finish(*args, **kwargs)
-
-    monkeypatch.setattr(w.store, "finish_round", finish_round)
+    fail_finish_once(w, monkeypatch)
     selected = w.selected()
     for n, device in enumerate(selected):
         send_good(w, device, seed=n, num_samples=10 + n)
