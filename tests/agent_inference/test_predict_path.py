@@ -12,10 +12,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from agent.answer_graph import ANSWER_OUTPUTS, with_answer_outputs
 from agent.feedback import RecentInputs
 from agent.inference_metrics import InferenceMetrics
 from agent.predictions import Predictions, new_predictions
-from agent.serving import ANSWER_OUTPUTS, BOUND_SIZES, InferenceRuntime, with_answer_outputs
+from agent.serving import BOUND_SIZES, InferenceRuntime
 from cloud_coordinator.bundles import Bundle, logits
 from protocols.model_format import MODEL_FILE
 from tests.agent_inference.conftest import Bundles
