@@ -1,7 +1,7 @@
 """Labels from applications for earlier predictions, kept as local training data.
 
-`RecentInputs` is a bounded LRU of recent prediction inputs: one entry per request, keyed
-by its prediction id (a batch's row ``i`` is ``<id>.<i>``). `FeedbackLog` appends a
+`RecentInputs` keeps the inputs of the most recent requests (a ring: one slot per request),
+keyed by prediction id (a batch's row ``i`` is ``<id>.<i>``). `FeedbackLog` appends a
 labelled input to ``feedback.npz`` in the device's dataset directory (arrays ``x`` and
 ``y``, like ``train.npz``; written atomically, never pickled, at most `max_rows`, oldest
 dropped first). `agent.local_data.load_local_data` adds those rows to the training split,
@@ -10,9 +10,9 @@ so the learner trains on them in its next round.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -32,37 +32,54 @@ class FeedbackError(AgentError):
 
 
 class RecentInputs:
-    """The inputs of the last `capacity` requests, by prediction id (thread-safe)."""
+    """The inputs of the last `capacity` requests, by prediction id (safe from any thread).
+
+    A ring of `capacity` slots: request ``n`` (counted from 1) takes slot ``n % capacity``,
+    overwriting the request `capacity` before it. Its id is ``<prefix><n>``, the prefix
+    random per process, so ids of an earlier run never resolve to this run's inputs.
+    Keeping an input is one ``next`` on a counter and one list assignment, each atomic
+    under the GIL: no lock on the request path.
+    """
+
+    #: Digits a request number may have in an id (a longer one is unknown, not parsed).
+    _MAX_DIGITS = 20
 
     def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
         self.capacity = capacity
-        self._entries: OrderedDict[str, tuple[npt.NDArray[Any], str, str]] = OrderedDict()
-        self._lock = threading.Lock()
+        self.prefix = f"{os.urandom(4).hex()}-"
+        self._slots: list[tuple[int, npt.NDArray[Any], str, str] | None] = [None] * capacity
+        self._ids = itertools.count(1)
 
-    def put(self, prediction_id: str, batch: npt.NDArray[Any], model: str, version: str) -> None:
-        """Remember `batch` (not copied: callers pass an array nobody changes afterwards)."""
-        with self._lock:
-            self._entries[prediction_id] = (batch, model, version)
-            if len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+    def keep(self, batch: npt.NDArray[Any], model: str, version: str) -> str:
+        """Remember `batch` (not copied: nobody may change it afterwards); its new id."""
+        n = next(self._ids)
+        self._slots[n % self.capacity] = (n, batch, model, version)
+        return f"{self.prefix}{n}"
 
     def get(self, prediction_id: str) -> tuple[npt.NDArray[Any], str, str]:
         """(the one input row, model, version) of a prediction id; FeedbackError if unknown."""
-        with self._lock:
-            entry = self._entries.get(prediction_id)
-            row = 0
-            if entry is None:
-                request, _, index = prediction_id.rpartition(".")
-                entry = self._entries.get(request)
-                if entry is None or not index.isdigit() or int(index) >= len(entry[0]):
-                    raise FeedbackError(
-                        f"unknown prediction id {prediction_id!r} (only the last "
-                        f"{self.capacity} requests are kept)",
-                        "unknown_id",
-                    )
-                row = int(index)
-        batch, model, version = entry
-        return batch[row], model, version
+        head, dot, index = prediction_id.partition(".")
+        number = head[len(self.prefix) :] if head.startswith(self.prefix) else ""
+        entry = None
+        if (
+            number.isascii()
+            and number.isdigit()
+            and len(number) <= self._MAX_DIGITS
+            and (not dot or (index.isascii() and index.isdigit() and len(index) <= 9))
+        ):
+            n = int(number)
+            entry = self._slots[n % self.capacity]
+            row = int(index) if dot else 0
+            if entry is not None and entry[0] == n and row < len(entry[1]):
+                _, batch, model, version = entry
+                return batch[row], model, version
+        raise FeedbackError(
+            f"unknown prediction id {prediction_id!r} (only the last {self.capacity} "
+            "requests are kept)",
+            "unknown_id",
+        )
 
 
 class FeedbackLog:

@@ -9,6 +9,8 @@ first one it met); `verify_manifest` raises `SignatureError` with the reason it 
 - ``untrusted_key``: signed, but by a key the device does not trust;
 - ``bad_signature``: the signature does not match the bytes (tampered, or corrupted).
 
+Signing (the coordinator) uses the `cryptography` package, imported when first needed;
+verifying (devices) uses `protocols.ed25519`, so a device never loads `cryptography`.
 Keys are raw 32-byte Ed25519 keys; `key_text`/`parse_key` give them a printable base64
 form for config files and the command line.
 """
@@ -20,13 +22,7 @@ import binascii
 import dataclasses
 from collections.abc import Collection
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
+from protocols.ed25519 import signature_matches
 from protocols.errors import DecodeError
 from protocols.messages import ModelManifest, encode
 
@@ -42,7 +38,12 @@ class SignatureError(DecodeError):
 
 def generate_private_key() -> bytes:
     """A new random Ed25519 private key (32 raw bytes)."""
-    from cryptography.hazmat.primitives.serialization import NoEncryption, PrivateFormat
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
 
     key = Ed25519PrivateKey.generate()
     return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
@@ -50,6 +51,9 @@ def generate_private_key() -> bytes:
 
 def public_key(private_key: bytes) -> bytes:
     """The 32-byte public key of a raw private key; ValueError if it is not one."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     key = Ed25519PrivateKey.from_private_bytes(_raw(private_key, "private key"))
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -81,6 +85,8 @@ def signed_bytes(manifest: ModelManifest) -> bytes:
 
 def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
     """`manifest` with ``signer_key`` set to the key's public half and signed by it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     unsigned = dataclasses.replace(manifest, signer_key=public_key(private_key), signature=b"")
     key = Ed25519PrivateKey.from_private_bytes(private_key)
     return dataclasses.replace(unsigned, signature=key.sign(signed_bytes(unsigned)))
@@ -98,13 +104,9 @@ def verify_manifest(manifest: ModelManifest, trusted: Collection[bytes]) -> None
             f" {key_text(manifest.signer_key)}, which this device does not trust",
             reason="untrusted_key",
         )
-    try:
-        Ed25519PublicKey.from_public_bytes(manifest.signer_key).verify(
-            manifest.signature, signed_bytes(manifest)
-        )
-    except (InvalidSignature, ValueError):
+    if not signature_matches(manifest.signer_key, manifest.signature, signed_bytes(manifest)):
         raise SignatureError(
             f"manifest {manifest.name} {manifest.version}: the signature does not match"
             " (tampered with, or corrupted)",
             reason="bad_signature",
-        ) from None
+        )

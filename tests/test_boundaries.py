@@ -94,6 +94,8 @@ def test_module_respects_the_boundaries(module: str) -> None:
         assert "torch" not in imported, f"{module} imports torch (only training may)"
     if module.startswith("cloud_coordinator"):
         assert "agent" not in imported, f"{module} imports the agent"
+    else:  # devices verify signatures with protocols.ed25519; only the coordinator signs
+        assert "cryptography" not in imported, f"{module} loads cryptography"
     if module.startswith("protocols") and module != "protocols.mqtt":
         leaked = (imported & IO_LIBRARIES) | (imported & {"agent", "cloud_coordinator"})
         assert not leaked, f"{module} pulls in {sorted(leaked)}; protocols/ must stay pure"
