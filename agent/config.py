@@ -39,6 +39,7 @@ class AgentConfig:
     inference_providers: str = "cpu"
     inference_max_batch: int = 1024
     inference_recent_inputs: int = 1024
+    inference_recent_mb: int = 4
     inference_feedback_max_rows: int = 10000
     model_keys: str = ""
     allow_unsigned_models: bool = False
@@ -74,6 +75,8 @@ class AgentConfig:
         for key in ("inference_max_batch", "inference_recent_inputs"):
             if not 1 <= getattr(self, key) <= 1_000_000:
                 raise ValueError(f"{key} must be 1-1000000, got {getattr(self, key)}")
+        if not 1 <= self.inference_recent_mb <= 65536:
+            raise ValueError(f"inference_recent_mb must be 1-65536, got {self.inference_recent_mb}")
         if not 0 <= self.inference_feedback_max_rows <= 10_000_000:
             raise ValueError(
                 f"inference_feedback_max_rows must be 0-10000000, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ import numpy.typing as npt
 
 from agent.errors import AgentError
 from agent.local_data import FEEDBACK_FILE, read_feedback
+
+#: A kept input: (request number, the batch, model, version).
+_Kept = tuple[int, npt.NDArray[Any], str, str]
 
 
 class FeedbackError(AgentError):
@@ -32,37 +36,61 @@ class FeedbackError(AgentError):
 
 
 class RecentInputs:
-    """The inputs of the last `capacity` requests, by prediction id (safe from any thread).
+    """The inputs of recent requests, by prediction id, within a byte budget (thread-safe).
 
-    A ring of `capacity` slots: request ``n`` (counted from 1) takes slot ``n % capacity``,
-    overwriting the request `capacity` before it. Its id is ``<prefix><n>``, the prefix
-    random per process, so ids of an earlier run never resolve to this run's inputs.
-    Keeping an input is one ``next`` on a counter and one list assignment, each atomic
-    under the GIL: no lock on the request path.
+    Request ``n`` (counted from 1) gets the id ``<prefix><n>``, the prefix random per
+    process, so ids of an earlier run never resolve to this run's inputs. Its input is kept
+    in one of two places, and both together stay within about twice `max_bytes`:
+
+    - inputs of at most ``max_bytes / capacity`` bytes (single samples, small batches) in a
+      ring of `capacity` slots: request ``n`` takes slot ``n % capacity``. Keeping one is a
+      ``next`` on a counter and one list assignment, each atomic under the GIL: no lock;
+    - larger inputs in a queue under a lock, the oldest dropped while the queue holds more
+      than `max_bytes` (so fewer than `capacity` inputs); one larger than that is not kept.
     """
 
     #: Digits a request number may have in an id (a longer one is unknown, not parsed).
     _MAX_DIGITS = 20
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, not {capacity}")
+    def __init__(self, capacity: int, max_bytes: int = 4 << 20) -> None:
+        if capacity < 1 or max_bytes < 1:
+            raise ValueError(
+                f"capacity and max_bytes must be at least 1, not {capacity}, {max_bytes}"
+            )
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.prefix = f"{os.urandom(4).hex()}-"
-        self._slots: list[tuple[int, npt.NDArray[Any], str, str] | None] = [None] * capacity
+        self._ring_limit = max_bytes // capacity  # the largest input the ring takes
+        self._slots: list[_Kept | None] = [None] * capacity
         self._ids = itertools.count(1)
+        self._large: OrderedDict[int, _Kept] = OrderedDict()
+        self._large_bytes = 0
+        self._lock = threading.Lock()
 
     def keep(self, batch: npt.NDArray[Any], model: str, version: str) -> str:
         """Remember `batch` (not copied: nobody may change it afterwards); its new id."""
         n = next(self._ids)
-        self._slots[n % self.capacity] = (n, batch, model, version)
+        if batch.nbytes <= self._ring_limit:
+            self._slots[n % self.capacity] = (n, batch, model, version)
+        else:
+            self._keep_large((n, batch, model, version))
         return f"{self.prefix}{n}"
+
+    def _keep_large(self, entry: _Kept) -> None:
+        if entry[1].nbytes > self.max_bytes:
+            return  # never fits: keeping it would only push the others out
+        with self._lock:
+            self._large[entry[0]] = entry
+            self._large_bytes += entry[1].nbytes
+            while self._large_bytes > self.max_bytes:  # each is over max/capacity bytes:
+                # so this also keeps fewer than `capacity` of them
+                _, dropped = self._large.popitem(last=False)
+                self._large_bytes -= dropped[1].nbytes
 
     def get(self, prediction_id: str) -> tuple[npt.NDArray[Any], str, str]:
         """(the one input row, model, version) of a prediction id; FeedbackError if unknown."""
         head, dot, index = prediction_id.partition(".")
         number = head[len(self.prefix) :] if head.startswith(self.prefix) else ""
-        entry = None
         if (
             number.isascii()
             and number.isdigit()
@@ -71,13 +99,16 @@ class RecentInputs:
         ):
             n = int(number)
             entry = self._slots[n % self.capacity]
+            if entry is None or entry[0] != n:
+                with self._lock:
+                    entry = self._large.get(n)
             row = int(index) if dot else 0
-            if entry is not None and entry[0] == n and row < len(entry[1]):
+            if entry is not None and row < len(entry[1]):
                 _, batch, model, version = entry
                 return batch[row], model, version
         raise FeedbackError(
-            f"unknown prediction id {prediction_id!r} (only the last {self.capacity} "
-            "requests are kept)",
+            f"unknown prediction id {prediction_id!r} (inputs are kept for the last "
+            f"{self.capacity} requests, {self.max_bytes / 2**20:g} MiB of large ones)",
             "unknown_id",
         )
 

@@ -47,7 +47,7 @@ class InferenceService:
         self.config = config
         self.store = store
         self.metrics = InferenceMetrics()
-        self.recent = RecentInputs(config.inference_recent_inputs)
+        self.recent = RecentInputs(config.inference_recent_inputs, config.inference_recent_mb << 20)
         self.runtime = InferenceRuntime(
             self.metrics,
             self.recent,

@@ -84,3 +84,18 @@ def test_concurrent_requests_each_keep_their_own_input() -> None:
         t.join()
     assert len(kept) == 2000
     assert all(recent.get(pid)[0][0] == value for pid, value in kept.items())
+
+
+def test_large_inputs_are_kept_within_the_byte_budget() -> None:
+    recent = RecentInputs(capacity=10, max_bytes=1200)  # the ring takes inputs ≤ 120 bytes
+    small = [recent.keep(_rows(1, -i), "m", "v") for i in range(3)]  # 12 bytes each: ring
+    large = [recent.keep(_rows(20, i), "m", "v") for i in range(8)]  # 240 bytes: 5 fit
+    for old in large[:3]:
+        with pytest.raises(FeedbackError):
+            recent.get(old)
+    assert [recent.get(f"{i}.19")[0][0] for i in large[3:]] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert [recent.get(i)[0][0] for i in small] == [0.0, -1.0, -2.0]
+    huge = recent.keep(_rows(101, 9.0), "m", "v")  # 1212 bytes: more than the whole budget
+    with pytest.raises(FeedbackError):
+        recent.get(huge)
+    assert recent.get(f"{large[3]}.0")[0][0] == 3.0  # and it pushed nothing out
