@@ -95,7 +95,7 @@ class InferenceMetrics:
         self._latency = _Histogram(LATENCY_BUCKETS)
         self._confidence = _Histogram(CONFIDENCE_BUCKETS)
         self._seconds: list[float] = []  # pending: one latency per request
-        self._rows: list[float] = []  # pending: confidences of single-row requests
+        self._rows: list[float] = []  # pending: confidences as lists (`observe`, `observe_one`)
         self._batches: list[npt.NDArray[Any]] = []  # pending: confidences of batches
         self._load_failures: Counter[str] = Counter()
         self._feedback: Counter[str] = Counter()
@@ -108,6 +108,15 @@ class InferenceMetrics:
         pending = self._seconds
         pending.append(seconds)
         self._rows.append(confidence)
+        if len(pending) >= self.FOLD:
+            with self._lock:
+                self._fold()
+
+    def observe(self, seconds: float, confidences: list[float]) -> None:
+        """One successful request of any number of rows, their confidences as a list."""
+        pending = self._seconds
+        pending.append(seconds)
+        self._rows.extend(confidences)
         if len(pending) >= self.FOLD:
             with self._lock:
                 self._fold()

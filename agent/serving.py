@@ -313,10 +313,7 @@ class InferenceRuntime:
                 pid = self.recent.keep(inp.copy(), served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
-                if len(confidences) == 1:
-                    self.metrics.observe_one(perf_counter() - start, confidences[0])
-                else:
-                    self.metrics.observe_batch(perf_counter() - start, conf.copy())
+                self.metrics.observe(perf_counter() - start, confidences)
                 return new_predictions(pid, served.name, served.version, cls.tolist(),
                                        confidences, served.labels, False)  # fmt: skip
         return self._predict(served, x, start)

@@ -135,6 +135,21 @@ def test_threads_get_their_own_answers(bundles: Bundles) -> None:
     assert _metric(text, "fedge_agent_predict_latency_seconds_count") == 600
 
 
+def test_metrics_observe_takes_any_number_of_rows_as_a_list() -> None:
+    metrics = InferenceMetrics()
+    n = InferenceMetrics.FOLD + 3
+    for _ in range(n):
+        metrics.observe(0.0003, [0.55])
+        metrics.observe(0.002, [0.15, 1.0, 0.95])
+    text = metrics.render()
+    assert f'fedge_agent_predict_requests_total{{outcome="ok"}} {2 * n}' in text
+    assert _metric(text, "fedge_agent_predictions_total") == 4 * n
+    assert f'fedge_agent_predict_latency_seconds_bucket{{le="0.0005"}} {n}' in text
+    assert f'fedge_agent_prediction_confidence_bucket{{le="0.2"}} {n}' in text
+    assert f'fedge_agent_prediction_confidence_bucket{{le="0.6"}} {2 * n}' in text
+    assert f'fedge_agent_prediction_confidence_bucket{{le="0.95"}} {3 * n}' in text
+
+
 def test_metrics_fold_pending_observations_exactly() -> None:
     metrics = InferenceMetrics()
     n = InferenceMetrics.FOLD + 10  # one fold on the way, the rest when read
