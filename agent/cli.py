@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from agent.errors import AgentError
 from protocols import __version__
 from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
 from protocols.logs import setup_logging
@@ -23,7 +24,8 @@ model signatures: manifests must be signed by a key in model_keys (--model-key);
 inference API (on unless --no-inference): POST /v1/predict, GET /v1/model, POST /v1/feedback,
   POST /v1/rollback, GET /healthz, GET /metrics, GET /openapi.json; on a Unix socket
   (default <data-dir>/inference.sock) or a loopback HOST:PORT. Python: agent.client.
-exit status: 0 clean stop, 78 invalid configuration, 1 unexpected error.
+exit status: 0 clean stop, 78 invalid configuration or state to fix by hand (a bad pinned
+  key file), 1 unexpected error.
 """
 
 
@@ -154,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level, config.log_format, "fedge-agent")
     from agent.daemon import Agent
 
-    agent = Agent(config)
+    try:
+        agent = Agent(config)
+    except AgentError as exc:  # state on disk the operator must fix (a bad pinned key file)
+        print(f"fedge-agent: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop())
     return agent.run()

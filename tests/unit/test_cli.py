@@ -71,6 +71,20 @@ def test_agent_missing_config_file_exits_78(env: dict[str, str], tmp_path: Path)
     assert f"config file {tmp_path / 'nope.toml'} does not exist (from --config)" in result.stderr
 
 
+def test_agent_with_a_corrupt_pinned_key_file_exits_78_saying_what_to_do(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    pins = tmp_path / "state" / "trust" / "model-keys"
+    pins.parent.mkdir(parents=True)
+    pins.write_text("not a key!\n")
+    args = ["--data-dir", str(tmp_path / "state"), "--no-train", "--broker", "127.0.0.1:1"]
+    result = run("agent", *args, env=env, cwd=tmp_path)
+    assert result.returncode == 78
+    assert f"fedge-agent: cannot start: {pins} holds a bad key" in result.stderr
+    assert "delete it" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_agent_print_config_shows_every_layer_and_hides_the_password(
     env: dict[str, str], tmp_path: Path
 ) -> None:
