@@ -31,6 +31,7 @@ class AgentConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "text", "journal"] = "auto"
     train: bool = True
+    train_nice: int = 10
     dataset_dir: str | None = None
     inference: bool = True
     inference_listen: str = ""
@@ -61,6 +62,8 @@ class AgentConfig:
             raise ValueError(
                 f"telemetry_interval_s must be 0.1-86400, got {self.telemetry_interval_s}"
             )
+        if not 0 <= self.train_nice <= 19:
+            raise ValueError(f"train_nice must be 0-19, got {self.train_nice}")
         parse_listen(self.inference_listen, self.data_dir)
         if self.inference_model and not valid_id(self.inference_model):
             raise ValueError(f"inference_model {self.inference_model!r} is invalid: {_ID_RULE}")

@@ -115,6 +115,7 @@ class Agent:
                 self.mqtt,
                 config.mqtt.max_payload_bytes,
                 trust=self.trust,
+                train_nice=config.train_nice,
                 listener=self.inference,
             )
             channels = [DeviceChannel.BLOB]

@@ -97,6 +97,7 @@ class Learner:
         max_payload_bytes: int,
         trust: ManifestTrust,
         train_threads: int = 1,
+        train_nice: int = 10,
         listener: ModelListener | None = None,
     ) -> None:
         self.device_id = device_id
@@ -110,7 +111,7 @@ class Learner:
         self.outbox = Outbox(data_dir / "outbox.db")
         self._residual_dir = data_dir / "residuals"
         self._compressors: dict[str, Compressor] = {}
-        self.trainer = TrainerProcess(threads=train_threads)
+        self.trainer = TrainerProcess(threads=train_threads, nice=train_nice)
         self.tasks_done = 0
         self.tasks_failed = 0
         self._tasks: queue.Queue[TrainTask | None] = queue.Queue()

@@ -20,6 +20,7 @@ float32 array) and ``metrics`` (see `train_head`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -388,9 +389,19 @@ def worker_main(
         conn.close()
 
 
+def yield_to_the_daemon(nice: int) -> None:
+    """Lower this process's priority by `nice` and mark it CPU-bound (``SCHED_BATCH``)."""
+    if nice:
+        os.nice(nice)
+    if hasattr(os, "sched_setscheduler"):  # Linux
+        with contextlib.suppress(OSError):  # a sandbox may refuse; priority is a hint
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 def child_main(argv: Sequence[str]) -> None:
-    """Entry point of the child: ``FD THREADS IDLE_TIMEOUT_S PARENT_CHECK_S`` -> `worker_main`."""
+    """The child's entry: ``FD THREADS IDLE_TIMEOUT_S PARENT_CHECK_S NICE`` -> `worker_main`."""
     from multiprocessing.connection import Connection
 
-    fd, threads, idle, check = argv
+    fd, threads, idle, check, nice = argv
+    yield_to_the_daemon(int(nice))
     worker_main(Connection(int(fd)), int(threads), float(idle), float(check))

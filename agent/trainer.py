@@ -50,17 +50,26 @@ class WorkerCrashedError(TrainingError):
 
 
 class TrainerProcess:
-    """A lazily started, restartable torch child; `train` takes and returns `train_head` dicts."""
+    """A lazily started, restartable torch child; `train` takes and returns `train_head` dicts.
+
+    The child runs `nice` steps below the daemon, under ``SCHED_BATCH``: training is
+    background work, so on a busy device the scheduler gives way to the daemon's inference
+    requests first.
+    """
 
     def __init__(
         self,
         threads: int = 1,
         idle_timeout_s: float = 120.0,
         parent_check_s: float = 1.0,
+        nice: int = 10,
     ) -> None:
         if threads < 1 or idle_timeout_s <= 0 or parent_check_s <= 0:
             raise TrainingError("threads, idle_timeout_s and parent_check_s must be positive")
+        if not 0 <= nice <= 19:
+            raise TrainingError(f"nice must be 0-19, not {nice}")
         self.threads = threads
+        self.nice = nice
         self.idle_timeout_s = idle_timeout_s
         self.parent_check_s = parent_check_s
         self.starts = 0  # how many children were started (for telemetry and tests)
@@ -141,7 +150,7 @@ class TrainerProcess:
         self._stop(kill=True)
         parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
         fd = child_conn.fileno()
-        args = [fd, self.threads, self.idle_timeout_s, self.parent_check_s]
+        args = [fd, self.threads, self.idle_timeout_s, self.parent_check_s, self.nice]
         try:
             process = subprocess.Popen(
                 [sys.executable, "-c", _CHILD_CODE, *map(str, args)],

@@ -140,6 +140,31 @@ def test_an_idle_child_exits_and_a_new_one_serves_the_next_request(digits: Digit
         assert trainer.starts == 2
 
 
+def _nice_and_policy(pid: int) -> tuple[int, int]:
+    """(nice, scheduling policy) of a process, from /proc/PID/stat (fields 19 and 41)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[16]), int(fields[38])
+
+
+def test_the_child_runs_below_the_daemon_under_sched_batch(trainer: TrainerProcess) -> None:
+    assert trainer.pid is not None
+    nice, policy = _nice_and_policy(trainer.pid)
+    assert nice == min(19, os.nice(0) + 10)
+    assert policy == os.SCHED_BATCH
+
+
+def test_nice_zero_keeps_the_daemons_priority() -> None:
+    with TrainerProcess(idle_timeout_s=300, nice=0) as process:
+        process.start(timeout=START_S)
+        assert process.pid is not None
+        assert _nice_and_policy(process.pid)[0] == os.nice(0)
+
+
+def test_a_nice_outside_0_19_is_refused() -> None:
+    with pytest.raises(TrainingError, match="nice must be 0-19"):
+        TrainerProcess(nice=20)
+
+
 def test_close_asks_the_child_to_exit(digits: Digits) -> None:
     trainer = TrainerProcess(idle_timeout_s=300)
     trainer.start(timeout=START_S)
