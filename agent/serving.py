@@ -91,6 +91,15 @@ class ServedModel:
         self.local = threading.local()  # per thread: runs (rows → run), answering (shape → run)
         self.loaded_at = time.time()
 
+    def prepare_into(self, batch: npt.NDArray[Any], out: npt.NDArray[Any]) -> None:
+        """Write ``batch * scale + offset`` (the manifest's preprocessing) into `out`."""
+        if self.scale != 1.0:
+            np.multiply(batch, self.scale_value, out=out)
+        else:
+            np.copyto(out, batch)
+        if self.offset != 0.0:
+            np.add(out, self.offset_value, out=out)
+
     def describe(self) -> dict[str, Any]:
         """Name, version, input schema, labels, providers (JSON-ready)."""
         m = self.manifest
@@ -298,19 +307,13 @@ class InferenceRuntime:
             except (AttributeError, KeyError):
                 pass
             else:
-                inp = run.input
-                if served.scale != 1.0:
-                    np.multiply(x, served.scale_value, out=inp)
-                else:
-                    np.copyto(inp, x)
-                if served.offset != 0.0:
-                    np.add(inp, served.offset_value, out=inp)
+                served.prepare_into(x, run.input)
                 try:
                     run()
                 except InferenceError:
                     self.metrics.count_request("error")
                     raise
-                pid = self.recent.keep(inp.copy(), served.name, served.version)
+                pid = self.recent.keep(run.input.copy(), served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
                 self.metrics.observe(perf_counter() - start, confidences)
@@ -342,16 +345,10 @@ class InferenceRuntime:
         try:
             if run is not None:
                 # preprocessing straight into the bound input, then one copy kept for feedback
-                inp = run.input
-                if served.scale != 1.0:
-                    np.multiply(batch, served.scale_value, out=inp)
-                else:
-                    np.copyto(inp, batch)
-                if served.offset != 0.0:
-                    np.add(inp, served.offset_value, out=inp)
+                served.prepare_into(batch, run.input)
                 run()
                 out = run.output
-                batch = inp.copy()
+                batch = run.input.copy()
             else:
                 batch = self._preprocessed(served, batch, x)
                 out = served.model.run_checked(batch)
@@ -362,10 +359,7 @@ class InferenceRuntime:
         if run is not None and run.extra:  # the session computed the answers already
             conf, cls = run.extra
             confidences = conf.tolist()
-            if len(confidences) == 1:
-                self.metrics.observe_one(perf_counter() - start, confidences[0])
-            else:
-                self.metrics.observe_batch(perf_counter() - start, conf.copy())
+            self.metrics.observe(perf_counter() - start, confidences)
             return new_predictions(pid, served.name, served.version, cls.tolist(), confidences,
                                    served.labels, single)  # fmt: skip
         if len(out) != 1:
