@@ -7,8 +7,8 @@ keys (minor versions add fields, always with defaults) and raises `DecodeError` 
 field for anything missing or of the wrong type.
 
 Each class gets straight-line code generated once, as `dataclasses` does for ``__init__``:
-an encoder (a dict display of its fields) and a decoder that accepts only exactly typed
-input. Anything the decoder does not accept goes to the generic *checked* path, which is
+an encoder (a dict display of its fields; `protocols.encoders`) and a decoder that accepts
+only exactly typed input. Field types as specs: `protocols.field_specs`. Anything the decoder does not accept goes to the generic *checked* path, which is
 the reference: it accepts a little more (any sequence for an array, say) and raises the
 `DecodeError` that names the field. The generated code never decides what is valid.
 """
@@ -17,59 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import types
-import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from protocols import wire
-from protocols.errors import DecodeError, EncodeError
+from protocols.encoders import encoder, finite, to_map
+from protocols.errors import DecodeError
+from protocols.field_specs import SIMPLE_KINDS, Binary, Scalar, Source, Spec, fields_of, required
 
-Binary = bytes | memoryview
-Scalar = str | int | float | bool
+__all__ = ["Binary", "Scalar", "constructor", "decoder", "encoder", "fast_constructor",
+           "finite", "from_map", "to_map"]  # fmt: skip
 
 T = TypeVar("T")
-_Spec = tuple[Any, ...]  # ("str",), ("opt", inner), ("tuple", inner), ("cls", C), ...
-_SIMPLE_KINDS = ("str", "int", "bool")
-
-
-def _spec(hint: Any) -> _Spec:
-    """The field type `hint` as a small tree; TypeError for types this module cannot carry."""
-    if hint == Binary:
-        return ("binary",)
-    if hint == Scalar:
-        return ("scalar",)
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        inner = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007
-        return ("opt", _spec(inner))
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return ("tuple", _spec(args[0]))
-    if origin is dict and args and args[0] is str:
-        return ("dict", _spec(args[1]))
-    if hint in (str, int, float, bool, bytes):
-        return (hint.__name__,)
-    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
-        return ("cls", hint)
-    raise TypeError(f"unsupported field type {hint!r}")
-
-
-def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], _Spec]]:
-    found = _FIELDS.get(cls)
-    if found is None:
-        hints = typing.get_type_hints(cls)
-        found = _FIELDS[cls] = [(f, _spec(hints[f.name])) for f in dataclasses.fields(cls)]
-    return found
-
-
-_FIELDS: dict[type, list[tuple[dataclasses.Field[Any], _Spec]]] = {}
-
-
-def _required(field: dataclasses.Field[Any]) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
 
 
 # --- the checked (reference) decoder --------------------------------------------------------
@@ -84,7 +43,7 @@ def _fail(path: str, expected: str, value: object) -> DecodeError:
 _PY_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def _check(spec: _Spec, value: Any, path: str) -> Any:
+def _check(spec: Spec, value: Any, path: str) -> Any:
     """`value` as a field of type `spec` (ints become floats), or DecodeError naming `path`."""
     kind = spec[0]
     if kind in _PY_TYPES:
@@ -121,13 +80,13 @@ def _check(spec: _Spec, value: Any, path: str) -> Any:
 
 def _checked_from_map(cls: type[T], fields: dict[str, Any], path: str = "") -> T:
     kwargs: dict[str, Any] = {}
-    for field, spec in _fields(cls):
+    for field, spec in fields_of(cls):
         name = field.name
         full = f"{path}.{name}" if path else name
         if not field.init:
             continue
         if name not in fields:
-            if _required(field):
+            if required(field):
                 raise DecodeError(f"missing field {full!r}", reason="missing_field")
             continue
         kwargs[name] = _check(spec, fields[name], full)
@@ -139,45 +98,16 @@ def _checked_from_map(cls: type[T], fields: dict[str, Any], path: str = "") -> T
 
 # --- code generation ----------------------------------------------------------------------
 
-
-class _Source:
-    """Lines of one generated function and the objects its names refer to."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.names: dict[str, Any] = {}
-        self.count = 0
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
-
-    def ref(self, obj: Any) -> str:
-        name = f"_r{len(self.names)}"
-        self.names[name] = obj
-        return name
-
-    def var(self) -> str:
-        self.count += 1
-        return f"_v{self.count}"
-
-    def build(self, name: str, qualname: str) -> Any:
-        namespace = dict(self.names)
-        exec("\n".join(self.lines), namespace)  # our own source, as dataclasses does
-        fn = namespace[name]
-        fn.__qualname__ = qualname
-        return fn
-
-
 _FAIL: Any = type("_Fail", (), {"__repr__": lambda self: "<fail>"})()
 _MISSING: Any = type("_Missing", (), {"__repr__": lambda self: "<missing>"})()
 _FAST: dict[type, Callable[[dict[str, Any]], Any]] = {}
 _SCALARS = frozenset((str, int, float, bool))
 
 
-def _gen_check(src: _Source, spec: _Spec, v: str, ind: int, fail: str) -> None:
+def _gen_check(src: Source, spec: Spec, v: str, ind: int, fail: str) -> None:
     """Emit code that takes `v` if it is exactly of type `spec` (converted), else `fail`s."""
     kind = spec[0]
-    if kind in _SIMPLE_KINDS:
+    if kind in SIMPLE_KINDS:
         src.emit(ind, f"if type({v}) is not {kind}: {fail}")
     elif kind == "float":
         src.emit(ind, f"if type({v}) is not float:")
@@ -197,7 +127,7 @@ def _gen_check(src: _Source, spec: _Spec, v: str, ind: int, fail: str) -> None:
     elif kind == "tuple":
         item, acc = src.var(), src.var()
         src.emit(ind, f"if type({v}) is not list: {fail}")
-        if spec[1][0] in _SIMPLE_KINDS:
+        if spec[1][0] in SIMPLE_KINDS:
             src.emit(ind, f"for {item} in {v}:")
             _gen_check(src, spec[1], item, ind + 1, fail)
             src.emit(ind, f"{v} = tuple({v})")
@@ -223,10 +153,10 @@ def _gen_check(src: _Source, spec: _Spec, v: str, ind: int, fail: str) -> None:
 
 
 def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
-    src = _Source()
+    src = Source()
     src.names.update(names, _FAIL=_FAIL, _MISSING=_MISSING)
     src.emit(0, f"def decode(fields{params}):")
-    fields = [(f"a{i}", f, spec) for i, (f, spec) in enumerate(_fields(cls)) if f.init]
+    fields = [(f"a{i}", f, spec) for i, (f, spec) in enumerate(fields_of(cls)) if f.init]
     src.emit(1, "try:")  # every field present, the common case: no method calls
     src.emit(2, "pass")
     for v, field, _ in fields:
@@ -234,17 +164,17 @@ def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
     src.emit(1, "except KeyError:")
     src.emit(2, "try:")
     for v, field, _ in fields:
-        if _required(field):
+        if required(field):
             src.emit(3, f"{v} = fields[{field.name!r}]")
     src.emit(3, "get = fields.get")
     src.emit(2, "except KeyError:")
     src.emit(3, fail)
     for v, field, _ in fields:
-        if not _required(field):
+        if not required(field):
             src.emit(2, f"{v} = get({field.name!r}, _MISSING)")
     args = []
     for v, field, spec in fields:
-        if _required(field):
+        if required(field):
             _gen_check(src, spec, v, 1, fail)
         else:
             src.emit(1, f"if {v} is _MISSING:")
@@ -336,7 +266,7 @@ def fast_constructor(cls: type[T]) -> type[T]:
     probe: Any = object.__new__(twin)
     probe.__class__ = cls
     _TWINS[cls] = twin
-    src = _Source()
+    src = Source()
     signature, body, keyword_only = (
         [],
         [f"self = {src.ref(object.__new__)}({src.ref(twin)})"],
@@ -378,96 +308,3 @@ def constructor(cls: type[T]) -> Callable[..., T]:
     stores on a mutable twin, which then becomes a `cls`. Other classes are returned as is.
     """
     return _CONSTRUCTORS.get(cls, cls)
-
-
-# --- encoders ---------------------------------------------------------------------------------
-
-
-def _nonfinite() -> EncodeError:
-    return EncodeError("NaN or Inf in a message field")
-
-
-def _gen_finite(src: _Source, spec: _Spec, v: str, ind: int) -> None:
-    """Emit code raising EncodeError if `v` (of type `spec`) holds a NaN or Inf float."""
-    kind = spec[0]
-    if kind in ("float", "scalar"):
-        src.emit(ind, f"if type({v}) is float and not _isfinite({v}): raise _nonfinite()")
-    elif kind == "opt":
-        _gen_finite(src, spec[1], v, ind)
-    elif kind in ("tuple", "dict") and spec[1][0] in ("float", "scalar", "opt"):
-        item = src.var()
-        src.emit(ind, f"for {item} in {v}{'.values()' if kind == 'dict' else ''}:")
-        _gen_finite(src, spec[1], item, ind + 1)
-
-
-def _gen_value(src: _Source, spec: _Spec, v: str, finite: bool) -> str:
-    """An expression for the map form of `v`, a value of type `spec`."""
-    kind = spec[0]
-    if kind in ("bytes", "binary"):
-        return f"{src.ref(wire.big)}({v})"
-    if kind == "cls":
-        return f"{src.ref(_to_map_finite if finite else to_map)}({v})"
-    if kind == "opt" and spec[1][0] in ("bytes", "binary", "cls", "tuple", "dict"):
-        return f"None if {v} is None else {_gen_value(src, spec[1], v, finite)}"
-    if kind in ("tuple", "dict") and spec[1][0] in ("bytes", "binary", "cls", "opt"):
-        item, key = src.var(), src.var()
-        inner = _gen_value(src, spec[1], item, finite)
-        if kind == "tuple":
-            return f"[{inner} for {item} in {v}]"
-        return f"{{{key}: {inner} for {key}, {item} in {v}.items()}}"
-    return v  # tuples of scalars pack as arrays, dicts of scalars as maps: no copies
-
-
-def encoder(
-    cls: type, head: dict[str, Any] | None = None, *, finite: bool = False
-) -> Callable[[Any], dict[str, Any]]:
-    """Compile `to_map` for `cls`, with `head` items first; `finite` refuses NaN and Inf."""
-    src = _Source()
-    src.names.update(_isfinite=math.isfinite, _nonfinite=_nonfinite)
-    src.emit(0, "def encode(o):")
-    items = [f"{key!r}: {src.ref(value)}" for key, value in (head or {}).items()]
-    for i, (field, spec) in enumerate(_fields(cls)):
-        v = f"a{i}"
-        src.emit(1, f"{v} = o.{field.name}")
-        if finite:
-            _gen_finite(src, spec, v, 1)
-        if spec[0] == "binary":  # wire.big, inline for the common case: a large view
-            w, big = src.var(), src.ref(wire.big)
-            src.emit(1, f"if type({v}) is memoryview and {v}.nbytes >= {wire.BIG_BINARY}:")
-            src.emit(2, f"if not {v}.c_contiguous: {big}({v})  # raises")
-            src.emit(2, f"{w} = {src.ref(object.__new__)}({src.ref(wire.BigBinary)})")
-            src.emit(2, f"{w}.view = {v}")
-            src.emit(2, f"{v} = {w}")
-            src.emit(1, f"else: {v} = {big}({v})")
-            items.append(f"{field.name!r}: {v}")
-            continue
-        items.append(f"{field.name!r}: {_gen_value(src, spec, v, finite)}")
-    src.emit(1, f"return {{{', '.join(items)}}}")
-    fn: Callable[[Any], dict[str, Any]] = src.build("encode", f"{cls.__qualname__}.<encoder>")
-    return fn
-
-
-_ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
-_FINITE_ENCODERS: dict[type, Callable[[Any], dict[str, Any]]] = {}
-
-
-def to_map(obj: object) -> dict[str, Any]:
-    """The map form of a message dataclass: field order kept, nested dataclasses as maps."""
-    try:
-        enc = _ENCODERS[type(obj)]
-    except KeyError:
-        enc = _ENCODERS[type(obj)] = encoder(type(obj))
-    return enc(obj)
-
-
-def _to_map_finite(obj: object) -> dict[str, Any]:
-    try:
-        enc = _FINITE_ENCODERS[type(obj)]
-    except KeyError:
-        enc = _FINITE_ENCODERS[type(obj)] = encoder(type(obj), finite=True)
-    return enc(obj)
-
-
-def finite(value: float) -> bool:
-    """True when `value` is neither NaN nor infinite."""
-    return math.isfinite(value)
