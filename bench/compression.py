@@ -67,10 +67,17 @@ import torch
 from agent.compression import Compressor
 from agent.local_data import LocalData, load_local_data
 from agent.train_worker import train_head
+from bench._encode_cost import encode_cost
 from bench._timing import emit
 from cloud_coordinator import bundles, datasets
-from cloud_coordinator.aggregation import StreamingFedAvg
 from cloud_coordinator.job_spec import JobSpec
+from cloud_coordinator.strategies import make_aggregator, make_server_optimiser
+from cloud_coordinator.strategies.catalog import (
+    FedAvg,
+    StrategyParams,
+    parse_strategy,
+    strategy_params_json,
+)
 from cloud_coordinator.templates import Template, get_template
 from protocols.messages import ModelUpdate, decode_as, encode
 from protocols.model_format import MODEL_FILE, head_shapes
@@ -78,8 +85,9 @@ from protocols.model_format import MODEL_FILE, head_shapes
 TEMPLATE = "digits_mlp"
 ALPHA = 0.5
 MAX_PAYLOAD = 1 << 30
-ENCODE_SHAPE = (1024, 1024)
-FLUSH_BYTES = 64 << 20
+#: The top-k job's strategy: server momentum makes up for the rounds by which error
+#: feedback delays what top-k holds back (see docs/benchmarks.md for the measurements).
+TOPK_STRATEGY = "fedavgm:momentum=0.5"
 
 Progress = Callable[[str, int, float, int], None]
 
@@ -164,18 +172,21 @@ def run_job(
     rounds: int,
     seed: int,
     fraction: float,
+    strategy: StrategyParams | None = None,
     progress: Progress | None = None,
 ) -> JobResult:
-    """Run `rounds` rounds of FedAvg from `start` with every device; updates in `scheme`."""
+    """`rounds` rounds of `strategy` (FedAvg) from `start`, all devices; updates in `scheme`."""
+    strategy = strategy or FedAvg()
     shapes = head_shapes(template.head_layers)
     hp = hyperparams(seed)
     compressors = [Compressor(None, autosave=False) for _ in fleet]
     rngs = [np.random.default_rng((seed, number)) for number in range(len(fleet))]
     cpu = torch.device("cpu")
+    server = make_server_optimiser(strategy, shapes, cpu)
     bundle, head = start, start.head_state()
     result = JobResult(scheme)
     for round_no in range(1, rounds + 1):
-        aggregate = StreamingFedAvg(shapes, cpu)
+        aggregate = make_aggregator(strategy, shapes, cpu, expected_updates=len(fleet))
         round_bytes = 0
         for device, compressor, rng in zip(fleet, compressors, rngs, strict=True):
             delta, metrics = local_delta(device, head, template, hp, seed + round_no)
@@ -193,7 +204,10 @@ def run_job(
             received = decode_as(ModelUpdate, payload, MAX_PAYLOAD)
             aggregate.add(received.tensors, float(received.num_samples))
         mean_delta = aggregate.result()
-        head = {name: (head[name] + mean_delta[name]).astype(np.float32) for name in head}
+        if server is not None:  # as cloud_coordinator.versions steps the head
+            head = server.step(head, mean_delta)
+        else:
+            head = {name: (head[name] + mean_delta[name]).astype(np.float32) for name in head}
         bundle = bundles.next_bundle(bundle, head, f"bench.{scheme}.r{round_no}")
         accuracy, _ = bundles.evaluate(bundle.files[MODEL_FILE], holdout.x, holdout.y)
         result.accuracy.append(accuracy)
@@ -238,8 +252,10 @@ def compare(
     fraction: float,
     exported: bundles.Bundle | None = None,
     progress: Progress | None = None,
+    topk_strategy: StrategyParams | None = None,
 ) -> tuple[Comparison, bundles.Bundle]:
-    """Dense f32 and top-k jobs on the same split and seeds; also the bundle to reuse."""
+    """Dense f32 FedAvg and a top-k job (`topk_strategy`, FedAvg by default) on the same
+    split and seeds; also the bundle to reuse."""
     template = get_template(TEMPLATE)
     holdout = datasets.server_data(template, seed).holdout
     start = start_bundle(template, seed, exported)
@@ -247,75 +263,10 @@ def compare(
         fleet = load_fleet(template, devices, seed, Path(tmp))
     common: dict[str, Any] = {"rounds": rounds, "seed": seed, "fraction": fraction}
     dense = run_job(start, template, fleet, holdout, "f32", progress=progress, **common)
-    topk = run_job(start, template, fleet, holdout, "topk", progress=progress, **common)
+    topk = run_job(
+        start, template, fleet, holdout, "topk", strategy=topk_strategy, progress=progress, **common
+    )
     return Comparison(seed, dense, topk), start
-
-
-# --- encode cost -------------------------------------------------------------------------
-
-
-def _encode_update(
-    compressor: Compressor,
-    update: Mapping[str, npt.NDArray[np.float32]],
-    fraction: float,
-    rng: np.random.Generator,
-) -> bytes:
-    """One device's top-k encode of `update`: compress, then the `ModelUpdate` payload."""
-    tensors = compressor.compress(update, "topk", topk_fraction=fraction, rng=rng)
-    return encode(ModelUpdate("dev-1", "bench", 1, "v1", 0, 100, tensors))
-
-
-def interleaved_after(
-    candidates: Mapping[str, Callable[[], object]],
-    prepare: Callable[[Callable[[], object]], object],
-    trials: int,
-) -> dict[str, float]:
-    """Median seconds of one call of each candidate, alternating, each timed right after
-    ``prepare(candidate)`` has set up the cache state it is to start from."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(trials):
-        for name, fn in candidates.items():
-            prepare(fn)
-            begin = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - begin)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def encode_cost(fraction: float, trials: int) -> dict[str, float]:
-    """Median seconds of a top-k encode and of an ``np.abs`` pass over a 1M update, each
-    starting with the caches flushed (``cold``) and right after a call of its own (``warm``)."""
-    rng = np.random.default_rng(0)
-    update = {
-        "0.weight": rng.standard_normal(ENCODE_SHAPE, dtype=np.float32),
-        "0.bias": rng.standard_normal(ENCODE_SHAPE[0], dtype=np.float32),
-    }
-    out = {name: np.empty_like(a) for name, a in update.items()}
-    compressor = Compressor(None, autosave=False)
-    flush = np.zeros(FLUSH_BYTES // 8)
-
-    def encode_once() -> bytes:
-        return _encode_update(compressor, update, fraction, rng)
-
-    def one_pass() -> None:
-        for name, array in update.items():
-            np.abs(array, out=out[name])
-
-    def evict(_: object) -> None:
-        np.add(flush, 1.0, out=flush)  # rewrites 64 MB: nothing of the candidates stays cached
-
-    def own_call(fn: Callable[[], object]) -> None:
-        fn()
-
-    candidates = {"encode": encode_once, "pass": one_pass}
-    cold = interleaved_after(candidates, evict, trials)
-    warm = interleaved_after(candidates, own_call, trials)
-    return {
-        "encode_s": cold["encode"],
-        "pass_s": cold["pass"],
-        "encode_warm_s": warm["encode"],
-        "pass_warm_s": warm["pass"],
-    }
 
 
 # --- command line --------------------------------------------------------------------------
@@ -367,6 +318,19 @@ def summary(comparisons: Sequence[Comparison], cost: Mapping[str, float]) -> dic
     }
 
 
+def strategy_from_text(text: str) -> StrategyParams:
+    """``name`` or ``name:key=value,...`` as a strategy; ValueError saying what is wrong."""
+    name, _, rest = text.partition(":")
+    params: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        number = value.strip()
+        params[key.strip()] = int(number) if number.lstrip("-").isdigit() else float(number)
+    return parse_strategy(name.strip(), params)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark and print its JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -382,7 +346,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=8, help="seeds run: seed, seed+1, ...")
     parser.add_argument("--trials", type=int, default=30, help="timed trials of the encode")
     parser.add_argument("--quiet", action="store_true", help="no per-round lines")
+    parser.add_argument(
+        "--topk-strategy",
+        default=TOPK_STRATEGY,
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"the top-k job's strategy, as a job names it (default {TOPK_STRATEGY}; the dense"
+        " job is always fedavg)",
+    )
     args = parser.parse_args(argv)
+    try:
+        topk_strategy = strategy_from_text(args.topk_strategy)
+    except ValueError as exc:
+        parser.error(f"--topk-strategy: {exc}")
     started = time.perf_counter()
     progress = None if args.quiet else _print_round
     comparisons: list[Comparison] = []
@@ -390,10 +365,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for seed in range(args.seed, args.seed + args.repeats):
         print(
             f"seed {seed}: {TEMPLATE}, {args.devices} devices, Dirichlet({ALPHA}),"
-            f" {args.rounds} rounds, dense f32 then top-k {args.fraction} int8 + error feedback"
+            f" {args.rounds} rounds, dense f32 fedavg then top-k {args.fraction} int8 + error"
+            f" feedback with {args.topk_strategy}"
         )
         comparison, exported = compare(
-            args.devices, args.rounds, seed, args.fraction, exported, progress
+            args.devices, args.rounds, seed, args.fraction, exported, progress, topk_strategy
         )
         _print_comparison(comparison)
         comparisons.append(comparison)
@@ -409,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "devices": args.devices,
         "rounds": args.rounds,
         "topk_fraction": args.fraction,
+        "topk_strategy": {"name": topk_strategy.name, **strategy_params_json(topk_strategy)},
         **summary(comparisons, cost),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
         " (default fedavg)",
     )  # fmt: skip
     demo.add_argument(
+        "--strategy-param", action="append", default=[], metavar="KEY=VALUE",
+        help="a parameter of the strategy, repeatable (e.g. --strategy fedavgm"
+        " --strategy-param momentum=0.5, what top-k compression works best with)",
+    )  # fmt: skip
+    demo.add_argument(
         "--mode", default="sync", choices=["sync", "async"],
         help="sync rounds, or async (FedBuff: a new version each time 4/5 of the agents'"
         " worth of updates are in) (default sync)",
@@ -109,6 +114,23 @@ def _parser() -> argparse.ArgumentParser:
         "--workdir", default="fedge-demo", help="state and logs (default ./fedge-demo)"
     )
     return p
+
+
+def _key_values(items: list[str], flag: str) -> dict[str, float | int]:
+    """``KEY=VALUE`` numbers as a dict; exit 2 (a usage error) naming the bad one."""
+    out: dict[str, float | int] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        try:
+            if not eq or not key.strip():
+                raise ValueError
+            text = value.strip()
+            out[key.strip()] = int(text) if text.lstrip("-").isdigit() else float(text)
+        except ValueError:
+            print(f"fedge-coordinator: {flag} {item!r}: use KEY=VALUE with a number",
+                  file=sys.stderr)  # fmt: skip
+            raise SystemExit(2) from None
+    return out
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             template=args.template,
             compression=args.compression,
             strategy=args.strategy,
+            strategy_params=_key_values(args.strategy_param, "--strategy-param"),
             mode=args.mode,
             alpha=args.alpha,
             seed=args.seed,

@@ -15,7 +15,7 @@ import signal
 import statistics
 import time
 import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -42,6 +42,7 @@ class DemoOptions:
     template: str = "digits_mlp"
     compression: str = "f32"
     strategy: str = "fedavg"
+    strategy_params: dict[str, float | int] = field(default_factory=dict)
     mode: str = "sync"
     alpha: float = 0.5
     seed: int = 0
@@ -77,6 +78,7 @@ def run_job(
         "job_id": job_id,
         "template": options.template,
         "strategy": options.strategy,
+        "strategy_params": options.strategy_params,
         "mode": options.mode,
         **({"async_buffer": max(1, options.agents * 4 // 5)} if options.mode == "async" else {}),
         "rounds": options.rounds,

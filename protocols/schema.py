@@ -8,9 +8,10 @@ field for anything missing or of the wrong type.
 
 Each class gets straight-line code generated once, as `dataclasses` does for ``__init__``:
 an encoder (a dict display of its fields; `protocols.encoders`) and a decoder that accepts
-only exactly typed input. Field types as specs: `protocols.field_specs`. Anything the decoder does not accept goes to the generic *checked* path, which is
-the reference: it accepts a little more (any sequence for an array, say) and raises the
-`DecodeError` that names the field. The generated code never decides what is valid.
+only exactly typed input (field types as specs: `protocols.field_specs`). Anything the
+decoder does not accept goes to the generic *checked* path, which is the reference: it
+accepts a little more (any sequence for an array, say) and raises the `DecodeError` that
+names the field. The generated code never decides what is valid.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ def test_a_tiny_run_prints_rounds_and_one_json_line(capsys: pytest.CaptureFixtur
     assert result["bench"] == "compression"
     assert (result["devices"], result["rounds"], result["seeds"]) == (2, 2, [0, 1])
     assert result["topk_fraction"] == 0.01
+    assert result["topk_strategy"] == {"name": "fedavgm", "server_lr": 1.0, "momentum": 0.5}
     for key in ("dense_accuracy", "topk_accuracy"):
         assert 0.0 <= result[key] <= 1.0
     assert len(result["accuracy_drop_points_each"]) == 2
@@ -54,3 +55,17 @@ def test_summary_averages_the_seeds() -> None:
     assert result["bytes_ratio_min"] == 75.0
     assert result["topk_sent_fraction"] == 0.01
     assert (result["encode_cost_passes"], result["encode_cost_passes_warm"]) == (4.0, 12.0)
+
+
+def test_the_topk_strategy_is_read_as_a_job_names_it() -> None:
+    from cloud_coordinator.strategies.catalog import FedAvg, FedAvgM, StrategyError
+
+    assert compression.strategy_from_text("fedavg") == FedAvg()
+    assert compression.strategy_from_text(compression.TOPK_STRATEGY) == FedAvgM(momentum=0.5)
+    assert compression.strategy_from_text("fedavgm:momentum=0.7,server_lr=2") == FedAvgM(
+        server_lr=2.0, momentum=0.7
+    )
+    with pytest.raises(StrategyError, match="no parameter"):
+        compression.strategy_from_text("fedavg:momentum=0.5")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        compression.strategy_from_text("fedavgm:momentum")

@@ -234,3 +234,17 @@ def test_coordinator_help_lists_the_commands(env: dict[str, str], tmp_path: Path
     for command in ("serve", "devices", "rejections", "demo"):
         assert command in result.stdout
     assert "78 invalid configuration" in result.stdout
+
+
+def test_demo_strategy_params_are_numbers_by_key(env: dict[str, str], tmp_path: Path) -> None:
+    from cloud_coordinator.cli import _key_values
+
+    assert _key_values(["momentum=0.5", "keep=3", "server_lr = 2e-1"], "--x") == {
+        "momentum": 0.5,
+        "keep": 3,
+        "server_lr": 0.2,
+    }
+    result = run("cloud_coordinator", "demo", "--strategy-param", "momentum", env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--strategy-param 'momentum': use KEY=VALUE with a number" in result.stderr
+    assert "Traceback" not in result.stderr
