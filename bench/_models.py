@@ -44,9 +44,14 @@ def put(store: ModelStore, bundle: Bundle) -> None:
     store.activate(bundle.manifest)
 
 
-def service(root: Path, bundle: Bundle, listen: str = "127.0.0.1:0") -> InferenceService:
+def service(
+    root: Path, bundle: Bundle, listen: str = "127.0.0.1:0", recent_mb: int = 4
+) -> InferenceService:
     """A started inference service under `root` serving `bundle`, its API on `listen`."""
-    config = AgentConfig(device_id="bench", data_dir=str(root), inference_listen=listen)
+    config = AgentConfig(
+        device_id="bench", data_dir=str(root), inference_listen=listen,
+        inference_recent_mb=recent_mb,
+    )  # fmt: skip
     store = ModelStore(root / "models")
     put(store, bundle)
     svc = InferenceService(config, store, root / "data")

@@ -25,7 +25,10 @@ still execute. So the ratio is the agent's own cost. Timed, interleaved, medians
   and its API up on a Unix socket (no broker reachable: MQTT keeps retrying), read once
   ``/healthz`` answers and a few predictions went through.
 
-Run: ``python -m bench.inference [--trials N] [--phase-s S]``.
+Run: ``python -m bench.inference [--trials N] [--phase-s S] [--train-nice N] [--recent-mb M]``
+(the last two default to the agent's own defaults; ``--train-nice 0`` trains at the
+daemon's priority, ``--recent-mb 16`` keeps as many batches of 64 for feedback as the
+1,024-request limit alone did before the byte budget).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from agent.client import InferenceClient
+from agent.config import AgentConfig
 from agent.model_store import ModelStore
 from agent.onnx_runtime import OnnxModel
 from agent.trainer import TrainerProcess
@@ -118,11 +122,11 @@ def _phase(rt: Any, x: np.ndarray[Any, Any], seconds: float) -> list[float]:
     return samples
 
 
-def p99_training(svc: Any, bundle: Any, phase_s: float) -> dict[str, float]:
-    """p99 predict latency with the training child busy ÷ p99 with it idle."""
+def p99_training(svc: Any, bundle: Any, phase_s: float, nice: int = 10) -> dict[str, float]:
+    """p99 predict latency with the training child (`nice` below) busy ÷ p99 with it idle."""
     x, y = digits()
     feats = (x / 16.0).astype(np.float32)
-    trainer = TrainerProcess(threads=1)
+    trainer = TrainerProcess(threads=1, nice=nice)
     request = {
         "features": feats[:1437], "labels": y[:1437], "val_features": feats[1437:],
         "val_labels": y[1437:], "head": bundle.head_state(),
@@ -189,17 +193,29 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--phase-s", type=float, default=5.0)
+    defaults = AgentConfig(device_id="bench", data_dir=".")
+    parser.add_argument(
+        "--train-nice", type=int, default=defaults.train_nice,
+        help="how far below this process the training child runs (the agent's train_nice)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--recent-mb", type=int, default=defaults.inference_recent_mb,
+        help="memory for inputs kept for feedback (the agent's inference_recent_mb)",
+    )  # fmt: skip
     args = parser.parse_args()
     (bundle,) = versions(1)
     pixels, _ = digits()
-    result: dict[str, Any] = {"bench": "inference", "model": "digits_mlp", "cpus": os.cpu_count()}
+    result: dict[str, Any] = {
+        "bench": "inference", "model": "digits_mlp", "cpus": os.cpu_count(),
+        "train_nice": args.train_nice, "recent_mb": args.recent_mb,
+    }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        svc = service(Path(tmp) / "svc", bundle)
+        svc = service(Path(tmp) / "svc", bundle, recent_mb=args.recent_mb)
         try:
             model = raw_model(svc, bundle)
             result.update(inproc(svc, model, pixels, args.trials))
             result.update(http_added(svc, model, pixels, args.requests))
-            result.update(p99_training(svc, bundle, args.phase_s))
+            result.update(p99_training(svc, bundle, args.phase_s, args.train_nice))
         finally:
             svc.stop()
         result.update(rss(bundle, Path(tmp)))
