@@ -214,11 +214,8 @@ class InferenceRuntime:
                 self.metrics.model_loaded(swapped=True)
                 self._publish_models()
                 return True
-            self.versions.begin(manifest.version)
-            try:
-                served = self.load(manifest, model_bytes)
-            except ModelLoadError as exc:
-                self.fail(manifest, exc.reason, str(exc))
+            served = self._load_or_fail(manifest, model_bytes)
+            if served is None:
                 return False
             if current is not None:
                 self.versions.apply(current.version, VersionEvent.SUPERSEDED)
@@ -232,17 +229,23 @@ class InferenceRuntime:
         log.info("model %s: serving version %s", manifest.name, manifest.version)
         return True
 
+    def _load_or_fail(self, manifest: ModelManifest, model_bytes: bytes) -> ServedModel | None:
+        """`load`, its version's lifecycle begun; None (the failure recorded) if it fails."""
+        self.versions.begin(manifest.version)
+        try:
+            return self.load(manifest, model_bytes)
+        except ModelLoadError as exc:
+            self.fail(manifest, exc.reason, str(exc))
+            return None
+
     def keep_standby(self, manifest: ModelManifest, model_bytes: bytes) -> bool:
         """Load `manifest` as the standby (after a restart) if there is none; False if it fails."""
         with self._swap_lock:
             serving = self._serving
             if self._standby is not None or (serving and serving.version == manifest.version):
                 return True
-            self.versions.begin(manifest.version)
-            try:
-                served = self.load(manifest, model_bytes)
-            except ModelLoadError as exc:
-                self.fail(manifest, exc.reason, str(exc))
+            served = self._load_or_fail(manifest, model_bytes)
+            if served is None:
                 return False
             self._standby = served
             self.versions.apply(served.version, VersionEvent.KEPT)
