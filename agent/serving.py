@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from collections.abc import Sequence
 from math import exp
 from time import perf_counter
@@ -35,15 +34,13 @@ from agent.inference_metrics import InferenceMetrics
 from agent.onnx_runtime import BoundRun, OnnxModel, choose_providers
 from agent.predictions import ModelUnavailableError, Predictions, new_predictions
 from agent.rollout import VersionEvent, VersionLog
+from agent.served_model import ServedModel, check_schema
 from protocols.messages import ModelManifest
 
 log = logging.getLogger(__name__)
 __all__ = ["InferenceRuntime", "ModelLoadError", "ModelUnavailableError", "Predictions"]
 #: Batch sizes each thread keeps a bound run for (per version); other sizes run plainly.
 BOUND_SIZES = 16
-_SCHEMA_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16",
-                  "float64": "float64", "int64": "int64", "int32": "int32",
-                  "int8": "int8", "uint8": "uint8"}  # fmt: skip
 
 
 class ModelLoadError(InferenceError):
@@ -52,88 +49,6 @@ class ModelLoadError(InferenceError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class ServedModel:
-    """One loaded, warmed-up model version, with what a prediction needs precomputed."""
-
-    __slots__ = ("answers", "batch_tail", "bindable", "input_dtype", "labels", "loaded_at",
-                 "local", "manifest", "model", "name", "offset", "offset_value", "rank", "scale",
-                 "scale_value", "version")  # fmt: skip
-
-    def __init__(
-        self, manifest: ModelManifest, model: OnnxModel, answers: tuple[str, ...] = ()
-    ) -> None:
-        self.manifest = manifest
-        self.model = model
-        self.answers = answers  # the session's `ANSWER_OUTPUTS`, when it has them
-        self.name = manifest.name
-        self.version = manifest.version
-        self.labels = tuple(manifest.labels)
-        self.rank = len(model.input_shape)
-        self.input_dtype = model.input_dtype
-        shape = model.input_shape
-        # the input's shape after the batch dimension, when only the batch is symbolic: an
-        # array of the input's dtype with exactly these trailing dimensions needs no check
-        fixed = len(shape) > 1 and shape[0] is None and None not in shape[1:]
-        self.batch_tail: tuple[int | None, ...] | None = shape[1:] if fixed else None
-        pre = manifest.preprocessing
-        self.scale = float(pre.get("scale", 1.0) or 1.0)
-        self.offset = float(pre.get("offset", 0.0) or 0.0)
-        # as a scalar of a float input's own type: the product stays in that type, exactly
-        # as with numpy's weakly typed Python float, without the scalar's conversion per call
-        kind = self.input_dtype.kind
-        self.scale_value: Any = self.input_dtype.type(self.scale) if kind == "f" else self.scale
-        self.offset_value: Any = self.input_dtype.type(self.offset) if kind == "f" else self.offset
-        # preprocessing writes into a bound input of the input's dtype: only float inputs
-        # (an integer input with a scale keeps numpy's promotion, and its error, as before)
-        self.bindable = kind == "f" or (self.scale == 1.0 and self.offset == 0.0)
-        self.local = threading.local()  # per thread: runs (rows → run), answering (shape → run)
-        self.loaded_at = time.time()
-
-    def prepare_into(self, batch: npt.NDArray[Any], out: npt.NDArray[Any]) -> None:
-        """Write ``batch * scale + offset`` (the manifest's preprocessing) into `out`."""
-        if self.scale != 1.0:
-            np.multiply(batch, self.scale_value, out=out)
-        else:
-            np.copyto(out, batch)
-        if self.offset != 0.0:
-            np.add(out, self.offset_value, out=out)
-
-    def describe(self) -> dict[str, Any]:
-        """Name, version, input schema, labels, providers (JSON-ready)."""
-        m = self.manifest
-        return {
-            "name": m.name,
-            "version": m.version,
-            "parent_version": m.parent_version,
-            "inputs": [
-                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in m.inputs
-            ],
-            "labels": list(m.labels),
-            "preprocessing": dict(m.preprocessing),
-            "providers": self.model.providers,
-            "loaded_at": self.loaded_at,
-        }
-
-
-def check_schema(manifest: ModelManifest, model: OnnxModel) -> None:
-    """InferenceError unless the session's one input matches the manifest's input spec."""
-    if len(manifest.inputs) != 1:
-        raise InferenceError(f"manifest declares {len(manifest.inputs)} inputs; one is served")
-    spec = manifest.inputs[0]
-    shape = tuple(None if d < 0 else d for d in spec.shape)
-    dtype = _SCHEMA_DTYPES.get(spec.dtype)
-    if spec.name != model.input_name or dtype != str(model.input_dtype):
-        raise InferenceError(
-            f"model input is {model.input_name!r} {model.input_dtype}, the manifest says "
-            f"{spec.name!r} {spec.dtype}"
-        )
-    if len(shape) != len(model.input_shape) or any(
-        a is not None and b is not None and a != b
-        for a, b in zip(shape, model.input_shape, strict=True)
-    ):
-        raise InferenceError(f"model input shape {model.input_shape} ≠ manifest's {spec.shape}")
 
 
 class InferenceRuntime:
