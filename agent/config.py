@@ -42,6 +42,8 @@ class AgentConfig:
     inference_recent_inputs: int = 1024
     inference_recent_mb: int = 4
     inference_feedback_max_rows: int = 10000
+    inference_batch_wait_ms: float = 0.0
+    inference_batch_rows: int = 32
     model_keys: str = ""
     allow_unsigned_models: bool = False
     offload: bool = False
@@ -78,6 +80,16 @@ class AgentConfig:
         for key in ("inference_max_batch", "inference_recent_inputs"):
             if not 1 <= getattr(self, key) <= 1_000_000:
                 raise ValueError(f"{key} must be 1-1000000, got {getattr(self, key)}")
+        if not 0 <= self.inference_batch_wait_ms <= 1000:
+            raise ValueError(
+                "inference_batch_wait_ms must be 0 (off) to 1000, "
+                f"got {self.inference_batch_wait_ms}"
+            )
+        if not 1 <= self.inference_batch_rows <= self.inference_max_batch:
+            raise ValueError(
+                f"inference_batch_rows must be 1 to inference_max_batch "
+                f"({self.inference_max_batch}), got {self.inference_batch_rows}"
+            )
         if not 1 <= self.inference_recent_mb <= 65536:
             raise ValueError(f"inference_recent_mb must be 1-65536, got {self.inference_recent_mb}")
         if not 0 <= self.inference_feedback_max_rows <= 10_000_000:

@@ -7,7 +7,10 @@ Metrics (all prefixed ``fedge_agent_``): ``predict_requests_total{outcome}``,
 runtime: validation, session run, confidence), ``prediction_confidence`` (histogram, per
 row: the top class's softmax probability), ``model_info{model,version,role}`` (1 for the
 served and the standby version), ``model_swaps_total``, ``model_rollbacks_total``,
-``model_load_failures_total{reason}``, ``feedback_total{outcome}``.
+``model_load_failures_total{reason}``, ``feedback_total{outcome}``, and, with micro-batching
+on, ``microbatches_total`` (runs that answered several requests) and
+``microbatched_requests_total`` (requests answered by another request's run; each is
+counted and timed as a request of its own, from its arrival to its batch's answer).
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class InferenceMetrics:
         self._feedback: Counter[str] = Counter()
         self._swaps = 0
         self._rollbacks = 0
+        self._microbatches = 0  # runs that answered more than one request
+        self._merged = 0  # requests answered by another request's run
         self._models: list[tuple[str, str, str]] = []
 
     def observe_one(self, seconds: float, confidence: float) -> None:
@@ -128,6 +133,15 @@ class InferenceMetrics:
         self._batches.append(confidences)
         if len(pending) >= self.FOLD:
             with self._lock:
+                self._fold()
+
+    def observe_merged(self, seconds: list[float]) -> None:
+        """Requests answered by another request's micro-batch (their rows are counted)."""
+        with self._lock:
+            self._seconds.extend(seconds)
+            self._merged += len(seconds)
+            self._microbatches += 1
+            if len(self._seconds) >= self.FOLD:
                 self._fold()
 
     def _fold(self) -> None:
@@ -176,6 +190,7 @@ class InferenceMetrics:
             self._fold()
             out = {f"inference_{k}": float(v) for k, v in self._outcomes()}
             out["inference_rows"] = float(self._confidence.count)
+            out["inference_microbatches"] = float(self._microbatches)
             out["model_swaps"] = float(self._swaps)
             out["model_rollbacks"] = float(self._rollbacks)
             out["model_load_failures"] = float(sum(self._load_failures.values()))
@@ -211,6 +226,10 @@ class InferenceMetrics:
             lines.append(f"# TYPE {p}model_load_failures_total counter")
             lines += [f'{p}model_load_failures_total{{reason="{_label_value(r)}"}} {n}'
                       for r, n in sorted(self._load_failures.items())]  # fmt: skip
+            lines += [f"# TYPE {p}microbatches_total counter",
+                      f"{p}microbatches_total {self._microbatches}",
+                      f"# TYPE {p}microbatched_requests_total counter",
+                      f"{p}microbatched_requests_total {self._merged}"]  # fmt: skip
             lines.append(f"# TYPE {p}feedback_total counter")
             lines += [f'{p}feedback_total{{outcome="{o}"}} {n}'
                       for o, n in sorted(self._feedback.items())]  # fmt: skip

@@ -27,6 +27,7 @@ from agent.errors import AgentError
 from agent.feedback import FeedbackError, FeedbackLog, RecentInputs
 from agent.http_api import ApiServer
 from agent.inference_metrics import InferenceMetrics
+from agent.micro_batching import MicroBatcher
 from agent.model_store import ModelStore
 from agent.predictions import ModelUnavailableError, Predictions
 from agent.serving import InferenceRuntime
@@ -55,6 +56,11 @@ class InferenceService:
             providers=config.providers,
             max_batch=config.inference_max_batch,
         )
+        self.batcher: MicroBatcher | None = None  # micro-batching, when configured
+        if config.inference_batch_wait_ms > 0:
+            self.batcher = MicroBatcher(self.runtime, self.metrics,
+                                        config.inference_batch_rows,
+                                        config.inference_batch_wait_ms / 1000)  # fmt: skip
         self.feedback_log = FeedbackLog(dataset_dir, config.inference_feedback_max_rows)
         self.model_name: str | None = config.inference_model or None
         self.server: ApiServer | None = None
@@ -175,9 +181,10 @@ class InferenceService:
     def predict(self, x: object) -> Predictions:
         """Predict with the serving version (see `InferenceRuntime.predict`); with offload on,
         low-confidence rows are answered by the cloud when it answers in time."""
+        predictor = self.runtime if self.batcher is None else self.batcher
         if self.offloader is None:
-            return self.runtime.predict(x)
-        return self.offloader.refine(self.runtime.predict(x), self.recent)
+            return predictor.predict(x)
+        return self.offloader.refine(predictor.predict(x), self.recent)
 
     def count_invalid(self) -> None:
         """Count a predict request whose body could not be decoded."""

@@ -239,6 +239,19 @@ class InferenceRuntime:
                                        confidences, served.labels, False)  # fmt: skip
         return self._predict(served, x, start)
 
+    def sample_row(self, x: object) -> npt.NDArray[Any] | None:
+        """`x` as a checked one-row batch if it is one sample, else None (a batch, or no
+        model yet: `predict` answers those); InputError (counted) if it is bad."""
+        served = self._serving
+        if served is None:
+            return None
+        batch, single = self._checked(served, x)
+        return batch if single else None
+
+    def predict_rows(self, rows: npt.NDArray[Any], start: float) -> Predictions:
+        """Predict checked `rows` (the samples of several requests), timed from `start`."""
+        return self._predict(self._serving, rows, start)
+
     def _predict(self, served: ServedModel | None, x: object, start: float) -> Predictions:
         """`predict` for any input: checked and converted, run bound or plainly."""
         if served is None:
