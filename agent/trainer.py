@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import agent
-from agent.train_worker import TrainingError, decode_message, encode_message
+from agent.train_messages import TrainingError, decode_message, encode_message
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

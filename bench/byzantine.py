@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.train_worker import TrainingError
+from agent.train_messages import TrainingError
 from bench._timing import emit
 from bench.attacks import attack, dense_update
 from bench.compression import (

@@ -9,13 +9,8 @@ import numpy as np
 import pytest
 
 from agent.errors import AgentError
-from agent.train_worker import (
-    TrainingError,
-    build_head,
-    decode_message,
-    encode_message,
-    train_head,
-)
+from agent.train_messages import TrainingError, decode_message, encode_message
+from agent.train_worker import build_head, train_head
 from protocols.model_format import LayerSpec, head_shapes
 from tests.agent_training.conftest import MLP, Digits
 
