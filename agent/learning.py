@@ -12,12 +12,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from agent.blob_fetch import BlobFetches
 from agent.compression import Compressor, clip_by_norm
 from agent.errors import AgentError
 from agent.lineage import newest_descendant, wants_latest
@@ -27,12 +27,10 @@ from agent.onnx_runtime import OnnxModel
 from agent.outbox import Outbox
 from agent.trainer import TrainerProcess
 from agent.trust import ManifestTrust
-from protocols.chunks import Reassembly
 from protocols.errors import DecodeError
 from protocols.messages import (
     Ack,
     BlobChunk,
-    BlobRequest,
     ModelManifest,
     ModelUpdate,
     TrainTask,
@@ -43,7 +41,6 @@ from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_to
 
 log = logging.getLogger(__name__)
 RESEND_AFTER_S = 10.0
-FETCH_RETRY_S = 3.0
 
 
 class Transport(Protocol):
@@ -78,13 +75,6 @@ class TaskFailedError(AgentError):
     """A training task could not be completed; the message says why."""
 
 
-@dataclass
-class _Fetch:
-    sha256: str
-    requested_at: float = 0.0
-    reassembly: Reassembly | None = None
-
-
 class Learner:
     """Runs training tasks for one device."""
 
@@ -115,7 +105,7 @@ class Learner:
         self.tasks_done = 0
         self.tasks_failed = 0
         self._tasks: queue.Queue[TrainTask | None] = queue.Queue()
-        self._fetches: dict[str, _Fetch] = {}
+        self.fetches = BlobFetches(device_id, transport)
         self._models: set[str] = set()
         self._latest: dict[str, ModelManifest] = {}
         self._cond = threading.Condition()
@@ -199,22 +189,9 @@ class Learner:
 
     def on_chunk(self, chunk: BlobChunk) -> None:
         """Add a chunk; a complete, verified blob goes into the model cache."""
-        with self._cond:
-            fetch = self._fetches.get(chunk.blob_sha256)
-            if fetch is None:
-                return  # unrequested or already complete
-            if fetch.reassembly is None:
-                fetch.reassembly = Reassembly(chunk)
-            fetch.reassembly.add(chunk)
-            if not fetch.reassembly.complete:
-                return
-            try:
-                blob = fetch.reassembly.result()
-            except DecodeError:
-                fetch.reassembly = None  # corrupt: fetch the whole blob again
-                fetch.requested_at = 0.0
-                raise
-            del self._fetches[chunk.blob_sha256]
+        blob = self.fetches.add_chunk(chunk)  # DecodeError: corrupt, fetched again
+        if blob is None:
+            return
         self.store.put_blob(chunk.blob_sha256, blob)
         self._activate_latest()
         if self.blob_listener is not None:
@@ -231,9 +208,8 @@ class Learner:
     def on_connected(self) -> None:
         """After a (re)connect: resume blob transfers and re-send pending updates at once."""
         self.outbox.reset_sent()
+        self.fetches.restart()
         with self._cond:
-            for fetch in self._fetches.values():
-                fetch.requested_at = 0.0
             self._cond.notify_all()
 
     # --- blobs -------------------------------------------------------------------------
@@ -246,24 +222,9 @@ class Learner:
         return not missing
 
     def _request(self, sha256: str) -> None:
-        with self._cond:
-            if sha256 not in self._fetches and not self.store.has_blob(sha256):
-                self._fetches[sha256] = _Fetch(sha256)
-        self._send_requests()
-
-    def _send_requests(self) -> None:
-        now = time.monotonic()
-        with self._cond:
-            due = [f for f in self._fetches.values() if now - f.requested_at > FETCH_RETRY_S]
-            for fetch in due:
-                fetch.requested_at = now
-        if not self.transport.connected:
-            return
-        for fetch in due:
-            missing = tuple(fetch.reassembly.missing()) if fetch.reassembly else ()
-            request = BlobRequest(self.device_id, fetch.sha256, missing, f"{fetch.sha256[:8]}")
-            topic = device_topic(self.device_id, DeviceChannel.BLOB_REQUEST)
-            self.transport.publish(topic, encode(request), qos=1)
+        if not self.store.has_blob(sha256):
+            self.fetches.want(sha256)
+        self.fetches.send_due()
 
     def _newest_base(self, task: TrainTask) -> ModelManifest | None:
         """For ``base = "latest"``: the newest complete version descending from the base."""
@@ -290,15 +251,14 @@ class Learner:
                     if not missing:
                         return manifest
                     for entry in missing:
-                        if entry.sha256 not in self._fetches:
-                            self._fetches[entry.sha256] = _Fetch(entry.sha256)
+                        self.fetches.want(entry.sha256)
                 if time.time() >= deadline or self._stop.is_set():
                     raise TaskFailedError(
                         f"model {task.model_name} {task.base_version} not here in time"
                     )
                 self._cond.release()
                 try:
-                    self._send_requests()
+                    self.fetches.send_due()
                 finally:
                     self._cond.acquire()
                 self._cond.wait(0.2)
@@ -311,7 +271,7 @@ class Learner:
             except queue.Empty:
                 task = None
             self._resend_due()
-            self._send_requests()  # blobs asked for outside a task are re-requested too
+            self.fetches.send_due()  # blobs asked for outside a task are re-requested too
             if task is None:
                 continue
             self._busy = True
