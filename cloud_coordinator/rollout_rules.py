@@ -15,7 +15,9 @@ applies the stated rule, in order:
 3. before ``min_duration_s``: wait;
 4. canary error rate above the reference's by more than ``max_error_rate_increase``
    (with no reference: above ``max_error_rate_increase`` itself) -> roll back;
-5. canary mean latency above ``max_latency_ratio`` x the reference's -> roll back;
+5. canary mean latency above ``max_latency_ratio`` x the reference's and more than
+   ``min_latency_increase_ms`` above it -> roll back (sub-millisecond jitter is not a
+   regression);
 6. canary mean confidence below the reference's by more than ``max_confidence_drop``
    -> roll back;
 7. otherwise promote.
@@ -140,6 +142,7 @@ class Rule:
     min_requests: float = 100.0
     max_error_rate_increase: float = 0.01
     max_latency_ratio: float = 1.5
+    min_latency_increase_ms: float = 0.5
     max_confidence_drop: float = 0.05
 
     def __post_init__(self) -> None:
@@ -185,10 +188,15 @@ def judge(
         )
     ref_latency = reference.latency_ms if reference is not None else None
     latency = canary.latency_ms
-    if latency is not None and ref_latency and latency > rule.max_latency_ratio * ref_latency:
+    if (
+        latency is not None
+        and ref_latency
+        and latency > rule.max_latency_ratio * ref_latency
+        and latency - ref_latency > rule.min_latency_increase_ms
+    ):
         return Verdict.ROLL_BACK, (
             f"canary latency {latency:.2f} ms vs {ref_latency:.2f} ms"
-            f" (allowed x{rule.max_latency_ratio:g})"
+            f" (allowed x{rule.max_latency_ratio:g} or +{rule.min_latency_increase_ms:g} ms)"
         )
     ref_confidence = reference.confidence if reference is not None else None
     confidence = canary.confidence

@@ -51,6 +51,9 @@ def w(requests: float, errors: float = 0, latency: float = 1.0, confidence: floa
         (w(500, errors=5), w(5000, errors=10), 120, Verdict.PROMOTE, "healthy"),
         (w(500, latency=2.0), w(5000, latency=1.0), 120, Verdict.ROLL_BACK, "latency"),
         (w(500, latency=1.4), w(5000, latency=1.0), 120, Verdict.PROMOTE, "healthy"),
+        # x1.7, but 0.25 ms: jitter at sub-millisecond latencies, not a regression
+        (w(500, latency=0.61), w(5000, latency=0.36), 120, Verdict.PROMOTE, "healthy"),
+        (w(500, latency=0.9), w(5000, latency=0.36), 120, Verdict.ROLL_BACK, "+0.5 ms"),
         (w(500, confidence=0.8), w(5000), 120, Verdict.ROLL_BACK, "confidence"),
         (w(500, errors=4), None, 120, Verdict.PROMOTE, "healthy"),  # 0.8% <= 1% absolute
         (w(500, errors=10), None, 120, Verdict.ROLL_BACK, "error rate"),
