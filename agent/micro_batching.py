@@ -10,7 +10,9 @@ batch. A run that fails fails every request in it, with the same error.
 
 This trades latency for throughput: each request may wait up to the window, and a model
 run over many rows costs much less per row than as many single runs. Whether it pays
-depends on the model and the request rate; ``python -m bench.inference --help`` measures.
+depends on the model and the request rate: ``python -m bench.micro_batching`` measures it.
+On the digits models, whose runs cost tens of microseconds, it lowers throughput (the
+hand-offs between threads cost more than the runs they save), hence off by default.
 """
 
 from __future__ import annotations

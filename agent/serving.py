@@ -243,8 +243,8 @@ class InferenceRuntime:
         """`x` as a checked one-row batch if it is one sample, else None (a batch, or no
         model yet: `predict` answers those); InputError (counted) if it is bad."""
         served = self._serving
-        if served is None:
-            return None
+        if served is None or (type(x) is np.ndarray and x.ndim == served.rank):
+            return None  # (a batch: `predict` checks it)
         batch, single = self._checked(served, x)
         return batch if single else None
 
