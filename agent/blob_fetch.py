@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,9 +46,12 @@ class _Fetch:
 class BlobFetches:
     """The blobs one device is fetching (thread-safe)."""
 
-    def __init__(self, device_id: str, transport: Publisher) -> None:
+    def __init__(
+        self, device_id: str, transport: Publisher, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.device_id = device_id
         self.transport = transport
+        self.clock = clock
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}
 
@@ -56,11 +60,6 @@ class BlobFetches:
         with self._lock:
             if sha256 not in self._fetches:
                 self._fetches[sha256] = _Fetch(sha256)
-
-    def wanted(self) -> list[str]:
-        """The blobs being fetched."""
-        with self._lock:
-            return list(self._fetches)
 
     def add_chunk(self, chunk: BlobChunk) -> bytes | None:
         """Add a chunk; the verified blob once it is complete (and no longer fetched), else
@@ -91,7 +90,7 @@ class BlobFetches:
 
     def send_due(self) -> None:
         """Request every wanted blob not asked for in `FETCH_RETRY_S` (its missing chunks)."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             due = [f for f in self._fetches.values() if now - f.requested_at > FETCH_RETRY_S]
             for fetch in due:

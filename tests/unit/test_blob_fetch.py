@@ -1,0 +1,105 @@
+"""BlobFetches: what a device asks for, when it asks again, and what it keeps across a cut.
+
+The publisher is a list (the integration test `test_blob_resume` runs the same code against
+a real Mosquitto and agent process)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from agent import blob_fetch
+from agent.blob_fetch import BlobFetches
+from protocols.chunks import split_blob
+from protocols.errors import DecodeError
+from protocols.messages import BlobChunk, BlobRequest, decode_as
+
+BLOB = bytes(range(256)) * 40  # 10,240 bytes: 10 chunks of 1 KiB
+SHA = hashlib.sha256(BLOB).hexdigest()
+
+
+class Wire:
+    """Records what would be published; `connected` can be switched off."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        self.sent.append((topic, payload))
+        return None
+
+    def requests(self) -> list[BlobRequest]:
+        return [decode_as(BlobRequest, payload) for _, payload in self.sent]
+
+
+def _chunks() -> list[BlobChunk]:
+    return list(split_blob(BLOB, 1024))
+
+
+def test_a_wanted_blob_is_asked_for_whole_once_then_again_after_the_retry_time() -> None:
+    wire = Wire()
+    now = [100.0]
+    fetches = BlobFetches("dev-1", wire, clock=lambda: now[0])
+    fetches.want(SHA)
+    fetches.want(SHA)  # wanted twice: one fetch
+    fetches.send_due()
+    fetches.send_due()  # not due yet
+    [request] = wire.requests()
+    assert (request.device_id, request.blob_sha256, request.indices) == ("dev-1", SHA, ())
+    assert wire.sent[0][0] == "fedge/v1/dev/dev-1/blob/req"
+    now[0] += blob_fetch.FETCH_RETRY_S - 0.5
+    fetches.send_due()
+    assert len(wire.requests()) == 1
+    now[0] += 1.0
+    fetches.send_due()
+    assert len(wire.requests()) == 2
+
+
+def test_after_a_cut_it_asks_only_for_the_missing_chunks_and_returns_the_blob() -> None:
+    wire = Wire()
+    fetches = BlobFetches("dev-1", wire)
+    fetches.want(SHA)
+    fetches.send_due()
+    chunks = _chunks()
+    for chunk in chunks[:4]:
+        assert fetches.add_chunk(chunk) is None
+    fetches.restart()  # reconnected
+    fetches.send_due()
+    assert wire.requests()[-1].indices == tuple(range(4, 10))
+    for chunk in chunks[4:9]:
+        assert fetches.add_chunk(chunk) is None
+    assert fetches.add_chunk(chunks[9]) == BLOB
+    assert fetches.add_chunk(chunks[0]) is None  # complete: no longer fetched
+    fetches.restart()
+    fetches.send_due()
+    assert len(wire.requests()) == 2  # nothing left to ask for
+
+
+def test_a_corrupt_blob_is_refused_and_fetched_whole_again() -> None:
+    wire = Wire()
+    fetches = BlobFetches("dev-1", wire)
+    fetches.want(SHA)
+    chunks = _chunks()
+    bad = dataclasses.replace(chunks[3], data=bytes(len(chunks[3].data)))  # zeros
+    for chunk in [*chunks[:3], bad, *chunks[4:9]]:
+        assert fetches.add_chunk(chunk) is None
+    with pytest.raises(DecodeError):
+        fetches.add_chunk(chunks[9])
+    fetches.send_due()
+    assert wire.requests()[-1].indices == ()  # whole, from scratch
+    for chunk in chunks[:9]:
+        assert fetches.add_chunk(chunk) is None
+    assert fetches.add_chunk(chunks[9]) == BLOB
+
+
+def test_unrequested_chunks_are_ignored_and_nothing_is_sent_offline() -> None:
+    wire = Wire()
+    fetches = BlobFetches("dev-1", wire)
+    assert fetches.add_chunk(_chunks()[0]) is None
+    wire.connected = False
+    fetches.want(SHA)
+    fetches.send_due()
+    assert wire.sent == []
