@@ -79,6 +79,7 @@ bench: setup
 	$(BIN)/python -m bench.gpu_aggregate
 	$(BIN)/python -m bench.inference
 	$(BIN)/python -m bench.hot_swap
+	$(BIN)/python -m bench.micro_batching
 
 dist: $(STAMP)
 	rm -rf dist
