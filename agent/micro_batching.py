@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from agent.errors import AgentError, InferenceError
-from agent.predictions import Predictions, new_predictions
+from agent.errors import AgentError, InferenceError, InputError
+from agent.predictions import ModelUnavailableError, Predictions, new_predictions
 
 
 class RowPredictor(Protocol):
@@ -49,6 +49,10 @@ class MergeCounter(Protocol):
 
     def observe_merged(self, seconds: list[float]) -> None:
         """Latencies of the requests a micro-batch answered besides its first."""
+        ...
+
+    def count_request(self, outcome: str) -> None:
+        """One request that did not succeed (invalid, unavailable, error)."""
         ...
 
 
@@ -121,6 +125,11 @@ class MicroBatcher:
             )
         except AgentError as exc:  # every request in the batch gets it
             batch.error = exc
+            # the runtime counted the run's outcome once; the others failed with it
+            outcome = ("unavailable" if isinstance(exc, ModelUnavailableError) else
+                       "invalid" if isinstance(exc, InputError) else "error")  # fmt: skip
+            for _ in rows[1:]:
+                self.metrics.count_request(outcome)
         finally:
             if len(rows) > 1 and batch.error is None:
                 now = perf_counter()

@@ -159,6 +159,8 @@ def test_a_failed_run_fails_every_request_in_it(bundles: Bundles) -> None:
     assert len(errors) == 6
     assert failing.runs == 1
     assert all("failed on 6 rows" in str(e) for e in errors)
+    # the fake runtime counted nothing; the batcher counts the five requests merged into it
+    assert 'fedge_agent_predict_requests_total{outcome="error"} 5' in metrics.render()
 
 
 def test_the_config_turns_it_on_and_checks_its_keys(tmp_path: Path) -> None:
