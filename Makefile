@@ -19,7 +19,7 @@ help:
 	@echo "make bench  - run the benchmarks in bench/"
 	@echo "make dist   - build the wheel and the .deb packages into dist/"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py cloud_coordinator/_fold.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
 	  { echo "Fedge needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)). Set PYTHON=/path/to/python3.11."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 	@# torch first and pinned: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@$(BIN)/python -c 'from cloud_coordinator import checked_sums as c; c.kernel_built() or print( \
+	  "note: the C kernel cloud_coordinator._fold was not built (needs a C compiler with OpenMP" \
+	  " and the Python headers); FedAvg on the CPU uses torch alone, two passes per update.")'
 	@touch $@
 
 setup: $(STAMP) broker
@@ -81,9 +84,12 @@ bench: setup
 	$(BIN)/python -m bench.hot_swap
 	$(BIN)/python -m bench.micro_batching
 
+# The sdist, the wheel with the coordinator's C kernel (this platform) and the pure wheel
+# (any platform: the agent's), then the .deb packages built from them.
 dist: $(STAMP)
 	rm -rf dist
 	$(BIN)/python -m build --wheel --sdist --outdir dist .
+	FEDGE_PURE=1 $(BIN)/python -m build --wheel --outdir dist .
 	bash packaging/build-deb.sh dist
 
 clean:

@@ -5,7 +5,11 @@ Each of ``--updates`` encoded `ModelUpdate` payloads carries one float32 tensor 
 medians:
 
 - ``fedavg``: for each payload ``messages.decode`` then `StreamingFedAvg.add` (shape, bytes
-  and NaN/Inf checks included), then ``result()``;
+  and NaN/Inf checks included), then ``result()``. On the CPU with the C kernel built
+  (``one_pass`` in the JSON line) each update is folded and checked in one pass
+  (`cloud_coordinator.checked_sums`); otherwise checked, then folded;
+- ``fedavg_two_pass``: the same with the one-pass kernel turned off (``keep_bytes=0``):
+  what a GPU-less coordinator without the kernel does, and what FedAvg did before it;
 - ``sum_in_payload``: ``acc += np.frombuffer(bytes)`` over the tensor bytes inside the
   payloads, located once up front. The codec leaves them at an address that is not a
   multiple of 4, which sends numpy down its slow unaligned path, so we also time
@@ -14,14 +18,17 @@ medians:
 - ``torch_add``: ``acc.add_(u, alpha=w)`` over the in-payload bytes with no decoding and no
   checks: the floor for the fold itself;
 - ``check_then_add``: the same fold after ``u.sum()`` is checked to be finite, still with no
-  decoding: the two passes `StreamingFedAvg` makes over each update (all-or-nothing needs
+  decoding: the two passes of ``fedavg_two_pass`` over each update (all-or-nothing needs
   every value checked before any is added), without the codec and the Python around them.
 
 ``ratio_to_sum`` = (the faster of the two numpy sums) / ``fedavg``: 1.0 means decoding,
 checking and averaging the updates costs exactly what adding up their bytes does.
-``ratio_to_sum_in_payload`` uses the literal in-payload sum instead. The gap splits into
-``torch_add`` / ``check_then_add`` (what the finiteness pass costs) and ``check_then_add`` /
-``fedavg`` (what decoding and the Python per update cost).
+``ratio_to_sum_in_payload`` uses the literal in-payload sum instead;
+``two_pass_ratio_to_sum`` is ``ratio_to_sum`` for ``fedavg_two_pass``. For the two-pass
+path the gap splits into ``torch_add`` / ``check_then_add`` (what the finiteness pass
+costs) and ``check_then_add`` / ``fedavg_two_pass`` (decoding and the Python per update);
+the one-pass path reads each update once, like ``torch_add``, and adds a copy of the sums
+every 16 updates (its snapshot, `checked_sums.KEEP_BYTES`).
 
 Run: ``python -m bench.aggregate [--updates N] [--params N] [--trials N] [--device D]``.
 """
@@ -59,9 +66,11 @@ def make_payloads(updates: int, params: int, seed: int = 0) -> tuple[list[bytes]
     return payloads, weights
 
 
-def fedavg(payloads: list[bytes], params: int, device: torch.device, cap: int) -> dict[str, F32]:
+def fedavg(
+    payloads: list[bytes], params: int, device: torch.device, cap: int, keep: int | None = None
+) -> dict[str, F32]:
     """Decode every payload, fold it into a streaming FedAvg, return the mean."""
-    agg = StreamingFedAvg({"w": (params,)}, device)
+    agg = StreamingFedAvg({"w": (params,)}, device, keep_bytes=keep)
     for payload in payloads:
         update = messages.decode_as(ModelUpdate, payload, cap)
         agg.add(update.tensors, update.num_samples)
@@ -108,15 +117,17 @@ def _locate(payloads: list[bytes], cap: int) -> list[memoryview]:
 
 def _check(payloads: list[bytes], weights: list[int], params: int, device: torch.device) -> None:
     cap = params * 4 + 4096
-    got = fedavg(payloads, params, device, cap)["w"]
     expected = np.zeros(params, dtype=np.float64)
     for view, w in zip(_locate(payloads, cap), weights, strict=True):
         expected += w * np.frombuffer(view, dtype=np.float32).astype(np.float64)
     expected /= sum(weights)
-    if got.dtype != np.float32 or not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
-        raise SystemExit(
-            f"FedAvg differs from the numpy weighted mean by {np.abs(got - expected).max()}"
-        )
+    for keep in (None, 0):
+        got = fedavg(payloads, params, device, cap, keep)["w"]
+        if got.dtype != np.float32 or not np.allclose(got, expected, rtol=1e-5, atol=1e-6):
+            raise SystemExit(
+                f"FedAvg (keep_bytes={keep}) differs from the numpy weighted mean by"
+                f" {np.abs(got - expected).max()}"
+            )
 
 
 def measure(updates: int, params: int, trials: int, device: torch.device) -> dict[str, float]:
@@ -134,6 +145,7 @@ def measure(updates: int, params: int, trials: int, device: torch.device) -> dic
     return interleaved_medians(
         {
             "fedavg": lambda: fedavg(payloads, params, device, cap),
+            "fedavg_two_pass": lambda: fedavg(payloads, params, device, cap, keep=0),
             "sum_in_payload": lambda: plain_sum(in_payload, params),
             "sum_aligned": lambda: plain_sum(aligned_views, params),
             "torch_add": lambda: torch_add(torch_views, weights, params),
@@ -173,7 +185,9 @@ def main() -> None:
         "updates": args.updates,
         "params": args.params,
         "trials": args.trials,
+        "one_pass": StreamingFedAvg({"w": (args.params,)}, device).one_pass,
         "fedavg_ms": round(m["fedavg"] * 1e3, 2),
+        "fedavg_two_pass_ms": round(m["fedavg_two_pass"] * 1e3, 2),
         "sum_in_payload_ms": round(m["sum_in_payload"] * 1e3, 2),
         "sum_aligned_ms": round(m["sum_aligned"] * 1e3, 2),
         "torch_add_ms": round(m["torch_add"] * 1e3, 2),
@@ -182,6 +196,7 @@ def main() -> None:
         "sum_gbps": round(gigabytes / best_sum, 2),
         "ratio_to_sum": round(best_sum / m["fedavg"], 3),
         "ratio_to_sum_in_payload": round(m["sum_in_payload"] / m["fedavg"], 3),
+        "two_pass_ratio_to_sum": round(best_sum / m["fedavg_two_pass"], 3),
         "ratio_to_torch_add": round(m["torch_add"] / m["fedavg"], 3),
         "ratio_to_check_then_add": round(m["check_then_add"] / m["fedavg"], 3),
         "loadavg_1m": [round(load_before, 2), round(load_after, 2)],

@@ -4,69 +4,47 @@ The kernels are pure functions over tensors that take a ``device``, so the same 
 (and is tested) on ``cpu`` and ``cuda``; the rules are small classes over them. torch stays
 inside the aggregation modules: rules take `WireTensor`s and hand back numpy arrays.
 FedAvg is here; the other strategies (robust rules, norm bounding, server optimisers) are
-in `cloud_coordinator.strategies`, built on the decoding and checks below.
+in `cloud_coordinator.strategies`, built on the decoding and checks of
+`cloud_coordinator.update_tensors` (re-exported here).
 
-Every tensor of an update is decoded and checked (names, shape, byte count, indices,
-NaN/Inf) before any of it touches the aggregate, so a bad update leaves it unchanged. A
-rejection raises `AggregationError`, whose ``reason`` is one of `REASONS`. Finite values
-large enough to overflow the float32 sum (|x| near 3e38) are not refused one by one, as
-that would cost another pass per update: `StreamingFedAvg.result` refuses the overflowed
-aggregate instead.
+Every update is decoded and checked (names, shape, byte count, indices, NaN/Inf) as a
+whole, so a bad update leaves the aggregate unchanged. A rejection raises
+`AggregationError`, whose ``reason`` is one of `REASONS`.
 
-So a dense update costs two passes on CPU: the NaN/Inf sum, then the fold, which finds the
-update still in cache. torch has no op that adds and reduces in one pass, and the ways to
-check each block just before adding it (a snapshot of the aggregate, or a second one to
-swap in, for exact undo) measured slower than the second pass they save.
+On the CPU, `StreamingFedAvg` folds each update in one pass that also checks every new
+sum (`cloud_coordinator.checked_sums`, a C kernel), restoring the sums exactly when an
+update is refused; that also refuses an update whose sum overflows float32. Where that
+kernel is not built, and on a GPU, an update costs two passes (a NaN/Inf sum over it,
+then the fold), and an overflowed sum is refused by `StreamingFedAvg.result` instead.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from cloud_coordinator.errors import CoordinatorError
-from protocols.errors import DecodeError
-from protocols.tensors import WireTensor, varint_decode
-
-REASONS = frozenset(
-    {
-        "bad_shape",
-        "non_finite",
-        "bad_tensor",
-        "bad_weight",
-        "empty",
-        "no_device",
-        "too_few",  # fewer updates than the rule needs (Krum: n > 2f + 2)
-        "bad_state",  # server optimiser state that does not fit the model
-    }
+from cloud_coordinator import checked_sums
+from cloud_coordinator.update_tensors import (
+    REASONS,
+    AggregationError,
+    DecodedTensor,
+    all_finite,
+    check_weight,
+    decode_to_torch,
+    decode_update,
+    dense_to_torch,
+    sparse_to_torch,
 )
+from protocols.tensors import WireTensor
 
 Report = dict[str, str | int | float | list[str]]
 
-_WIRE_DTYPES: dict[str, torch.dtype] = {
-    "f32": torch.float32,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "i8": torch.int8,
-}
-
 FloatArray = npt.NDArray[np.float32]
-
-
-class AggregationError(CoordinatorError):
-    """An update (or a request to the aggregate) was refused; ``reason`` says why."""
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def set_threads(threads: int) -> None:
@@ -92,165 +70,6 @@ def pick_device(preference: str = "auto") -> torch.device:
         f"unknown aggregation device {preference!r}; choose 'auto', 'cpu' or 'cuda'",
         reason="no_device",
     )
-
-
-@functools.cache
-def _allow_readonly_views() -> None:
-    """Let `torch.frombuffer` view read-only payloads (we only ever read them)."""
-    # torch warns once per process that it cannot protect a read-only buffer; have it done.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        torch.frombuffer(memoryview(b"\0\0\0\0").toreadonly(), dtype=torch.uint8)
-
-
-def _raw(t: WireTensor, count: int, device: torch.device) -> torch.Tensor:
-    """`count` elements of `t.data` in their wire dtype, viewed on CPU and moved to `device`."""
-    dtype = _WIRE_DTYPES.get(t.dtype)
-    if dtype is None:
-        raise AggregationError(f"tensor {t.name!r}: unknown dtype {t.dtype!r}", reason="bad_tensor")
-    if not (math.isfinite(t.scale) and t.scale >= 0) or not -128 <= t.zero_point <= 127:
-        raise AggregationError(f"tensor {t.name!r}: bad scale or zero point", reason="bad_tensor")
-    view = memoryview(t.data)
-    if not view.c_contiguous:
-        raise AggregationError(f"tensor {t.name!r}: data is not contiguous", reason="bad_tensor")
-    if view.nbytes != count * dtype.itemsize:
-        raise AggregationError(
-            f"tensor {t.name!r}: {view.nbytes} data bytes for {count} x {t.dtype}",
-            reason="bad_tensor",
-        )
-    if count == 0:
-        return torch.zeros(0, dtype=dtype, device=device)
-    _allow_readonly_views()
-    # Zero copy on CPU; to another device the compact wire bytes travel, not float32.
-    raw = torch.frombuffer(view, dtype=dtype)
-    return raw if device.type == "cpu" else raw.to(device)
-
-
-def _dequantise(raw: torch.Tensor, t: WireTensor) -> torch.Tensor:
-    """float32 values of `raw` (on its own device): f16/bf16 widened, i8 as (q - zp) * scale."""
-    if raw.dtype == torch.float32:
-        return raw
-    if raw.dtype == torch.int8:
-        return raw.to(torch.float32).sub_(t.zero_point).mul_(t.scale)
-    return raw.to(torch.float32)
-
-
-def _check_shape(t: WireTensor, expected_shape: tuple[int, ...]) -> int:
-    if tuple(t.shape) != tuple(expected_shape):
-        raise AggregationError(
-            f"tensor {t.name!r}: shape {tuple(t.shape)} where the model has {expected_shape}",
-            reason="bad_shape",
-        )
-    return math.prod(expected_shape)
-
-
-def sparse_to_torch(
-    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat int64 indices and float32 values of sparse `t` on `device`; no finiteness check."""
-    if t.indices is None:
-        raise AggregationError(f"tensor {t.name!r} is dense", reason="bad_tensor")
-    size = _check_shape(t, expected_shape)
-    try:
-        gaps = varint_decode(t.indices, size)
-    except DecodeError as exc:
-        raise AggregationError(f"tensor {t.name!r}: {exc}", reason="bad_tensor") from exc
-    if gaps.size > 1 and not bool(np.all(gaps[1:])):
-        raise AggregationError(f"tensor {t.name!r}: repeated index", reason="bad_tensor")
-    flat = np.cumsum(gaps)
-    if flat.size and int(flat[-1]) >= size:
-        raise AggregationError(
-            f"tensor {t.name!r}: index {int(flat[-1])} outside {size}", reason="bad_tensor"
-        )
-    values = _dequantise(_raw(t, int(flat.size), device), t)
-    return torch.from_numpy(flat).to(device), values
-
-
-def _dense_flat(
-    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
-) -> torch.Tensor:
-    if t.indices is not None:
-        raise AggregationError(f"tensor {t.name!r} is sparse", reason="bad_tensor")
-    return _dequantise(_raw(t, _check_shape(t, expected_shape), device), t)
-
-
-def dense_to_torch(
-    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
-) -> torch.Tensor:
-    """Dense float32 `t` on `device` (a zero-copy view on CPU for f32); no finiteness check."""
-    return _dense_flat(t, device, expected_shape).view(expected_shape)
-
-
-def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when no element of `tensors` is NaN or +-Inf; one host sync for all of them."""
-    if not tensors:
-        return True
-    # A NaN or Inf anywhere makes its sum non-finite, so a finite total proves there is none:
-    # one pass that reads each tensor once and writes nothing (isfinite(x).all() writes a
-    # bool per element and is ~10x slower here). Only a non-finite total, which finite
-    # values can also give by overflowing, pays for the exact test.
-    if tensors[0].is_cpu:
-        total = 0.0
-        for x in tensors:
-            total += x.sum().item()
-        finite = math.isfinite(total)
-    else:  # one host sync for the whole update, not one per tensor
-        finite = bool(torch.isfinite(torch.stack([x.sum() for x in tensors]).sum()))
-    return finite or all(bool(torch.isfinite(x).all()) for x in tensors)
-
-
-def decode_to_torch(
-    t: WireTensor, device: torch.device, expected_shape: tuple[int, ...]
-) -> torch.Tensor:
-    """`t` as a dense float32 tensor on `device`; AggregationError if bad or not finite."""
-    if t.indices is None:
-        out = dense_to_torch(t, device, expected_shape)
-        checked = out
-    else:
-        flat, checked = sparse_to_torch(t, device, expected_shape)
-        out = torch.zeros(math.prod(expected_shape), dtype=torch.float32, device=device)
-        out[flat] = checked
-        out = out.view(expected_shape)
-    if not all_finite([checked]):
-        raise AggregationError(f"tensor {t.name!r} holds NaN or Inf", reason="non_finite")
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class DecodedTensor:
-    """One checked tensor of an update: all its values (flat), or flat indices and values."""
-
-    name: str
-    values: torch.Tensor
-    flat: torch.Tensor | None = None
-
-
-def decode_update(
-    tensors: Sequence[WireTensor],
-    shapes: Mapping[str, tuple[int, ...]],
-    device: torch.device,
-) -> list[DecodedTensor]:
-    """Every tensor of one update, flat on `device` and checked, or AggregationError."""
-    # Refused: a tensor missing, unknown or repeated, misshapen, malformed, or not finite.
-    names = {t.name for t in tensors}
-    if len(names) != len(tensors) or names != shapes.keys():
-        raise AggregationError(
-            f"update tensors {[t.name for t in tensors]} do not match the model's"
-            f" {sorted(shapes)} (missing, unknown or repeated)",
-            reason="bad_tensor",
-        )
-    decoded = []
-    for t in tensors:
-        shape = shapes[t.name]
-        if t.indices is None:
-            decoded.append(DecodedTensor(t.name, _dense_flat(t, device, shape)))
-        else:
-            flat, values = sparse_to_torch(t, device, shape)
-            decoded.append(DecodedTensor(t.name, values, flat))
-    if not all_finite([d.values for d in decoded]):
-        bad = [d.name for d in decoded if not all_finite([d.values])]
-        raise AggregationError(f"tensors {bad} hold NaN or Inf", reason="non_finite")
-    return decoded
 
 
 def fold(acc: torch.Tensor, update: DecodedTensor, weight: float) -> None:
@@ -287,19 +106,21 @@ class Aggregator(Protocol):
         ...
 
 
-def check_weight(weight: float) -> float:
-    """`weight` as a float if finite and >= 0, else AggregationError ``bad_weight``."""
-    weight = float(weight)
-    if not (math.isfinite(weight) and weight >= 0):
-        raise AggregationError(f"update weight {weight} is not >= 0", reason="bad_weight")
-    return weight
-
-
 class StreamingFedAvg:
-    """Weighted mean of updates (FedAvg), folded in as they arrive in O(model) memory."""
+    """Weighted mean of updates (FedAvg), folded in as they arrive in O(model) memory.
+
+    On the CPU each update is folded and checked in one pass (`checked_sums.CheckedSums`,
+    which keeps up to `keep_bytes` of accepted updates, by default
+    `checked_sums.KEEP_BYTES`, to restore the sums from); with ``keep_bytes=0``, on a GPU,
+    or without the C kernel, it is checked, then folded.
+    """
 
     def __init__(
-        self, shapes: Mapping[str, tuple[int, ...]], device: torch.device, rule: str = "fedavg"
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        device: torch.device,
+        rule: str = "fedavg",
+        keep_bytes: int | None = None,
     ) -> None:
         self._rule = rule  # the strategy name for report(): fedavg, fedprox, fedadam, ...
         self._shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
@@ -310,8 +131,19 @@ class StreamingFedAvg:
             name: torch.zeros(math.prod(shape), dtype=torch.float32, device=self._device)
             for name, shape in self._shapes.items()
         }
+        keep = checked_sums.KEEP_BYTES if keep_bytes is None else keep_bytes
+        self._checked = (
+            checked_sums.CheckedSums(self._acc, keep)
+            if checked_sums.usable(self._acc, keep)
+            else None
+        )
         self._count = 0
         self._total_weight = 0.0
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether each update is folded and checked in one pass (the CPU kernel)."""
+        return self._checked is not None
 
     @property
     def device(self) -> torch.device:
@@ -331,17 +163,28 @@ class StreamingFedAvg:
     def add(self, tensors: Sequence[WireTensor], weight: float, source: str = "") -> None:
         """Fold in one update of `weight` >= 0, or raise AggregationError and change nothing."""
         weight = check_weight(weight)
-        self._fold(decode_update(tensors, self._shapes, self._device), weight, weight)
+        # the one-pass fold checks what it adds; an update of weight 0 is checked here
+        check = self._checked is None or weight == 0
+        self._fold(decode_update(tensors, self._shapes, self._device, check), weight, weight)
 
     def _fold(self, decoded: list[DecodedTensor], scale: float, weight: float) -> None:
-        """Add scale * the checked update to the sums and count `weight` in the total."""
+        """Add scale * the update to the sums and count `weight` in the total.
+
+        The update must be checked already, unless the sums check it (`one_pass`).
+        """
         if scale > 0:
-            acc = self._acc
-            for update in decoded:
-                if update.flat is None:
-                    acc[update.name].add_(update.values, alpha=scale)
-                else:
-                    fold(acc[update.name], update, scale)
+            if self._checked is not None:
+                try:
+                    self._checked.add([(d.name, d.values, d.flat) for d in decoded], scale)
+                except checked_sums.NotFiniteError as exc:
+                    raise AggregationError(str(exc), reason="non_finite") from exc
+            else:
+                acc = self._acc
+                for update in decoded:
+                    if update.flat is None:
+                        acc[update.name].add_(update.values, alpha=scale)
+                    else:
+                        fold(acc[update.name], update, scale)
         self._count += 1
         self._total_weight += weight
 

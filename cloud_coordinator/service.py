@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from cloud_coordinator import checked_sums
 from cloud_coordinator.aggregation import set_threads
 from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.config import CoordinatorConfig
@@ -113,8 +114,15 @@ class Coordinator:
 
     def run(self) -> int:
         """Serve until stopped; return the exit status."""
+        fold = ""
+        if self.runner.device.type == "cpu":
+            fold = (
+                " (one-pass C kernel)"
+                if checked_sums.kernel_built()
+                else " (torch only: the C kernel cloud_coordinator._fold is not built)"
+            )
         log.info(
-            "fedge-coordinator %s: broker %s:%d, API http://%s:%d, state %s, aggregation on %s",
+            "fedge-coordinator %s: broker %s:%d, API http://%s:%d, state %s, aggregation on %s%s",
             __version__,
             self.config.mqtt.host,
             self.config.mqtt.port,
@@ -122,6 +130,7 @@ class Coordinator:
             self.api.port,
             self.config.data_dir,
             self.runner.device,
+            fold,
         )
         self._worker.start()
         self.inference.start()

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Build fedge-agent_<version>_all.deb and fedge-coordinator_<version>_all.deb with dpkg-deb.
+# Build fedge-agent_<version>_all.deb and fedge-coordinator_<version>_<arch>.deb with dpkg-deb.
 #
 # Usage: packaging/build-deb.sh OUTDIR
-#   OUTDIR holds exactly one fedge-<version>-py3-none-any.whl (`make dist` builds it into
-#   dist/ first). The packages are written next to it; running again overwrites them.
+#   OUTDIR holds exactly one pure wheel, fedge-<version>-py3-none-any.whl, and at most one
+#   wheel of the same version built for this platform with the coordinator's C kernel,
+#   fedge-<version>-cp3*-<platform>.whl (`make dist` builds both into dist/ first). The
+#   agent package ships the pure wheel (Architecture: all: devices of any kind); the
+#   coordinator package ships the platform wheel (Architecture: this machine's, e.g.
+#   amd64), or the pure one (all) when there is none. The packages are written next to
+#   the wheels; running again overwrites them.
 #
 # Each package ships the wheel (/usr/share/fedge/wheels/<agent|coordinator>/), its systemd
 # unit (/lib/systemd/system/), its example config as a conffile (/etc/fedge/), a wrapper
@@ -29,15 +34,36 @@ repo=$(dirname "$here")
 
 shopt -s nullglob
 wheels=("$outdir"/fedge-*-py3-none-any.whl)
+platform_wheels=("$outdir"/fedge-*-cp3*-linux_*.whl)
 shopt -u nullglob
 if [[ ${#wheels[@]} -ne 1 ]]; then
     die "expected exactly one fedge-*-py3-none-any.whl in $outdir, found ${#wheels[@]}" \
         "${wheels[*]:-}"
 fi
+if [[ ${#platform_wheels[@]} -gt 1 ]]; then
+    die "expected at most one platform wheel fedge-*-cp3*-linux_*.whl in $outdir," \
+        "found ${#platform_wheels[@]}: ${platform_wheels[*]}"
+fi
 wheel=${wheels[0]}
 wheel_name=$(basename "$wheel")
 py_version=${wheel_name#fedge-}
 py_version=${py_version%-py3-none-any.whl}
+
+# The coordinator's wheel: the platform one (with the C kernel) when there is one.
+coordinator_wheel=$wheel
+coordinator_arch=all
+if [[ ${#platform_wheels[@]} -eq 1 ]]; then
+    coordinator_wheel=${platform_wheels[0]}
+    platform_name=$(basename "$coordinator_wheel")
+    [[ $platform_name == "fedge-$py_version-"* ]] ||
+        die "the platform wheel $platform_name is not version $py_version"
+    case $platform_name in
+        *_x86_64.whl) coordinator_arch=amd64 ;;
+        *_aarch64.whl) coordinator_arch=arm64 ;;
+        *_armv7l.whl) coordinator_arch=armhf ;;
+        *) die "no Debian architecture known for $platform_name" ;;
+    esac
+fi
 
 # PEP 440 -> Debian: pre-releases and dev releases sort before the release, which Debian
 # spells with "~" (1.0rc1 -> 1.0~rc1, 1.0.dev2 -> 1.0~dev2); a local "+label" stays.
@@ -56,23 +82,27 @@ staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
 
 # Fill @NAME@ placeholders in a template.
-render() { # template dest mode name extra
+render() { # template dest mode name extra [wheel name]
     sed -e "s|@PACKAGE@|fedge-$4|g" -e "s|@EXTRA@|$5|g" -e "s|@BIN@|fedge-$4|g" \
-        -e "s|@VERSION@|$version|g" -e "s|@WHEEL@|$wheel_name|g" "$1" >"$2"
+        -e "s|@VERSION@|$version|g" -e "s|@WHEEL@|${6:-$wheel_name}|g" "$1" >"$2"
     chmod "$3" "$2"
 }
 
 build_package() { # name (agent|coordinator), other package's name, one-line summary, description
     local name=$1 other=$2 summary=$3 description=$4
-    local pkg=fedge-$name root=$staging/fedge-$name
-    local deb=$outdir/${pkg}_${version}_all.deb
+    local pkg=fedge-$name root=$staging/fedge-$name arch=all pkg_wheel=$wheel
+    if [[ $name == coordinator ]]; then
+        arch=$coordinator_arch pkg_wheel=$coordinator_wheel
+    fi
+    local pkg_wheel_name deb=$outdir/${pkg}_${version}_$arch.deb
+    pkg_wheel_name=$(basename "$pkg_wheel")
 
     install -d -m 0755 "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" \
         "$root/etc/fedge" "$root/usr/share/fedge/wheels/$name" "$root/usr/share/doc/$pkg"
-    install -m 0644 "$wheel" "$root/usr/share/fedge/wheels/$name/$wheel_name"
+    install -m 0644 "$pkg_wheel" "$root/usr/share/fedge/wheels/$name/$pkg_wheel_name"
     install -m 0644 "$repo/systemd/$pkg.service" "$root/lib/systemd/system/$pkg.service"
     install -m 0644 "$here/$name.toml" "$root/etc/fedge/$name.toml"
-    render "$here/deb/wrapper" "$root/usr/bin/$pkg" 0755 "$name" "$name"
+    render "$here/deb/wrapper" "$root/usr/bin/$pkg" 0755 "$name" "$name" "$pkg_wheel_name"
     for doc in README.md docs/operations.md docs/configuration.md docs/architecture.md; do
         install -m 0644 "$repo/$doc" "$root/usr/share/doc/$pkg/$(basename "$doc")"
     done
@@ -98,7 +128,7 @@ COPYRIGHT
     cat >"$root/DEBIAN/control" <<CONTROL
 Package: $pkg
 Version: $version
-Architecture: all
+Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $size
 Depends: python3 (>= 3.11), python3-venv
@@ -115,7 +145,7 @@ $description
 CONTROL
     echo "/etc/fedge/$name.toml" >"$root/DEBIAN/conffiles"
     for script in postinst prerm postrm; do
-        render "$here/deb/$script" "$root/DEBIAN/$script" 0755 "$name" "$name"
+        render "$here/deb/$script" "$root/DEBIAN/$script" 0755 "$name" "$name" "$pkg_wheel_name"
     done
     chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/conffiles"
     if [[ -n ${SOURCE_DATE_EPOCH:-} ]]; then
@@ -146,7 +176,7 @@ build_package coordinator agent \
  build; for a CPU-only host install with
  PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu set."
 
-echo "build-deb.sh: built Debian packages $version from $wheel:"
+echo "build-deb.sh: built Debian packages $version from $wheel and $coordinator_wheel:"
 for deb in "${built[@]}"; do
     printf '  %s (%s KiB)\n' "$deb" "$(( $(stat -c %s "$deb") / 1024 ))"
 done

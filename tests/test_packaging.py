@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,24 +265,37 @@ def test_maintainer_script_templates_are_posix_sh(script: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The wheel, built from a copy of the sources (the checkout gets no build/ or egg-info)."""
-    tmp_path = tmp_path_factory.mktemp("wheel")
+def _build_wheel(tmp_path: Path, pure: bool) -> Path:
+    """A wheel built from a copy of the sources (the checkout gets no build/ or egg-info)."""
     src = tmp_path / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so")
     for package in ("agent", "cloud_coordinator", "protocols"):
         shutil.copytree(ROOT / package, src / package, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(ROOT / name, src / name)
     out = tmp_path / "wheel"
+    env = {k: v for k, v in os.environ.items() if k != "FEDGE_PURE"}
+    if pure:
+        env["FEDGE_PURE"] = "1"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "--no-index", "-w", str(out), str(src)],
-        check=True, capture_output=True, timeout=60,
+        check=True, capture_output=True, timeout=120, env=env,
     )  # fmt: skip
     (built,) = out.glob("fedge-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The pure wheel (``FEDGE_PURE=1``): what the agent package ships."""
+    return _build_wheel(tmp_path_factory.mktemp("wheel"), pure=True)
+
+
+@pytest.fixture(scope="module")
+def platform_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel with the coordinator's C kernel, for this machine."""
+    return _build_wheel(tmp_path_factory.mktemp("platform-wheel"), pure=False)
 
 
 def _build_debs(outdir: Path) -> subprocess.CompletedProcess[str]:
@@ -306,7 +320,9 @@ def _contents(deb: Path) -> dict[str, tuple[str, str]]:
     return entries
 
 
-def _check_package(deb: Path, name: str, wheel: Path, version: str, tmp_path: Path) -> None:
+def _check_package(
+    deb: Path, name: str, wheel: Path, version: str, arch: str, tmp_path: Path
+) -> None:
     pkg = f"fedge-{name}"
     other = "coordinator" if name == "agent" else "agent"
     fields = {
@@ -316,7 +332,7 @@ def _check_package(deb: Path, name: str, wheel: Path, version: str, tmp_path: Pa
     assert fields == {
         "Package": pkg,
         "Version": version,
-        "Architecture": "all",
+        "Architecture": arch,
         "Depends": "python3 (>= 3.11), python3-venv",
         "Breaks": f"fedge-{other} (<< {version}), fedge-{other} (>> {version})",
     }
@@ -358,28 +374,45 @@ def _check_package(deb: Path, name: str, wheel: Path, version: str, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_build_deb_makes_both_packages(wheel: Path, tmp_path: Path) -> None:
+def test_the_wheels_are_pure_and_with_the_kernel(wheel: Path, platform_wheel: Path) -> None:
+    assert wheel.name == f"fedge-{__version__}-py3-none-any.whl"
+    assert platform_wheel.name.startswith(f"fedge-{__version__}-cp311-abi3-linux_")
+    names = {w: set(zipfile.ZipFile(w).namelist()) for w in (wheel, platform_wheel)}
+    assert not any("_fold" in n for n in names[wheel])
+    assert "cloud_coordinator/checked_sums.py" in names[wheel]
+    assert "cloud_coordinator/_fold.abi3.so" in names[platform_wheel]
+    assert not any(n.endswith(".c") for n in names[wheel] | names[platform_wheel])
+
+
+@pytest.mark.slow
+def test_build_deb_makes_both_packages(wheel: Path, platform_wheel: Path, tmp_path: Path) -> None:
     if shutil.which("dpkg-deb") is None:
         pytest.skip("dpkg-deb is not installed (Debian/Ubuntu: apt-get install dpkg)")
-    assert wheel.name == f"fedge-{__version__}-py3-none-any.whl"
     outdir = tmp_path / "dist"
     outdir.mkdir()
     shutil.copy(wheel, outdir)
+    shutil.copy(platform_wheel, outdir)
     version = deb_version(__version__)
+    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf"}[
+        platform_wheel.name.rsplit("linux_", 1)[1].removesuffix(".whl")
+    ]
 
     result = _build_debs(outdir)
     assert result.returncode == 0, result.stdout + result.stderr
-    debs = {name: outdir / f"fedge-{name}_{version}_all.deb" for name in NAMES}
+    # the agent: the pure wheel, for any device; the coordinator: the kernel, this machine
+    shipped = {"agent": (wheel, "all"), "coordinator": (platform_wheel, arch)}
+    debs = {name: outdir / f"fedge-{name}_{version}_{shipped[name][1]}.deb" for name in NAMES}
     for name, deb in debs.items():
         assert str(deb) in result.stdout
-        _check_package(deb, name, wheel, version, tmp_path)
+        package_wheel, package_arch = shipped[name]
+        _check_package(deb, name, package_wheel, version, package_arch, tmp_path)
 
     listing = {deb: _dpkg_deb("--contents", str(deb)) for deb in debs.values()}
     again = _build_debs(outdir)  # idempotent: same packages, nothing else in OUTDIR
     assert again.returncode == 0, again.stdout + again.stderr
     assert {deb: _dpkg_deb("--contents", str(deb)) for deb in debs.values()} == listing
     assert sorted(p.name for p in outdir.iterdir()) == sorted(
-        [wheel.name, *(d.name for d in debs.values())]
+        [wheel.name, platform_wheel.name, *(d.name for d in debs.values())]
     )
 
 
@@ -396,6 +429,7 @@ def test_build_deb_maps_pre_releases_and_refuses_ambiguous_input(
     assert result.returncode == 0, result.stderr
     assert deb_version("0.2.0rc1") == "0.2.0~rc1"
     assert (rc / "fedge-agent_0.2.0~rc1_all.deb").is_file()
+    assert (rc / "fedge-coordinator_0.2.0~rc1_all.deb").is_file()  # no platform wheel: pure
     assert _dpkg_deb("--field", str(rc / "fedge-agent_0.2.0~rc1_all.deb"), "Version").strip() == (
         "0.2.0~rc1"
     )

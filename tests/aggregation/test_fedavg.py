@@ -9,6 +9,7 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from cloud_coordinator import checked_sums
 from cloud_coordinator.aggregation import AggregationError, Aggregator, StreamingFedAvg
 from protocols.tensors import WireTensor, decode_tensor, encode_dense, encode_sparse
 from tests.aggregation.test_kernels import via_wire
@@ -168,15 +169,29 @@ def test_result_is_a_host_copy(device: torch.device) -> None:
     np.testing.assert_array_equal(agg.result()["a"], np.ones((2, 3), dtype=np.float32))
 
 
-def test_an_overflowed_sum_is_refused_at_result(device: torch.device) -> None:
+def test_an_overflowing_update_is_refused(device: torch.device) -> None:
     agg = StreamingFedAvg({"b": (4,)}, device)
     huge = via_wire(encode_dense("b", np.full(4, 3e38, dtype=np.float32)))
     agg.add(huge, 1.0)  # finite, so accepted
     np.testing.assert_array_equal(agg.result()["b"], np.full(4, 3e38, dtype=np.float32))
-    agg.add(huge, 1.0)  # 6e38 does not fit a float32
-    with pytest.raises(AggregationError, match="overflowed") as info:
-        agg.result()
-    assert info.value.reason == "non_finite"
+    if agg.one_pass:  # the one-pass fold sees 6e38 (not a float32) as it makes it
+        with pytest.raises(AggregationError, match="overflows") as info:
+            agg.add(huge, 1.0)
+        assert info.value.reason == "non_finite"
+        assert (agg.count, agg.total_weight) == (1, 1.0)
+        np.testing.assert_array_equal(agg.result()["b"], np.full(4, 3e38, dtype=np.float32))
+    else:  # two passes: the update is finite, the overflowed sum is refused at result
+        agg.add(huge, 1.0)
+        with pytest.raises(AggregationError, match="overflowed") as info:
+            agg.result()
+        assert info.value.reason == "non_finite"
+
+
+def test_one_pass_on_the_cpu_when_the_kernel_is_built(device: torch.device) -> None:
+    agg = StreamingFedAvg(SHAPES, device)
+    expected = device.type == "cpu" and checked_sums.KEEP_BYTES > 0 and checked_sums.kernel_built()
+    assert agg.one_pass is expected
+    assert not StreamingFedAvg(SHAPES, device, keep_bytes=0).one_pass
 
 
 def test_negative_dimensions_are_a_programming_error(device: torch.device) -> None:

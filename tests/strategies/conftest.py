@@ -3,6 +3,6 @@
 
 from __future__ import annotations
 
-from tests.aggregation.conftest import DEVICES, device
+from tests.aggregation.conftest import DEVICES, TORCH_DEVICES, device
 
-__all__ = ["DEVICES", "device"]
+__all__ = ["DEVICES", "TORCH_DEVICES", "device"]

@@ -15,7 +15,7 @@ from hypothesis.extra.numpy import arrays
 
 from cloud_coordinator.aggregation import AggregationError
 from cloud_coordinator.strategies import kernels
-from tests.strategies.conftest import DEVICES
+from tests.strategies.conftest import TORCH_DEVICES
 
 F32 = npt.NDArray[np.float32]
 
@@ -186,7 +186,7 @@ MATRIX_SHAPES = st.tuples(st.integers(1, 9), st.integers(1, 6))
 finite32 = st.floats(-(2.0**100), 2.0**100, width=32)  # sums of 9 stay finite
 
 
-@pytest.mark.parametrize("device_name", DEVICES)
+@pytest.mark.parametrize("device_name", TORCH_DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(
     matrix=arrays(np.float32, st.tuples(st.integers(1, 9), st.integers(1, 6)), elements=finite32)
@@ -200,7 +200,7 @@ def test_median_property(device_name: str, matrix: F32) -> None:
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=2e-45)  # one subnormal ulp
 
 
-@pytest.mark.parametrize("device_name", DEVICES)
+@pytest.mark.parametrize("device_name", TORCH_DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(
     matrix=arrays(np.float32, MATRIX_SHAPES, elements=finite32),

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from cloud_coordinator import async_rounds, jobs, versions
+from cloud_coordinator import async_rounds, checked_sums, jobs, versions
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
@@ -583,14 +583,34 @@ def test_nan_updates_never_reach_a_published_model(collecting: World) -> None:
     assert_head(w.head(V1), expected_head(w.head(V0), w.accepted))
 
 
+@pytest.fixture
+def two_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg on the CPU without the one-pass kernel: as on a GPU, or where it is not built."""
+    monkeypatch.setattr(checked_sums, "KEEP_BYTES", 0)
+
+
+@pytest.mark.skipif(not checked_sums.kernel_built(), reason="the C kernel is not built")
+def test_an_update_that_overflows_the_aggregate_is_refused_on_arrival(collecting: World) -> None:
+    w = collecting
+    huge = {n: np.full(s, 3e38, np.float32) for n, s in SHAPES.items()}  # finite; x2 is not
+    first, *others = w.selected()
+    w.send(make_update(first, huge, num_samples=1))  # 1 x 3e38: fits
+    for device in others:  # the one-pass fold sees each sum overflow as it makes it
+        with pytest.raises(DecodeError) as info:
+            w.send(make_update(device, huge, num_samples=1))
+        assert info.value.reason == "non_finite"
+        assert [a.ok for a in w.publisher.acks(device)] == [False]
+    assert [a.ok for a in w.publisher.acks(first)] == [True]
+
+
 def test_an_overflowing_aggregate_fails_the_round_instead_of_stalling_the_job(
-    collecting: World,
+    two_pass: None, collecting: World
 ) -> None:
     w = collecting
     huge = {n: np.full(s, 3e38, np.float32) for n, s in SHAPES.items()}  # finite; x2 is not
     for device in w.selected():
         w.send(make_update(device, huge, num_samples=2))
-    """Finite values near 3e38 pass the per-update checks but overflow the weighted sum;
+    """Finite values near 3e38 pass the two-pass checks but overflow the weighted sum;
     tick() used to raise and leave the round in 'aggregating' for good."""
     w.runner.tick()  # the aggregate overflows: the round fails instead of raising
     assert w.publisher.manifests() == []
