@@ -86,6 +86,11 @@ class CheckedSums:
 
     def add(self, parts: Sequence[Part], scale: float) -> None:
         """Add `scale` * each part to its sum, or raise NotFiniteError with the sums unchanged."""
+        for name, values, _ in parts:  # checked first: nothing is folded unless all can be
+            if name not in self._sums or values.dtype != torch.float32:
+                raise ValueError(f"tensor {name!r}: no such sum, or values not float32")
+            if not values.is_contiguous():
+                raise ValueError(f"tensor {name!r}: values must be contiguous")
         size = sum(_nbytes(part) for part in parts)
         if self._since_bytes + size > self._keep_bytes:
             self._take_snapshot()
@@ -99,11 +104,8 @@ class CheckedSums:
     def _fold(self, part: Part, scale: float) -> bool:
         name, values, flat = part
         if flat is None:
-            array = self._arrays[name]
-            if values.is_contiguous() and values.dtype == torch.float32:
-                assert _fold_f32 is not None
-                return _fold_f32(array, values.numpy(), scale, torch.get_num_threads())
-            raise ValueError(f"tensor {name!r}: dense values must be contiguous float32")
+            assert _fold_f32 is not None
+            return _fold_f32(self._arrays[name], values.numpy(), scale, torch.get_num_threads())
         acc = self._sums[name].view(-1)
         acc.index_add_(0, flat, values, alpha=scale)
         # only the elements it touched can have become NaN or Inf

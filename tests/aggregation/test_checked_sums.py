@@ -140,6 +140,19 @@ def test_sparse_parts_are_checked_and_restored() -> None:
     assert torch.equal(sums._sums["w"], expected)
 
 
+def test_parts_it_cannot_fold_are_refused_before_any_is_folded() -> None:
+    sums = CheckedSums(_sums({"w": 4, "b": 2}))
+    good = _dense("w", np.ones(4, dtype=np.float32))
+    for bad in [
+        ("b", torch.ones(2, dtype=torch.float64), None),
+        ("b", torch.ones(4)[::2], None),
+        ("c", torch.ones(2), None),
+    ]:
+        with pytest.raises(ValueError, match="'[bc]'"):
+            sums.add([good, bad], 1.0)
+        assert torch.equal(sums._sums["w"], torch.zeros(4))
+
+
 def test_usable_only_for_cpu_float32_sums_with_room_to_replay() -> None:
     assert checked_sums.usable(_sums({"w": 100}), keep_bytes=800)
     assert not checked_sums.usable(_sums({"w": 100}), keep_bytes=799)  # not two updates
