@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml setup.py cloud_coordinator/_fold.c
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
 	  { echo "Fedge needs Python >= 3.11 (found: $$($(PYTHON) --version 2>&1)). Set PYTHON=/path/to/python3.11."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# The coordinator's optional C kernel needs a compiler and the Python headers.
+	@if ! { $(HAVE_CC); } && $(CAN_APT); then echo "Installing gcc and python3-dev with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc python3-dev \
+	  >/dev/null || echo "apt-get failed; fedge is installed without its C kernel"; fi
 	$(BIN)/python -m pip install -q --upgrade pip
 	@# torch first and pinned: a bare requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "torch==$(TORCH_VERSION)"
@@ -37,6 +41,8 @@ setup: $(STAMP) broker
 # Mosquitto is a real dependency of the integration tests; the demo falls back to the
 # embedded amqtt broker without it.
 HAVE_MOSQUITTO = command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto
+HAVE_CC = command -v cc >/dev/null 2>&1 && test -f "$$($(BIN)/python -c \
+	'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
 CAN_APT = [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1
 APT_MOSQUITTO = echo "Installing Mosquitto with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
