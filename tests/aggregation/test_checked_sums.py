@@ -148,7 +148,7 @@ def test_parts_it_cannot_fold_are_refused_before_any_is_folded() -> None:
         ("b", torch.ones(4)[::2], None),
         ("c", torch.ones(2), None),
     ]:
-        with pytest.raises(ValueError, match="'[bc]'"):
+        with pytest.raises(ValueError, match=r"'[bc]'"):
             sums.add([good, bad], 1.0)
         assert torch.equal(sums._sums["w"], torch.zeros(4))
 
