@@ -18,6 +18,8 @@ from agent.errors import InferenceError
 from agent.onnx_runtime import OnnxModel
 from protocols.messages import ModelManifest
 
+_multiply = np.multiply
+_add = np.add
 _SCHEMA_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16",
                   "float64": "float64", "int64": "int64", "int32": "int32",
                   "int8": "int8", "uint8": "uint8"}  # fmt: skip
@@ -28,7 +30,7 @@ class ServedModel:
 
     __slots__ = ("answers", "batch_tail", "bindable", "input_dtype", "labels", "loaded_at",
                  "local", "manifest", "model", "name", "offset", "offset_value", "rank", "scale",
-                 "scale_value", "version")  # fmt: skip
+                 "scale_only", "scale_value", "version")  # fmt: skip
 
     def __init__(
         self, manifest: ModelManifest, model: OnnxModel, answers: tuple[str, ...] = ()
@@ -49,11 +51,15 @@ class ServedModel:
         pre = manifest.preprocessing
         self.scale = float(pre.get("scale", 1.0) or 1.0)
         self.offset = float(pre.get("offset", 0.0) or 0.0)
-        # as a scalar of a float input's own type: the product stays in that type, exactly
-        # as with numpy's weakly typed Python float, without the scalar's conversion per call
+        # as a 0-d array of a float input's own type: the product stays in that type, exactly
+        # as with numpy's weakly typed Python float, and a ufunc given arrays only (its `out`
+        # positional) skips the scalar's conversion and most of its argument parsing per call
         kind = self.input_dtype.kind
-        self.scale_value: Any = self.input_dtype.type(self.scale) if kind == "f" else self.scale
-        self.offset_value: Any = self.input_dtype.type(self.offset) if kind == "f" else self.offset
+        dtype = self.input_dtype
+        self.scale_value: Any = np.array(self.scale, dtype) if kind == "f" else self.scale
+        self.offset_value: Any = np.array(self.offset, dtype) if kind == "f" else self.offset
+        #: preprocessing is one multiplication (`prepare_into`'s common case, inlined by callers)
+        self.scale_only = self.scale != 1.0 and self.offset == 0.0
         # preprocessing writes into a bound input of the input's dtype: only float inputs
         # (an integer input with a scale keeps numpy's promotion, and its error, as before)
         self.bindable = kind == "f" or (self.scale == 1.0 and self.offset == 0.0)
@@ -63,11 +69,11 @@ class ServedModel:
     def prepare_into(self, batch: npt.NDArray[Any], out: npt.NDArray[Any]) -> None:
         """Write ``batch * scale + offset`` (the manifest's preprocessing) into `out`."""
         if self.scale != 1.0:
-            np.multiply(batch, self.scale_value, out=out)
+            _multiply(batch, self.scale_value, out)
         else:
             np.copyto(out, batch)
         if self.offset != 0.0:
-            np.add(out, self.offset_value, out=out)
+            _add(out, self.offset_value, out)
 
     def describe(self) -> dict[str, Any]:
         """Name, version, input schema, labels, providers (JSON-ready)."""

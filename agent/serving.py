@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["InferenceRuntime", "ModelLoadError", "ModelUnavailableError", "Predictions"]
 #: Batch sizes each thread keeps a bound run for (per version); other sizes run plainly.
 BOUND_SIZES = 16
+_multiply = np.multiply
 
 
 class ModelLoadError(InferenceError):
@@ -225,16 +226,23 @@ class InferenceRuntime:
             except (AttributeError, KeyError):
                 pass
             else:
-                served.prepare_into(x, run.input)
+                batch = run.input
+                if served.scale_only:
+                    _multiply(x, served.scale_value, batch)
+                else:
+                    served.prepare_into(x, batch)
                 try:
                     run()
                 except InferenceError:
                     self.metrics.count_request("error")
                     raise
-                pid = self.recent.keep(run.input.copy(), served.name, served.version)
+                pid = self.recent.keep(batch.copy(), served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
-                self.metrics.observe(perf_counter() - start, confidences)
+                if len(confidences) == 1:
+                    self.metrics.observe(perf_counter() - start, confidences)
+                else:  # (a batch's confidences fold into the histogram as an array)
+                    self.metrics.observe_batch(perf_counter() - start, conf.copy())
                 return new_predictions(pid, served.name, served.version, cls.tolist(),
                                        confidences, served.labels, False)  # fmt: skip
         return self._predict(served, x, start)
@@ -290,7 +298,10 @@ class InferenceRuntime:
         if run is not None and run.extra:  # the session computed the answers already
             conf, cls = run.extra
             confidences = conf.tolist()
-            self.metrics.observe(perf_counter() - start, confidences)
+            if len(confidences) == 1:
+                self.metrics.observe(perf_counter() - start, confidences)
+            else:
+                self.metrics.observe_batch(perf_counter() - start, conf.copy())
             return new_predictions(pid, served.name, served.version, cls.tolist(), confidences,
                                    served.labels, single)  # fmt: skip
         if len(out) != 1:
