@@ -9,6 +9,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.fedge-installed
 PYTEST_ARGS ?=
+# Workers for the tests that start no broker (pytest-xdist); the integration tier, with its
+# wall-clock limits (online within 2 s, ...), always runs alone and in order after them.
+PYTEST_WORKERS ?= 2
 
 .PHONY: help setup broker demo-broker test test-fast test-integration lint demo bench dist clean
 
@@ -67,10 +70,11 @@ lint: $(STAMP)
 	$(BIN)/mypy agent cloud_coordinator protocols bench
 
 test: setup lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -m integration $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration and not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-integration: setup
 	$(BIN)/pytest -m integration $(PYTEST_ARGS)

@@ -6,9 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.broker import Mosquitto
 from tests.pki import TestCA
+
+# No per-example deadline: `make test` runs the unit tiers on parallel workers, and a busy
+# machine's slow example is not a bug (each test keeps its own example count).
+settings.register_profile("fedge", deadline=None)
+settings.load_profile("fedge")
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.client import ClientError, InferenceClient
 from agent.model_store import ModelStore
 from agent.predictions import ModelUnavailableError
@@ -18,6 +20,8 @@ from protocols.topics import DeviceChannel, device_topic
 from tests.agent_inference.conftest import Bundles, put
 from tests.broker import Mosquitto
 from tests.procs import Agent, running, wait_until
+
+pytestmark = pytest.mark.integration  # a real agent process and a real Mosquitto
 
 
 def _up(client: InferenceClient) -> dict[str, object] | None:
