@@ -231,12 +231,13 @@ class InferenceRuntime:
                     _multiply(x, served.scale_value, batch)
                 else:
                     served.prepare_into(x, batch)
+                kept = batch.copy()  # (before the run, while the input is still in the cache)
                 try:
                     run()
                 except InferenceError:
                     self.metrics.count_request("error")
                     raise
-                pid = self.recent.keep(batch.copy(), served.name, served.version)
+                pid = self.recent.keep(kept, served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
                 if len(confidences) == 1:
@@ -285,9 +286,9 @@ class InferenceRuntime:
             if run is not None:
                 # preprocessing straight into the bound input, then one copy kept for feedback
                 served.prepare_into(batch, run.input)
+                batch = run.input.copy()
                 run()
                 out = run.output
-                batch = run.input.copy()
             else:
                 batch = self._preprocessed(served, batch, x)
                 out = served.model.run_checked(batch)
