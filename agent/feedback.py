@@ -40,13 +40,16 @@ class RecentInputs:
 
     Request ``n`` (counted from 1) gets the id ``<prefix><n>``, the prefix random per
     process, so ids of an earlier run never resolve to this run's inputs. Its input is kept
-    in one of two places, and both together stay within about twice `max_bytes`:
+    in one of three places, each holding at most about `max_bytes`:
 
     - inputs of at most ``max_bytes / capacity`` bytes (single samples, small batches) in a
       ring of `capacity` slots: request ``n`` takes slot ``n % capacity``. Keeping one is a
       ``next`` on a counter and one list assignment, each atomic under the GIL: no lock;
+    - inputs of at most ``max_bytes / (capacity // 4)`` bytes (about four times as many:
+      batches of a few dozen samples) the same way, in a ring of ``capacity // 4`` slots;
     - larger inputs in a queue under a lock, the oldest dropped while the queue holds more
-      than `max_bytes` (so fewer than `capacity` inputs); one larger than that is not kept.
+      than `max_bytes` (so fewer than ``capacity // 4`` inputs); one larger than that is not
+      kept.
     """
 
     #: Digits a request number may have in an id (a longer one is unknown, not parsed).
@@ -62,6 +65,9 @@ class RecentInputs:
         self.prefix = f"{os.urandom(4).hex()}-"
         self._ring_limit = max_bytes // capacity  # the largest input the ring takes
         self._slots: list[_Kept | None] = [None] * capacity
+        self._medium_capacity = max(1, capacity // 4)
+        self._medium_limit = max_bytes // self._medium_capacity
+        self._medium: list[_Kept | None] = [None] * self._medium_capacity
         self._ids = itertools.count(1)
         self._large: OrderedDict[int, _Kept] = OrderedDict()
         self._large_bytes = 0
@@ -70,8 +76,11 @@ class RecentInputs:
     def keep(self, batch: npt.NDArray[Any], model: str, version: str) -> str:
         """Remember `batch` (not copied: nobody may change it afterwards); its new id."""
         n = next(self._ids)
-        if batch.nbytes <= self._ring_limit:
+        nbytes = batch.nbytes
+        if nbytes <= self._ring_limit:
             self._slots[n % self.capacity] = (n, batch, model, version)
+        elif nbytes <= self._medium_limit:
+            self._medium[n % self._medium_capacity] = (n, batch, model, version)
         else:
             self._keep_large((n, batch, model, version))
         return f"{self.prefix}{n}"
@@ -100,6 +109,8 @@ class RecentInputs:
             n = int(number)
             entry = self._slots[n % self.capacity]
             if entry is None or entry[0] != n:
+                entry = self._medium[n % self._medium_capacity]
+            if entry is None or entry[0] != n:
                 with self._lock:
                     entry = self._large.get(n)
             row = int(index) if dot else 0
@@ -108,7 +119,8 @@ class RecentInputs:
                 return batch[row], model, version
         raise FeedbackError(
             f"unknown prediction id {prediction_id!r} (inputs are kept for the last "
-            f"{self.capacity} requests, {self.max_bytes / 2**20:g} MiB of large ones)",
+            f"{self.capacity} requests, {self._medium_capacity} of larger batches, "
+            f"{self.max_bytes / 2**20:g} MiB of the largest)",
             "unknown_id",
         )
 

@@ -103,6 +103,7 @@ class OnnxModel:
 
     __slots__ = (
         "_native",
+        "_options",
         "_outputs",
         "_session",
         "input_dtype",
@@ -130,6 +131,9 @@ class OnnxModel:
         # (when this onnxruntime has one) does the same work without that Python.
         native = getattr(session, "_sess", None)
         self._native: Any = native if callable(getattr(native, "run", None)) else None
+        # Run options made once: given None, the native run builds default ones on every
+        # call (about 1 µs of a 12 µs run at batch 1). Only read by a run, so shared.
+        self._options = ort.RunOptions()
 
     @classmethod
     def from_bytes(
@@ -212,7 +216,7 @@ class OnnxModel:
         """The first output for a batch that `check` returned."""
         try:
             if self._native is not None:
-                outputs = self._native.run(self._outputs, {self.input_name: batch}, None)
+                outputs = self._native.run(self._outputs, {self.input_name: batch}, self._options)
             else:
                 outputs = self._session.run(self._outputs, {self.input_name: batch})
         except ORT_ERRORS as exc:
@@ -253,7 +257,7 @@ class BoundRun:
     that `OnnxModel.run_checked` pays.
     """
 
-    __slots__ = ("_binding", "_native", "_run", "extra", "input", "output")
+    __slots__ = ("_binding", "_native", "_options", "_run", "extra", "input", "output")
 
     def __init__(self, model: OnnxModel, rows: int, extra: Sequence[str] = ()) -> None:
         shape = (rows, *model.warmup_shape()[1:])
@@ -274,6 +278,7 @@ class BoundRun:
         self.output: npt.NDArray[Any] = arrays[0]
         self.extra: tuple[npt.NDArray[Any], ...] = tuple(a.reshape(-1) for a in arrays[1:])
         self._binding = binding
+        self._options = model._options
         native = model._native
         if native is not None and hasattr(binding, "_iobinding"):
             self._native = binding._iobinding
@@ -285,6 +290,6 @@ class BoundRun:
     def __call__(self) -> None:
         """Run the model on `input`; the first output is in `output` afterwards."""
         try:
-            self._run(self._native, None)
+            self._run(self._native, self._options)
         except ORT_ERRORS as exc:
             raise InferenceError(f"inference failed on input {self.input.shape}: {exc}") from exc

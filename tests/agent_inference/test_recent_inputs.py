@@ -87,15 +87,31 @@ def test_concurrent_requests_each_keep_their_own_input() -> None:
 
 
 def test_large_inputs_are_kept_within_the_byte_budget() -> None:
-    recent = RecentInputs(capacity=10, max_bytes=1200)  # the ring takes inputs ≤ 120 bytes
-    small = [recent.keep(_rows(1, -i), "m", "v") for i in range(3)]  # 12 bytes each: ring
-    large = [recent.keep(_rows(20, i), "m", "v") for i in range(8)]  # 240 bytes: 5 fit
-    for old in large[:3]:
+    # the small ring takes inputs up to 100 bytes (40 slots), the medium one up to 400 (10)
+    recent = RecentInputs(capacity=40, max_bytes=4000)
+    small = [recent.keep(_rows(1, -i), "m", "v") for i in range(3)]  # 12 bytes each: small
+    large = [recent.keep(_rows(40, i), "m", "v") for i in range(12)]  # 480 bytes: 8 fit
+    for old in large[:4]:
         with pytest.raises(FeedbackError):
             recent.get(old)
-    assert [recent.get(f"{i}.19")[0][0] for i in large[3:]] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert [recent.get(f"{i}.39")[0][0] for i in large[4:]] == [float(i) for i in range(4, 12)]
     assert [recent.get(i)[0][0] for i in small] == [0.0, -1.0, -2.0]
-    huge = recent.keep(_rows(101, 9.0), "m", "v")  # 1212 bytes: more than the whole budget
+    huge = recent.keep(_rows(334, 9.0), "m", "v")  # 4008 bytes: more than the whole budget
     with pytest.raises(FeedbackError):
         recent.get(huge)
-    assert recent.get(f"{large[3]}.0")[0][0] == 3.0  # and it pushed nothing out
+    assert recent.get(f"{large[4]}.0")[0][0] == 4.0  # and it pushed nothing out
+
+
+def test_medium_inputs_take_a_ring_of_a_quarter_of_the_slots() -> None:
+    recent = RecentInputs(capacity=12, max_bytes=1200)  # small ≤ 100 bytes; medium ≤ 400 (3)
+    small = recent.keep(_rows(1, -1.0), "m", "v")
+    medium = [recent.keep(_rows(10, i), "m", f"v{i}") for i in range(5)]  # 120 bytes each
+    large = recent.keep(_rows(40, 9.0), "m", "v")  # 480 bytes: the queue
+    for old in medium[:2]:
+        with pytest.raises(FeedbackError, match="3 of larger batches"):
+            recent.get(old)
+    for i, pid in enumerate(medium[2:], start=2):
+        row, _, version = recent.get(f"{pid}.9")
+        assert (row[0], version) == (float(i), f"v{i}")
+    assert recent.get(small)[0][0] == -1.0
+    assert recent.get(f"{large}.39")[0][0] == 9.0
