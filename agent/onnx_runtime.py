@@ -17,7 +17,8 @@ its types do not leave this module.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -257,7 +258,7 @@ class BoundRun:
     that `OnnxModel.run_checked` pays.
     """
 
-    __slots__ = ("_binding", "_native", "_options", "_run", "extra", "input", "output")
+    __slots__ = ("_binding", "_native", "_options", "_run", "extra", "input", "launch", "output")
 
     def __init__(self, model: OnnxModel, rows: int, extra: Sequence[str] = ()) -> None:
         shape = (rows, *model.warmup_shape()[1:])
@@ -286,6 +287,11 @@ class BoundRun:
         else:
             self._native = binding
             self._run = session.run_with_iobinding
+        #: the run itself, without the Python frame and error translation of a call: raises
+        #: one of `ORT_ERRORS` (for a caller on the hot path that translates them itself)
+        self.launch: Callable[[], object] = functools.partial(
+            self._run, self._native, self._options
+        )
 
     def __call__(self) -> None:
         """Run the model on `input`; the first output is in `output` afterwards."""

@@ -31,7 +31,7 @@ from agent.answer_graph import ANSWER_OUTPUTS, with_answer_outputs
 from agent.errors import InferenceError, InputError
 from agent.feedback import RecentInputs
 from agent.inference_metrics import InferenceMetrics
-from agent.onnx_runtime import BoundRun, OnnxModel, choose_providers
+from agent.onnx_runtime import ORT_ERRORS, BoundRun, OnnxModel, choose_providers
 from agent.predictions import ModelUnavailableError, Predictions, new_predictions
 from agent.rollout import VersionEvent, VersionLog
 from agent.served_model import ServedModel, check_schema
@@ -233,10 +233,10 @@ class InferenceRuntime:
                     served.prepare_into(x, batch)
                 kept = batch.copy()  # (before the run, while the input is still in the cache)
                 try:
-                    run()
-                except InferenceError:
+                    run.launch()
+                except ORT_ERRORS as exc:
                     self.metrics.count_request("error")
-                    raise
+                    raise InferenceError(f"inference failed on input {x.shape}: {exc}") from exc
                 pid = self.recent.keep(kept, served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
