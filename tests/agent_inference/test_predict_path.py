@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.answer_graph import ANSWER_OUTPUTS, with_answer_outputs
+from agent.errors import InferenceError
 from agent.feedback import RecentInputs
 from agent.inference_metrics import InferenceMetrics
 from agent.predictions import Predictions, new_predictions
@@ -269,3 +270,23 @@ def test_without_answer_nodes_the_runtime_answers_itself(
             assert answer.classes == classes[:rows]
             assert answer.confidences == pytest.approx(confidences[:rows], rel=1e-5)
     assert all(not run.extra for run in served.local.runs.values() if run is not None)
+
+
+def test_a_failing_run_on_the_short_path_is_an_inference_error_and_counted(
+    bundles: Bundles,
+) -> None:
+    rt = _runtime(bundles.v1)
+    x = bundles.pixels[:4].copy()
+    for _ in range(3):  # plain, then bound: the shape now takes the short path
+        rt.predict(x)
+    served = rt.serving
+    assert served is not None
+    run = served.local.answering[x.shape]
+
+    def fail() -> None:
+        raise RuntimeError("simulated onnxruntime failure")
+
+    run.launch = fail
+    with pytest.raises(InferenceError, match="simulated onnxruntime failure"):
+        rt.predict(x)
+    assert 'fedge_agent_predict_requests_total{outcome="error"} 1' in rt.metrics.render()
