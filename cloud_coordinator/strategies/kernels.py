@@ -92,10 +92,12 @@ def _median_block(block: torch.Tensor) -> torch.Tensor:
     above = block > lower
     next_up = torch.where(above, block, math.inf).amin(dim=0)
     upper = torch.where(n - above.sum(dim=0) > n // 2, lower, next_up)
-    # lower + half the gap stays within [lower, upper], subnormals included; the gap only
-    # overflows for huge values of opposite signs, where halving first is exact enough.
-    mid = torch.add(lower, upper - lower, alpha=0.5)
-    return torch.where(torch.isfinite(mid), mid, torch.add(lower * 0.5, upper, alpha=0.5))
+    # Of opposite signs, the two cannot overflow their sum, and the gap would lose the
+    # small difference between them (-1 and 1 + 2**-23 give 0, not 2**-24): half the sum.
+    # Of the same sign, the gap cannot overflow, and lower + half of it stays within
+    # [lower, upper], subnormals included.
+    straddle = (lower < 0) != (upper < 0)
+    return torch.where(straddle, (lower + upper) * 0.5, torch.add(lower, upper - lower, alpha=0.5))
 
 
 def coordinate_median(rows: torch.Tensor, device: torch.device) -> torch.Tensor:

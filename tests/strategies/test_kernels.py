@@ -201,6 +201,27 @@ def test_median_property(device_name: str, matrix: F32) -> None:
 
 
 @pytest.mark.parametrize("device_name", TORCH_DEVICES)
+@pytest.mark.parametrize(
+    ("low", "high"),
+    [
+        (-1.0, 1.0 + 2.0**-23),  # the median is 2**-24; half the rounded gap gave 0
+        (-(2.0**100), 2.0**100 + 2.0**80),
+        (-3e38, 3.3e38),  # the gap overflows float32
+        (3e38, 3.3e38),
+        (-3.3e38, -3e38),
+        (-(2.0**-149), 2.0**-148),  # subnormals
+    ],
+)
+def test_median_of_an_even_count_keeps_the_small_difference_of_opposite_signs(
+    device_name: str, low: float, high: float
+) -> None:
+    matrix = np.array([[-3.4e38], [low], [high], [3.4e38]], dtype=np.float32)
+    out = _host(kernels.coordinate_median(torch.from_numpy(matrix), torch.device(device_name)))
+    expected = (float(matrix[1, 0]) + float(matrix[2, 0])) / 2  # exact in float64
+    np.testing.assert_allclose(out, [expected], rtol=1e-6, atol=2e-45)
+
+
+@pytest.mark.parametrize("device_name", TORCH_DEVICES)
 @settings(max_examples=60, deadline=None)
 @given(
     matrix=arrays(np.float32, MATRIX_SHAPES, elements=finite32),
