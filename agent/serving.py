@@ -240,10 +240,7 @@ class InferenceRuntime:
                 pid = self.recent.keep(kept, served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
-                if len(confidences) == 1:
-                    self.metrics.observe(perf_counter() - start, confidences)
-                else:  # (a batch's confidences fold into the histogram as an array)
-                    self.metrics.observe_batch(perf_counter() - start, conf.copy())
+                self.metrics.observe(perf_counter() - start, confidences, conf)
                 return new_predictions(pid, served.name, served.version, cls.tolist(),
                                        confidences, served.labels, False)  # fmt: skip
         return self._predict(served, x, start)
@@ -299,10 +296,7 @@ class InferenceRuntime:
         if run is not None and run.extra:  # the session computed the answers already
             conf, cls = run.extra
             confidences = conf.tolist()
-            if len(confidences) == 1:
-                self.metrics.observe(perf_counter() - start, confidences)
-            else:
-                self.metrics.observe_batch(perf_counter() - start, conf.copy())
+            self.metrics.observe(perf_counter() - start, confidences, conf)
             return new_predictions(pid, served.name, served.version, cls.tolist(), confidences,
                                    served.labels, single)  # fmt: skip
         if len(out) != 1:
