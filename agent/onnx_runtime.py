@@ -258,7 +258,7 @@ class BoundRun:
     that `OnnxModel.run_checked` pays.
     """
 
-    __slots__ = ("_binding", "_native", "_options", "_run", "extra", "input", "launch", "output")
+    __slots__ = ("_binding", "extra", "input", "launch", "output")
 
     def __init__(self, model: OnnxModel, rows: int, extra: Sequence[str] = ()) -> None:
         shape = (rows, *model.warmup_shape()[1:])
@@ -278,24 +278,19 @@ class BoundRun:
             raise InferenceError(f"cannot bind a batch of {rows}: {exc}") from exc
         self.output: npt.NDArray[Any] = arrays[0]
         self.extra: tuple[npt.NDArray[Any], ...] = tuple(a.reshape(-1) for a in arrays[1:])
-        self._binding = binding
-        self._options = model._options
+        self._binding = binding  # (kept alive: the native binding refers to it)
         native = model._native
         if native is not None and hasattr(binding, "_iobinding"):
-            self._native = binding._iobinding
-            self._run = native.run_with_iobinding
+            run, bound = native.run_with_iobinding, binding._iobinding
         else:
-            self._native = binding
-            self._run = session.run_with_iobinding
+            run, bound = session.run_with_iobinding, binding
         #: the run itself, without the Python frame and error translation of a call: raises
         #: one of `ORT_ERRORS` (for a caller on the hot path that translates them itself)
-        self.launch: Callable[[], object] = functools.partial(
-            self._run, self._native, self._options
-        )
+        self.launch: Callable[[], object] = functools.partial(run, bound, model._options)
 
     def __call__(self) -> None:
         """Run the model on `input`; the first output is in `output` afterwards."""
         try:
-            self._run(self._native, self._options)
+            self.launch()
         except ORT_ERRORS as exc:
             raise InferenceError(f"inference failed on input {self.input.shape}: {exc}") from exc
