@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,6 +287,8 @@ def _encode_topk(
 
 
 def _load_residuals(path: Path) -> dict[str, FloatArray]:
+    import zipfile  # here, not at the top: an agent that never trains never loads it
+
     try:
         with np.load(path, allow_pickle=False) as archive:
             names = [str(n) for n in archive["arr_0"]]

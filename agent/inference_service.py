@@ -29,6 +29,7 @@ from agent.http_api import ApiServer
 from agent.inference_metrics import InferenceMetrics
 from agent.micro_batching import MicroBatcher
 from agent.model_store import ModelStore
+from agent.native_memory import release_free_heap
 from agent.predictions import ModelUnavailableError, Predictions
 from agent.serving import InferenceRuntime
 from protocols.messages import ModelManifest
@@ -147,6 +148,8 @@ class InferenceService:
             except Exception:  # supervisor of the loader thread: log with traceback, go on
                 log.exception("loading model %s failed unexpectedly", item)
             finally:
+                if item is not None:
+                    release_free_heap()  # what the load freed, back to the system
                 self._queue.task_done()
 
     def install(self, manifest: ModelManifest) -> bool:

@@ -14,7 +14,6 @@ their shape matches, and ignored otherwise (they belong to a model with another 
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +51,8 @@ def _read_split(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     if not path.is_file():
         raise LocalDataError(f"missing data file {path.name} in {path.parent}")
+    import zipfile  # here, not at the top: an agent that never trains never loads it
+
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]

@@ -18,9 +18,7 @@ daemon dies; the next `train` starts a fresh one.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +32,7 @@ import agent
 from agent.train_messages import TrainingError, decode_message, encode_message
 
 if TYPE_CHECKING:
+    import subprocess
     from multiprocessing.connection import Connection
 
 __all__ = ["TrainerProcess", "TrainingError", "TrainingTimeoutError", "WorkerCrashedError"]
@@ -148,6 +147,11 @@ class TrainerProcess:
         if self._conn is not None and self.alive:
             return self._conn
         self._stop(kill=True)
+        # Imported when a child is first started: a resident agent that is not training
+        # does not hold them (about 0.6 MB).
+        import multiprocessing
+        import subprocess
+
         parent_conn, child_conn = multiprocessing.Pipe(duplex=True)
         fd = child_conn.fileno()
         args = [fd, self.threads, self.idle_timeout_s, self.parent_check_s, self.nice]
@@ -191,6 +195,8 @@ class TrainerProcess:
             return None
         if kill and process.poll() is None:
             process.kill()
+        import subprocess  # (loaded: there is a process)
+
         try:
             return process.wait(_JOIN_S)
         except subprocess.TimeoutExpired:

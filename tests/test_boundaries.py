@@ -167,3 +167,17 @@ def test_the_check_catches_a_torch_import_on_the_edge_side() -> None:
     code = _FORK_SERVER.format(preload=[], modules=["torch"])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "torch" in json.loads(out.stdout)["torch"]
+
+
+# Loaded only once a device trains (`agent.trainer`, `agent.compression`, `agent.local_data`
+# import them when first needed): a resident agent that only serves predictions does not
+# hold them, about 1 MB of its resident memory (`bench.inference`'s `rss_mb`).
+TRAINING_ONLY = {"multiprocessing", "subprocess", "zipfile"}
+
+
+@pytest.mark.parametrize("module", ["agent.daemon", "agent.inference_service", "agent.learning"])
+def test_a_resident_agent_loads_no_training_machinery(module: str) -> None:
+    found = _imports("edge")[module]
+    assert isinstance(found, list), f"importing {module} failed: {found}"
+    loaded = set(found) & TRAINING_ONLY
+    assert not loaded, f"{module} loads {sorted(loaded)} before any training"
