@@ -6,13 +6,14 @@ refuses NaN and Inf floats.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
 
 from protocols import wire
 from protocols.errors import EncodeError
-from protocols.field_specs import Source, Spec, fields_of
+from protocols.field_specs import Source, Spec, fields_of, omits_defaults
 
 
 def _nonfinite() -> EncodeError:
@@ -58,11 +59,18 @@ def encoder(
     src.names.update(_isfinite=math.isfinite, _nonfinite=_nonfinite)
     src.emit(0, "def encode(o):")
     items = [f"{key!r}: {src.ref(value)}" for key, value in (head or {}).items()]
+    omitting = omits_defaults(cls)
+    optional: list[tuple[str, str, str]] = []  # (name, variable, map value) left out at default
     for i, (field, spec) in enumerate(fields_of(cls)):
         v = f"a{i}"
         src.emit(1, f"{v} = o.{field.name}")
         if finite:
             _gen_finite(src, spec, v, 1)
+        if omitting and field.default is not dataclasses.MISSING:
+            optional.append((field.name, v, _gen_value(src, spec, v, finite)))
+            continue
+        if optional:  # (dataclasses put defaults last, keyword-only fields aside)
+            raise TypeError(f"{cls.__name__}: a required field after an optional one")
         if spec[0] == "binary":  # wire.big, inline for the common case: a large view
             w, big = src.var(), src.ref(wire.big)
             src.emit(1, f"if type({v}) is memoryview and {v}.nbytes >= {wire.BIG_BINARY}:")
@@ -74,7 +82,14 @@ def encoder(
             items.append(f"{field.name!r}: {v}")
             continue
         items.append(f"{field.name!r}: {_gen_value(src, spec, v, finite)}")
-    src.emit(1, f"return {{{', '.join(items)}}}")
+    if not optional:
+        src.emit(1, f"return {{{', '.join(items)}}}")
+    else:
+        defaults = {f.name: f.default for f, _ in fields_of(cls)}
+        src.emit(1, f"m = {{{', '.join(items)}}}")
+        for name, v, value in optional:
+            src.emit(1, f"if {v} is not {src.ref(defaults[name])}: m[{name!r}] = {value}")
+        src.emit(1, "return m")
     fn: Callable[[Any], dict[str, Any]] = src.build("encode", f"{cls.__qualname__}.<encoder>")
     return fn
 

@@ -52,6 +52,26 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field[Any], Spec]]:
 _FIELD_CACHE: dict[type, list[tuple[dataclasses.Field[Any], Spec]]] = {}
 
 
+_OMITTING: set[type] = set()
+
+
+def omit_defaults(cls: type[Any]) -> type[Any]:
+    """Class decorator: encode `cls` without the optional fields that hold their default.
+
+    A field is left out only while it holds the very default object its declaration names
+    (``1.0``, ``0``, ``None``; never one from a ``default_factory``), so decoding, which
+    fills in missing fields with that default, gives back an equal instance. Maps that
+    carry every field still decode: this changes what is written, not what is accepted.
+    """
+    _OMITTING.add(cls)
+    return cls
+
+
+def omits_defaults(cls: type) -> bool:
+    """Whether `cls` is encoded without its default-valued optional fields."""
+    return cls in _OMITTING
+
+
 def required(field: dataclasses.Field[Any]) -> bool:
     """Whether `field` has no default (a decoder must find it in the map)."""
     return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING

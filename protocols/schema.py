@@ -24,10 +24,20 @@ from typing import Any, TypeVar
 
 from protocols.encoders import encoder, finite, to_map
 from protocols.errors import DecodeError
-from protocols.field_specs import SIMPLE_KINDS, Binary, Scalar, Source, Spec, fields_of, required
+from protocols.field_specs import (
+    SIMPLE_KINDS,
+    Binary,
+    Scalar,
+    Source,
+    Spec,
+    fields_of,
+    omit_defaults,
+    omits_defaults,
+    required,
+)
 
 __all__ = ["Binary", "Scalar", "constructor", "decoder", "encoder", "fast_constructor",
-           "finite", "from_map", "to_map"]  # fmt: skip
+           "finite", "from_map", "omit_defaults", "to_map"]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -158,6 +168,19 @@ def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
     src.names.update(names, _FAIL=_FAIL, _MISSING=_MISSING)
     src.emit(0, f"def decode(fields{params}):")
     fields = [(f"a{i}", f, spec) for i, (f, spec) in enumerate(fields_of(cls)) if f.init]
+    if omits_defaults(cls):  # optional fields are often missing: look them up with get
+        src.emit(1, "try:")
+        src.emit(2, "pass")
+        for v, field, _ in fields:
+            if required(field):
+                src.emit(2, f"{v} = fields[{field.name!r}]")
+        src.emit(1, "except KeyError:")
+        src.emit(2, fail)
+        src.emit(1, "get = fields.get")
+        for v, field, _ in fields:
+            if not required(field):
+                src.emit(1, f"{v} = get({field.name!r}, _MISSING)")
+        return _gen_checks_and_build(src, cls, fields, fail)
     src.emit(1, "try:")  # every field present, the common case: no method calls
     src.emit(2, "pass")
     for v, field, _ in fields:
@@ -173,6 +196,13 @@ def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
     for v, field, _ in fields:
         if not required(field):
             src.emit(2, f"{v} = get({field.name!r}, _MISSING)")
+    return _gen_checks_and_build(src, cls, fields, fail)
+
+
+def _gen_checks_and_build(
+    src: Source, cls: type, fields: list[tuple[str, Any, Spec]], fail: str
+) -> Any:
+    """The rest of a decoder: check each field (defaults for missing ones), build `cls`."""
     args = []
     for v, field, spec in fields:
         if required(field):

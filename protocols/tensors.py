@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from protocols.errors import DecodeError, EncodeError
-from protocols.schema import Binary, constructor, fast_constructor
+from protocols.schema import Binary, constructor, fast_constructor, omit_defaults
 
 DTYPES: dict[str, np.dtype[np.generic]] = {
     "f32": np.dtype("<f4"),
@@ -36,6 +36,7 @@ _MAX_RANK = 8
 FloatArray = npt.NDArray[np.float32]
 
 
+@omit_defaults  # a dense f32 tensor goes as four fields: name, dtype, shape, data
 @fast_constructor
 @dataclass(frozen=True, slots=True)
 class WireTensor:

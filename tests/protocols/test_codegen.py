@@ -7,15 +7,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols import schema
+from protocols import schema, wire
 from protocols.errors import DecodeError
 from protocols.messages import MESSAGE_TYPES, ModelManifest, ModelUpdate, Telemetry
 from protocols.schema import Binary, Scalar, constructor, fast_constructor
-from protocols.tensors import WireTensor
+from protocols.tensors import WireTensor, encode_dense
 from tests.protocols.golden_samples import golden_path, plain, samples
 
 CLASSES = [*MESSAGE_TYPES, WireTensor]
@@ -81,7 +82,25 @@ def test_encoders_match_the_dataclass_fields(cls: type) -> None:
     if sample is None:
         sample = samples()["update"].tensors[0]  # type: ignore[union-attr]
     encoded = schema.to_map(sample)
-    assert list(encoded) == [f.name for f in dataclasses.fields(cls)]
+    fields = dataclasses.fields(cls)
+    if cls is WireTensor:  # @omit_defaults: optional fields at their default are left out
+        fields = tuple(f for f in fields if getattr(sample, f.name) is not f.default)
+    assert list(encoded) == [f.name for f in fields]
+
+
+def test_a_tensor_leaves_out_only_the_fields_at_their_default() -> None:
+    dense = encode_dense("w", np.ones(3, dtype=np.float32))
+    assert list(schema.to_map(dense)) == ["name", "dtype", "shape", "data"]
+    quantised = encode_dense("q", np.array([1.0, -2.0], dtype=np.float32), "i8")
+    assert list(schema.to_map(quantised)) == ["name", "dtype", "shape", "data", "scale"]
+    every = WireTensor("s", "i8", (9,), b"\x01", 0.5, 3, b"\x02")
+    assert list(schema.to_map(every)) == [f.name for f in dataclasses.fields(WireTensor)]
+    # equal to the default but not it (decoded from a map that held it): still written
+    explicit = schema.from_map(WireTensor, {**schema.to_map(dense), "scale": 1.0, "zero_point": 0})
+    assert list(schema.to_map(explicit)) == ["name", "dtype", "shape", "data", "scale"]
+    for tensor in (dense, quantised, every, explicit):
+        fields = wire.unpack_map(wire.pack_map(schema.to_map(tensor)))
+        assert schema.from_map(WireTensor, fields) == tensor
 
 
 def test_constructor_builds_what_the_class_builds() -> None:

@@ -116,3 +116,16 @@ def test_status_from_before_fleet_still_decodes() -> None:
     assert isinstance(status, messages.Status)
     assert status.fleet == "lab-2"
     assert plain(decoded) == plain(dataclasses.replace(status, fleet=""))
+
+
+@pytest.mark.parametrize("kind", ["infer_req", "infer_resp", "update"])
+def test_tensors_with_every_field_written_still_decode(kind: str) -> None:
+    # Tensors were first written with all seven fields; now the optional ones at their
+    # default are left out. Both forms decode to the same message.
+    old = (GOLDEN_DIR / "compat" / f"{kind}-before-short-tensors.msgpack").read_bytes()
+    assert len(old) > len(_golden(kind))
+    fields = msgpack.unpackb(old)
+    tensors = [t for key in ("tensors", "inputs", "outputs") for t in fields.get(key, [])]
+    assert tensors
+    assert all(len(t) == 7 for t in tensors)  # the long form, really
+    assert plain(messages.decode(old)) == plain(samples()[kind])
