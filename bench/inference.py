@@ -23,7 +23,10 @@ still execute. So the ratio is the agent's own cost. Timed, interleaved, medians
   alternate (idle, training, idle, training) and each p99 pools its phases;
 - ``rss_mb``: VmRSS of a real ``fedge-agent --no-train`` process with the model loaded
   and its API up on a Unix socket (no broker reachable: MQTT keeps retrying), read once
-  ``/healthz`` answers and a few predictions went through.
+  ``/healthz`` answers and a few predictions went through. ``rss_anon_mb`` and
+  ``rss_file_mb`` split it: private memory, and pages of mapped files (mostly the
+  onnxruntime and numpy libraries), whose count follows the kernel's page cache (the
+  same agent has read 5 MB apart from one hour to the next).
 
 Run: ``python -m bench.inference [--trials N] [--phase-s S] [--train-nice N] [--recent-mb M]``
 (the last two default to the agent's own defaults; ``--train-nice 0`` trains at the
@@ -179,9 +182,17 @@ def rss(bundle: Any, root: Path) -> dict[str, float]:
             client.predict(x[i : i + 1 + i % 8])
         time.sleep(1.0)
         status = Path(f"/proc/{proc.pid}/status").read_text()
-        kb = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
+        kb = {
+            key: int(value.split()[0])
+            for key, _, value in (line.partition(":") for line in status.splitlines())
+            if key in ("VmRSS", "RssAnon", "RssFile")
+        }
         client.close()
-        return {"rss_mb": kb / 1024}
+        return {
+            "rss_mb": kb["VmRSS"] / 1024,
+            "rss_anon_mb": kb["RssAnon"] / 1024,
+            "rss_file_mb": kb["RssFile"] / 1024,
+        }
     finally:
         proc.terminate()
         proc.wait(10)
