@@ -25,7 +25,7 @@ still execute. So the ratio is the agent's own cost. Timed, interleaved, medians
   and its API up on a Unix socket (no broker reachable: MQTT keeps retrying), read once
   ``/healthz`` answers and a few predictions went through. ``rss_anon_mb`` and
   ``rss_file_mb`` split it: private memory, and pages of mapped files (mostly the
-  onnxruntime and numpy libraries), whose count follows the kernel's page cache (the
+  onnxruntime and numpy libraries), whose count varies with the kernel's state (the
   same agent has read 5 MB apart from one hour to the next).
 
 Run: ``python -m bench.inference [--trials N] [--phase-s S] [--train-nice N] [--recent-mb M]``
