@@ -169,34 +169,30 @@ def _gen_decoder(cls: type, fail: str, params: str = "", **names: Any) -> Any:
     src.emit(0, f"def decode(fields{params}):")
     fields = [(f"a{i}", f, spec) for i, (f, spec) in enumerate(fields_of(cls)) if f.init]
     if omits_defaults(cls):  # optional fields are often missing: look them up with get
-        src.emit(1, "try:")
-        src.emit(2, "pass")
-        for v, field, _ in fields:
-            if required(field):
-                src.emit(2, f"{v} = fields[{field.name!r}]")
-        src.emit(1, "except KeyError:")
-        src.emit(2, fail)
-        src.emit(1, "get = fields.get")
-        for v, field, _ in fields:
-            if not required(field):
-                src.emit(1, f"{v} = get({field.name!r}, _MISSING)")
+        _gen_lookups(src, fields, fail, 1)
         return _gen_checks_and_build(src, cls, fields, fail)
     src.emit(1, "try:")  # every field present, the common case: no method calls
     src.emit(2, "pass")
     for v, field, _ in fields:
         src.emit(2, f"{v} = fields[{field.name!r}]")
     src.emit(1, "except KeyError:")
-    src.emit(2, "try:")
+    _gen_lookups(src, fields, fail, 2)
+    return _gen_checks_and_build(src, cls, fields, fail)
+
+
+def _gen_lookups(src: Source, fields: list[tuple[str, Any, Spec]], fail: str, ind: int) -> None:
+    """Emit: each required field by subscript (`fail` if one is missing), the rest by get."""
+    src.emit(ind, "try:")
+    src.emit(ind + 1, "pass")
     for v, field, _ in fields:
         if required(field):
-            src.emit(3, f"{v} = fields[{field.name!r}]")
-    src.emit(3, "get = fields.get")
-    src.emit(2, "except KeyError:")
-    src.emit(3, fail)
+            src.emit(ind + 1, f"{v} = fields[{field.name!r}]")
+    src.emit(ind, "except KeyError:")
+    src.emit(ind + 1, fail)
+    src.emit(ind, "get = fields.get")
     for v, field, _ in fields:
         if not required(field):
-            src.emit(2, f"{v} = get({field.name!r}, _MISSING)")
-    return _gen_checks_and_build(src, cls, fields, fail)
+            src.emit(ind, f"{v} = get({field.name!r}, _MISSING)")
 
 
 def _gen_checks_and_build(
