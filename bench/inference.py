@@ -188,10 +188,10 @@ def rss(bundle: Any, root: Path) -> dict[str, float]:
             if key in ("VmRSS", "RssAnon", "RssFile")
         }
         client.close()
-        return {
+        return {  # (RssAnon and RssFile since Linux 4.5)
             "rss_mb": kb["VmRSS"] / 1024,
-            "rss_anon_mb": kb["RssAnon"] / 1024,
-            "rss_file_mb": kb["RssFile"] / 1024,
+            "rss_anon_mb": kb.get("RssAnon", -1024) / 1024,
+            "rss_file_mb": kb.get("RssFile", -1024) / 1024,
         }
     finally:
         proc.terminate()

@@ -60,18 +60,17 @@ def encoder(
     src.emit(0, "def encode(o):")
     items = [f"{key!r}: {src.ref(value)}" for key, value in (head or {}).items()]
     omitting = omits_defaults(cls)
-    optional: list[tuple[str, str, str]] = []  # (name, variable, map value) left out at default
+    # (field name, its variable, map value, the default it is left out at or None), in order
+    entries: list[tuple[str, str, str, str | None]] = []
     for i, (field, spec) in enumerate(fields_of(cls)):
         v = f"a{i}"
         src.emit(1, f"{v} = o.{field.name}")
         if finite:
             _gen_finite(src, spec, v, 1)
+        default = None
         if omitting and field.default is not dataclasses.MISSING:
-            optional.append((field.name, v, _gen_value(src, spec, v, finite)))
-            continue
-        if optional:  # (dataclasses put defaults last, keyword-only fields aside)
-            raise TypeError(f"{cls.__name__}: a required field after an optional one")
-        if spec[0] == "binary":  # wire.big, inline for the common case: a large view
+            default = src.ref(field.default)
+        if spec[0] == "binary" and default is None:  # wire.big, inline for the common case
             w, big = src.var(), src.ref(wire.big)
             src.emit(1, f"if type({v}) is memoryview and {v}.nbytes >= {wire.BIG_BINARY}:")
             src.emit(2, f"if not {v}.c_contiguous: {big}({v})  # raises")
@@ -79,16 +78,19 @@ def encoder(
             src.emit(2, f"{w}.view = {v}")
             src.emit(2, f"{v} = {w}")
             src.emit(1, f"else: {v} = {big}({v})")
-            items.append(f"{field.name!r}: {v}")
-            continue
-        items.append(f"{field.name!r}: {_gen_value(src, spec, v, finite)}")
-    if not optional:
+            entries.append((field.name, v, v, None))
+        else:
+            entries.append((field.name, v, _gen_value(src, spec, v, finite), default))
+    # One dict display up to the first field that may be left out, then stores in order.
+    lead = next((n for n, entry in enumerate(entries) if entry[3] is not None), len(entries))
+    items += [f"{name!r}: {value}" for name, _, value, _ in entries[:lead]]
+    if lead == len(entries):
         src.emit(1, f"return {{{', '.join(items)}}}")
     else:
-        defaults = {f.name: f.default for f, _ in fields_of(cls)}
         src.emit(1, f"m = {{{', '.join(items)}}}")
-        for name, v, value in optional:
-            src.emit(1, f"if {v} is not {src.ref(defaults[name])}: m[{name!r}] = {value}")
+        for name, v, value, default in entries[lead:]:
+            store = f"m[{name!r}] = {value}"
+            src.emit(1, store if default is None else f"if {v} is not {default}: {store}")
         src.emit(1, "return m")
     fn: Callable[[Any], dict[str, Any]] = src.build("encode", f"{cls.__qualname__}.<encoder>")
     return fn

@@ -52,24 +52,26 @@ def fields_of(cls: type) -> list[tuple[dataclasses.Field[Any], Spec]]:
 _FIELD_CACHE: dict[type, list[tuple[dataclasses.Field[Any], Spec]]] = {}
 
 
-_OMITTING: set[type] = set()
+_OMIT_MARK = "__wire_omits_defaults__"
+C = typing.TypeVar("C", bound=type)
 
 
-def omit_defaults(cls: type[Any]) -> type[Any]:
+def omit_defaults(cls: C) -> C:
     """Class decorator: encode `cls` without the optional fields that hold their default.
 
     A field is left out only while it holds the very default object its declaration names
     (``1.0``, ``0``, ``None``; never one from a ``default_factory``), so decoding, which
     fills in missing fields with that default, gives back an equal instance. Maps that
     carry every field still decode: this changes what is written, not what is accepted.
+    The defaults become part of the wire protocol: changing one changes what old bytes mean.
     """
-    _OMITTING.add(cls)
+    setattr(cls, _OMIT_MARK, True)  # (an attribute: dataclass(slots=True) copies it)
     return cls
 
 
 def omits_defaults(cls: type) -> bool:
     """Whether `cls` is encoded without its default-valued optional fields."""
-    return cls in _OMITTING
+    return getattr(cls, _OMIT_MARK, False) is True
 
 
 def required(field: dataclasses.Field[Any]) -> bool:

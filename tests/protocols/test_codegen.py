@@ -171,3 +171,25 @@ def test_nested_messages_decode_through_generated_code() -> None:
     with pytest.raises(DecodeError, match="invalid FileEntry") as info:
         schema.from_map(ModelManifest, fields)
     assert info.value.reason == "bad_field"
+
+
+@dataclass(frozen=True, slots=True)
+@schema.omit_defaults  # under dataclass(slots=True), which makes a new class: still applies
+class _Mixed:
+    x: int
+    y: float = 1.0
+    z: tuple[int, ...] = field(default_factory=tuple)
+    _: dataclasses.KW_ONLY
+    w: str
+    q: int | None = None
+
+
+def test_omit_defaults_keeps_field_order_around_factories_and_keyword_only_fields() -> None:
+    bare = _Mixed(3, w="k")
+    assert schema.to_map(bare) == {"x": 3, "z": (), "w": "k"}  # factory fields always go
+    assert list(schema.to_map(bare)) == ["x", "z", "w"]
+    full = _Mixed(3, 2.0, (1,), w="k", q=5)
+    assert list(schema.to_map(full)) == ["x", "y", "z", "w", "q"]
+    for value in (bare, full):
+        fields = wire.unpack_map(wire.pack_map(schema.to_map(value)))
+        assert schema.from_map(_Mixed, fields) == value
