@@ -84,6 +84,14 @@ def agent_config(tmp_path: Path, **overrides: object) -> AgentConfig:
     return AgentConfig(**values)  # type: ignore[arg-type]
 
 
+def new_service(tmp_path: Path, bundle: Bundle) -> InferenceService:
+    """An inference service (not started) whose store holds `bundle`, made current."""
+    config = agent_config(tmp_path)
+    store = ModelStore(Path(config.data_dir) / "models")
+    put(store, bundle)
+    return InferenceService(config, store, tmp_path / "data")
+
+
 @pytest.fixture
 def service(tmp_path: Path, bundles: Bundles) -> Iterator[InferenceService]:
     """A started inference service serving v1 over HTTP on a free loopback port."""

@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent import inference_service, native_memory
-from agent.inference_service import InferenceService
-from agent.model_store import ModelStore
-from tests.agent_inference.conftest import Bundles, agent_config, put
+from tests.agent_inference.conftest import Bundles, new_service, put
 
 ROOT = Path(__file__).resolve().parents[2]
 _GLIBC = sys.platform.startswith("linux") and native_memory.trim_available()
@@ -57,15 +55,12 @@ def test_the_model_loader_releases_the_heap_after_each_load(
 ) -> None:
     calls: list[str] = []
     monkeypatch.setattr(inference_service, "release_free_heap", lambda: calls.append("trim"))
-    config = agent_config(tmp_path)
-    store = ModelStore(Path(config.data_dir) / "models")
-    put(store, bundles.v1)
-    service = InferenceService(config, store, tmp_path / "data")
+    service = new_service(tmp_path, bundles.v1)
     service.start()
     try:
         assert service.wait_idle(30)
         assert calls == ["trim"]  # the first load
-        put(store, bundles.v2)
+        put(service.store, bundles.v2)
         service.model_activated(bundles.v2.manifest)  # queued for the loader: a swap
         assert service.wait_idle(30)
         serving = service.runtime.serving

@@ -6,13 +6,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from agent.inference_service import InferenceService
-from agent.model_store import ModelStore
 from cloud_coordinator.bundles import Bundle, file_entries
 from cloud_coordinator.variants import INT8_FILE, quantise_int8
 from protocols.model_format import MODEL_FILE
 from protocols.schema import Scalar
-from tests.agent_inference.conftest import Bundles, agent_config, put
+from tests.agent_inference.conftest import Bundles, new_service
 
 
 def _int8_only(bundle: Bundle) -> Bundle:
@@ -26,10 +24,7 @@ def _int8_only(bundle: Bundle) -> Bundle:
 
 
 def test_the_int8_variant_the_manifest_names_is_served(tmp_path: Path, bundles: Bundles) -> None:
-    config = agent_config(tmp_path)
-    store = ModelStore(Path(config.data_dir) / "models")
-    put(store, _int8_only(bundles.v1))
-    service = InferenceService(config, store, tmp_path / "data")
+    service = new_service(tmp_path, _int8_only(bundles.v1))
     service.start()
     try:
         assert service.wait_idle(30)
@@ -43,10 +38,7 @@ def test_the_int8_variant_the_manifest_names_is_served(tmp_path: Path, bundles: 
 
 
 def test_without_a_variant_model_onnx_is_served(tmp_path: Path, bundles: Bundles) -> None:
-    config = agent_config(tmp_path)
-    store = ModelStore(Path(config.data_dir) / "models")
-    put(store, bundles.v1)
-    service = InferenceService(config, store, tmp_path / "data")
+    service = new_service(tmp_path, bundles.v1)
     service.start()
     try:
         assert service.wait_idle(30)
