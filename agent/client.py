@@ -10,7 +10,6 @@ agent cannot be reached, another status).
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import threading
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from agent import api_codec
+from agent import api_codec, http_wire
 from agent.api_codec import JSON, MSGPACK
 from agent.errors import AgentError, InputError
 from agent.feedback import FeedbackError
@@ -35,20 +34,62 @@ class ClientError(AgentError):
         self.status = status
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+class _StaleConnectionError(ConnectionError):
+    """A kept-alive connection the server had closed: the request may be sent again."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
+
+class _Connection:
+    """One persistent HTTP/1.1 connection to the API (one per client thread)."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        if address.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(address[len("unix:") :])
+            except OSError:
+                sock.close()
+                raise
+            self.host = "localhost"
+        else:
+            host, _, port = address.rpartition(":")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.host = host
         self.sock = sock
+        self.rfile = sock.makefile("rb")
+        self.used = False
+
+    def exchange(self, request: bytes) -> tuple[http_wire.ResponseHead, bytes]:
+        """Send one request and read its answer; OSError or HttpWireError if that fails."""
+        reused, self.used = self.used, True
+        self.sock.sendall(request)
+        while True:
+            lines = http_wire.read_head(self.rfile.readline)
+            if lines is None:
+                if reused:
+                    raise _StaleConnectionError("the agent closed the kept-alive connection")
+                raise ConnectionResetError("the agent closed the connection without answering")
+            head = http_wire.parse_response_head(lines)
+            if head.status >= 200:
+                break  # (an interim 1xx answer is skipped)
+        if head.content_length is None:
+            body: bytes = self.rfile.read()  # framed by the end of the connection
+        else:
+            body = self.rfile.read(head.content_length)
+            if len(body) < head.content_length:
+                raise ConnectionResetError("the agent closed the connection mid-answer")
+        return head, body
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.rfile.close()
+        self.sock.close()
+
+
+def _kind_of(content_type: str | None) -> str:
+    header = content_type or JSON
+    return MSGPACK if header.split(";")[0].strip() in api_codec.MSGPACK_TYPES else JSON
 
 
 def _from_json(value: Mapping[str, Any]) -> Predictions:
@@ -95,15 +136,10 @@ class InferenceClient:
         return cls(address=address, timeout=timeout, use_msgpack=use_msgpack)
 
     # --- HTTP plumbing ----------------------------------------------------------------------
-    def _connection(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+    def _connection(self) -> _Connection:
+        conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            address = self.address or ""
-            if address.startswith("unix:"):
-                conn = _UnixConnection(address[len("unix:") :], self.timeout)
-            else:
-                host, _, port = address.rpartition(":")
-                conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=self.timeout)
+            conn = _Connection(self.address or "", self.timeout)
             self._local.conn = conn
         return conn
 
@@ -111,23 +147,21 @@ class InferenceClient:
         self, method: str, path: str, body: Mapping[str, Any] | None = None
     ) -> tuple[bytes, str]:
         data = api_codec.encode_body(body, self.kind) if body is not None else None
-        headers = {"Content-Type": self.kind} if data is not None else {}
-        for attempt in (0, 1):  # a kept-alive connection the server closed: retry once
-            conn = self._connection()
+        for attempt in (0, 1):  # a kept-alive connection the server closed: sent again once
             try:
-                conn.request(method, path, body=data, headers=headers)
-                response = conn.getresponse()
-                payload = response.read()
-                status = response.status
+                conn = self._connection()
+                request = http_wire.format_request(method, path, conn.host, data, self.kind)
+                head, payload = conn.exchange(request)
                 break
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conn = None
-                if attempt or not isinstance(
-                    exc, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError
-                ):
+            except (OSError, http_wire.HttpWireError) as exc:
+                self.close()
+                stale = isinstance(exc, _StaleConnectionError | BrokenPipeError)
+                if attempt or not stale:
                     raise ClientError(f"inference API at {self.address}: {exc}") from exc
-        kind = self._kind_of(response)
+        if head.closes or head.content_length is None:
+            self.close()
+        status = head.status
+        kind = _kind_of(head.headers.get("content-type"))
         if status == 200:
             return payload, kind
         try:
@@ -141,11 +175,6 @@ class InferenceClient:
         if status == 503:
             raise ModelUnavailableError(message)
         raise ClientError(f"{method} {path}: {status} {message}", status)
-
-    @staticmethod
-    def _kind_of(response: http.client.HTTPResponse) -> str:
-        header = response.getheader("Content-Type") or JSON
-        return MSGPACK if header.split(";")[0].strip() in api_codec.MSGPACK_TYPES else JSON
 
     def _map(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> dict[str, Any]:
         return dict(api_codec.decode_body(*self._call(method, path, body)))
@@ -197,7 +226,7 @@ class InferenceClient:
 
     def close(self) -> None:
         """Close this thread's connection."""
-        conn = getattr(self._local, "conn", None)
+        conn: _Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
-            conn.close()
             self._local.conn = None
+            conn.close()

@@ -1,11 +1,14 @@
 """The local inference API over HTTP/1.1 (keep-alive), on loopback TCP or a Unix socket.
 
-Standard library only (`http.server` with a thread per connection), so the daemon stays
-small. Endpoints (OpenAPI document: `agent.openapi`, served at ``/openapi.json``):
-``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/feedback``, ``POST /v1/rollback``,
-``GET /healthz``, ``GET /metrics``. Bodies are JSON or msgpack, chosen by Content-Type;
-an answer uses the request's format. Errors are ``{"error": message}`` with 400 (bad
-input), 404, 413, 415, 503 (no model loaded, nothing to roll back to) or 500.
+A thread per connection (`socketserver`), the message heads read and written by
+`agent.http_wire`: leaner than `http.server` and `http.client`, whose header handling
+(through the `email` package) cost more per request than the model run at batch 1
+(docs/benchmarks.md). Endpoints (OpenAPI document: `agent.openapi`, served at
+``/openapi.json``): ``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/feedback``,
+``POST /v1/rollback``, ``GET /healthz``, ``GET /metrics``. Bodies are JSON or msgpack,
+chosen by Content-Type; an answer uses the request's format. Errors are
+``{"error": message}`` with 400 (bad input), 404, 405, 411, 413, 415, 431, 501, 503 (no
+model loaded, nothing to roll back to) or 500 (logged with its traceback).
 """
 
 from __future__ import annotations
@@ -17,20 +20,21 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent import api_codec
+from agent import api_codec, http_wire
 from agent.api_codec import JSON, BadRequestError
 from agent.config import ListenAddress
 from agent.errors import AgentError, InferenceError, InputError
 from agent.feedback import FeedbackError
+from agent.http_wire import HttpWireError, RequestHead
 from agent.openapi import OPENAPI
 from agent.predictions import ModelUnavailableError, Predictions
 
 log = logging.getLogger(__name__)
+#: Seconds a kept-alive connection may sit idle (or a request take to arrive) before closing.
+IDLE_TIMEOUT_S = 120.0
 _OPENAPI_BYTES = json.dumps(OPENAPI, indent=1).encode()
 
 
@@ -71,64 +75,89 @@ def _status_of(exc: AgentError) -> int:
     return 500
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "fedge-agent"
+class _Connection(socketserver.StreamRequestHandler):
+    """One client connection: requests answered in order until either side closes it."""
+
     backend: Backend  # set on the subclass made per server
+    timeout = IDLE_TIMEOUT_S  # (applied by StreamRequestHandler.setup)
 
-    def address_string(self) -> str:
-        return str(self.client_address[0]) if self.client_address else "unix"
+    def handle(self) -> None:
+        while self._answer_one():
+            pass
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("inference api: " + format, *args)
+    def _send(self, status: int, body: bytes, kind: str, close: bool = False) -> None:
+        self.connection.sendall(http_wire.format_response(status, body, kind, close))
 
-    def _reply(self, status: int, body: bytes, content_type: str) -> None:
-        head = (
-            f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-        )
-        if self.close_connection:
-            head += "Connection: close\r\n"
-        self.wfile.write(head.encode() + b"\r\n" + body)  # one write: no Nagle stall
-        self.log_request(status, len(body))
+    def _answer_one(self) -> bool:
+        """Read one request and answer it; False when the connection is to be closed."""
+        try:
+            lines = http_wire.read_head(self.rfile.readline)
+            if lines is None:
+                return False
+            head = http_wire.parse_request_head(lines)
+            body = self._body(head)
+        except (HttpWireError, BadRequestError) as exc:
+            with contextlib.suppress(OSError):
+                self._send(exc.status, _error(exc), JSON, close=True)
+            return False
+        except OSError:  # reset, timed out while idle, or closed mid-body
+            return False
+        status, payload, kind = self._dispatch(head, body)
+        keep = head.keep_alive
+        try:
+            self._send(status, payload, kind, close=not keep)
+        except OSError:  # the client went away before its answer
+            return False
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug('inference api: "%s %s" %d %d', head.method, head.target, status,
+                      len(payload))  # fmt: skip
+        return keep
 
-    def _answer(self, status: int, value: Mapping[str, Any], kind: str = JSON) -> None:
-        self._reply(status, api_codec.encode_body(value, kind), kind)
-
-    def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise BadRequestError("a body with Content-Length is required", 411)
-        if int(length) > api_codec.MAX_BODY_BYTES:
-            self.close_connection = True
+    def _body(self, head: RequestHead) -> bytes:
+        length = head.content_length
+        if length is None:
+            if head.method == "POST":
+                raise BadRequestError("a body with Content-Length is required", 411)
+            return b""
+        if length > api_codec.MAX_BODY_BYTES:
             raise BadRequestError(f"body over {api_codec.MAX_BODY_BYTES} bytes", 413)
-        return self.rfile.read(int(length))
+        if head.expects_continue and length:
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body: bytes = self.rfile.read(length)
+        if len(body) < length:
+            raise ConnectionAbortedError("the client closed the connection mid-body")
+        return body
 
-    def do_GET(self) -> None:
-        """Answer the read-only endpoints."""
-        path = self.path.split("?")[0]
+    def _dispatch(self, head: RequestHead, body: bytes) -> tuple[int, bytes, str]:
+        """(status, body, content type) of the answer; unexpected errors become 500."""
+        try:
+            if head.method == "GET":
+                return self._get(head.path)
+            if head.method == "POST":
+                return self._post(head, body)
+            return 405, _error(f"method {head.method} not allowed: use GET or POST"), JSON
+        except Exception as exc:
+            log.exception("inference api: %s %s failed", head.method, head.target)
+            return 500, _error(f"internal error ({type(exc).__name__}); see the agent's log"), JSON
+
+    def _get(self, path: str) -> tuple[int, bytes, str]:
         b = self.backend
         if path == "/healthz":
             ready, details = b.health()
-            self._answer(200 if ready else 503, details)
-        elif path == "/metrics":
-            text = b.metrics_text().encode()
-            self._reply(200, text, "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/v1/model":
-            self._answer(200, b.describe())
-        elif path == "/openapi.json":
-            self._reply(200, _OPENAPI_BYTES, JSON)
-        else:
-            self._answer(404, {"error": f"no endpoint GET {path}"})
+            return (200 if ready else 503), api_codec.encode_body(details, JSON), JSON
+        if path == "/metrics":
+            return 200, b.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8"
+        if path == "/v1/model":
+            return 200, api_codec.encode_body(b.describe(), JSON), JSON
+        if path == "/openapi.json":
+            return 200, _OPENAPI_BYTES, JSON
+        return 404, _error(f"no endpoint GET {path}"), JSON
 
-    def do_POST(self) -> None:
-        """Answer predict, feedback and rollback."""
-        path = self.path.split("?")[0]
+    def _post(self, head: RequestHead, body: bytes) -> tuple[int, bytes, str]:
+        path = head.path
         kind = JSON
         try:
-            body = self._body()
-            kind = api_codec.media_type(self.headers.get("Content-Type"))
+            kind = api_codec.media_type(head.headers.get("content-type"))
             if path == "/v1/predict":
                 x = api_codec.predict_input(api_codec.decode_body(body, kind))
                 answer = self.backend.predict(x).as_json()
@@ -143,18 +172,26 @@ class _Handler(BaseHTTPRequestHandler):
                 InferenceError) as exc:  # fmt: skip
             if path == "/v1/predict" and isinstance(exc, BadRequestError) and exc.status != 404:
                 self.backend.count_invalid()  # the runtime counts the ones it refuses itself
-            self._answer(_status_of(exc), {"error": str(exc)}, kind)
-            return
-        self._answer(200, answer, kind)
+            return _status_of(exc), api_codec.encode_body({"error": str(exc)}, kind), kind
+        return 200, api_codec.encode_body(answer, kind), kind
 
 
-class _TcpServer(socketserver.ThreadingMixIn, HTTPServer):
+def _error(what: str | Exception) -> bytes:
+    return api_codec.encode_body({"error": str(what)}, JSON)
+
+
+class _TcpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
+    allow_reuse_address = True
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (accepted inherit)
         super().server_bind()
+
+
+class _Tcp6Server(_TcpServer):
+    address_family = socket.AF_INET6
 
 
 class _UnixServer(socketserver.ThreadingUnixStreamServer):
@@ -165,8 +202,11 @@ class _UnixServer(socketserver.ThreadingUnixStreamServer):
 class ApiServer:
     """The HTTP API on one address, served by a background thread until `stop`."""
 
-    def __init__(self, backend: Backend, address: ListenAddress) -> None:
-        handler = type("Handler", (_Handler,), {"backend": backend})
+    def __init__(
+        self, backend: Backend, address: ListenAddress, idle_timeout_s: float = IDLE_TIMEOUT_S
+    ) -> None:
+        attributes = {"backend": backend, "timeout": idle_timeout_s}
+        handler = type("Connection", (_Connection,), attributes)
         self.address = address
         self._server: socketserver.BaseServer
         if address.path is not None:
@@ -178,7 +218,8 @@ class ApiServer:
             self._server = _UnixServer(str(path), handler)
             os.chmod(path, 0o660)
         else:
-            self._server = _TcpServer((address.host, address.port), handler)
+            server = _Tcp6Server if ":" in address.host else _TcpServer
+            self._server = server((address.host, address.port), handler)
             host, port = self._server.server_address[:2]
             self.address = ListenAddress(host=str(host), port=int(port))
         self._thread = threading.Thread(

@@ -132,6 +132,7 @@ INFERENCE_MODULES = {
     "agent.served_model": {"torch"},
     "agent.inference_service": {"torch"},
     "agent.http_api": {"torch", "onnxruntime"},
+    "agent.http_wire": {"torch", "onnxruntime", "numpy"},
     "agent.client": {"torch", "onnxruntime"},
     "agent.predictions": {"torch", "onnxruntime", "numpy"},
     "agent.api_codec": {"torch", "onnxruntime"},

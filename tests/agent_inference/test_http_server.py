@@ -1,0 +1,263 @@
+"""The local API's HTTP/1.1 handling on real sockets: framing, persistence, refusals.
+
+A stand-in backend keeps these fast; `test_api.py` runs the same server over the real
+inference service, and the curl test here talks to the real service too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from agent.client import ClientError, InferenceClient
+from agent.config import ListenAddress
+from agent.http_api import ApiServer
+from agent.inference_service import InferenceService
+from agent.predictions import Predictions
+from tests.agent_inference.conftest import Bundles
+
+
+class _Backend:
+    """Answers health and model; `describe` fails on demand."""
+
+    def __init__(self) -> None:
+        self.fail = False
+
+    def predict(self, x: object) -> Predictions:
+        raise NotImplementedError
+
+    def count_invalid(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        if self.fail:
+            raise RuntimeError("describe broke")
+        return {"model": "m", "version": "v1"}
+
+    def feedback(self, prediction_id: str, label: str | int) -> dict[str, Any]:
+        return {"prediction_id": prediction_id}
+
+    def rollback(self) -> dict[str, Any]:
+        return {}
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        return True, {"status": "ok"}
+
+    def metrics_text(self) -> str:
+        return "up 1\n"
+
+
+@pytest.fixture(scope="module")
+def backend() -> _Backend:
+    return _Backend()
+
+
+@pytest.fixture(scope="module")  # (one for the module: stopping one takes half a second)
+def server(backend: _Backend) -> Iterator[ApiServer]:
+    s = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), idle_timeout_s=5.0)
+    s.start()
+    yield s
+    s.stop()
+
+
+def _connect(server: ApiServer) -> socket.socket:
+    sock = socket.create_connection((server.address.host, server.address.port), timeout=5)
+    return sock
+
+
+def _read_answer(stream: Any) -> tuple[int, dict[str, str], bytes]:
+    status = int(stream.readline().split()[1])
+    headers = {}
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers, stream.read(int(headers["content-length"]))
+
+
+def _exchange(server: ApiServer, data: bytes) -> tuple[int, dict[str, str], bytes, bytes]:
+    """Send `data`, read one answer, then whatever follows until the server closes."""
+    with _connect(server) as sock:
+        sock.sendall(data)
+        stream = sock.makefile("rb")
+        status, headers, body = _read_answer(stream)
+        sock.settimeout(2)
+        return status, headers, body, stream.read()
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/model HTTP/1.1\r\nHost: x\r\n\r\n")
+        stream = sock.makefile("rb")
+        first, second = _read_answer(stream), _read_answer(stream)
+        assert json.loads(first[2]) == {"status": "ok"}
+        assert json.loads(second[2])["version"] == "v1"
+        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # still open
+        status, headers, body = _read_answer(stream)
+        assert (status, body) == (200, b"up 1\n")
+        assert headers["content-type"].startswith("text/plain")
+        assert "connection" not in headers
+
+
+def test_http_1_0_is_answered_then_closed(server: ApiServer) -> None:
+    status, headers, body, rest = _exchange(server, b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert (status, headers["connection"], rest) == (200, "close", b"")
+    assert json.loads(body) == {"status": "ok"}
+
+
+def test_expect_100_continue_is_honoured(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"POST /v1/feedback HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 36\r\n\r\n"
+        )
+        stream = sock.makefile("rb")
+        assert stream.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert stream.readline() == b"\r\n"
+        sock.sendall(b'{"prediction_id": "p-1", "label": 3}')
+        status, _, body = _read_answer(stream)
+        assert (status, json.loads(body)) == (200, {"prediction_id": "p-1"})
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"POST /v1/predict HTTP/1.1\r\n\r\n", 411, "Content-Length"),
+        (b"POST /v1/predict HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "body over"),
+        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "Content-Length"),
+        (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/1.1"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "request line"),
+        (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n", 431, "header lines"),
+        (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request line"),
+    ],
+)
+def test_broken_requests_get_their_status_and_a_closed_connection(
+    server: ApiServer, request_bytes: bytes, status: int, says: str
+) -> None:
+    got, headers, body, rest = _exchange(server, request_bytes)
+    assert (got, headers["connection"], rest) == (status, "close", b"")
+    assert says in json.loads(body)["error"]
+
+
+def test_an_unknown_method_is_405_and_the_connection_stays(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"PUT /v1/model HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\n\r\n"
+        )
+        stream = sock.makefile("rb")
+        status, _, body = _read_answer(stream)
+        assert status == 405
+        assert "use GET or POST" in json.loads(body)["error"]
+        assert _read_answer(stream)[0] == 200
+
+
+def test_a_failing_backend_is_a_logged_500_not_a_dropped_connection(
+    server: ApiServer, backend: _Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = InferenceClient.connect(server.url)
+    backend.fail = True
+    try:
+        with (
+            caplog.at_level(logging.ERROR, logger="agent.http_api"),
+            pytest.raises(ClientError) as e,
+        ):
+            client.model()
+    finally:
+        backend.fail = False
+    assert e.value.status == 500
+    assert "RuntimeError" in str(e.value)
+    assert any(r.exc_info and "describe broke" in str(r.exc_info[1]) for r in caplog.records)
+    assert client.model()["version"] == "v1"
+    client.close()
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(backend: _Backend) -> None:
+    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), idle_timeout_s=0.2)
+    server.start()
+    try:
+        with _connect(server) as sock:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server once idle
+        client = InferenceClient.connect(server.url)
+        assert client.health() == {"status": "ok"}
+        first = client._local.conn
+        time.sleep(0.6)  # the server drops the kept-alive connection meanwhile
+        assert client.health() == {"status": "ok"}
+        assert client._local.conn is not first
+        client.close()
+    finally:
+        server.stop()
+
+
+def _one_shot_server(answer: bytes) -> tuple[str, threading.Thread]:
+    """A listener that reads one request, sends `answer` and closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer)
+        listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", thread
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        (b"", "closed the connection without answering"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "mid-answer"),
+        (b"hello\r\n\r\n", "malformed status line"),
+    ],
+)
+def test_the_client_names_what_went_wrong(answer: bytes, says: str) -> None:
+    address, thread = _one_shot_server(answer)
+    client = InferenceClient.connect(address, timeout=5)
+    with pytest.raises(ClientError, match=says):
+        client.health()
+    thread.join(5)
+
+
+def test_the_client_reads_an_answer_framed_by_closing(server: ApiServer) -> None:
+    address, thread = _one_shot_server(b'HTTP/1.0 200 OK\r\n\r\n{"status": "ok"}')
+    client = InferenceClient.connect(address, timeout=5)
+    assert client.health() == {"status": "ok"}
+    thread.join(5)
+    client.address = server.url  # the next call opens a new connection
+    assert client.model()["version"] == "v1"
+    client.close()
+
+
+def test_a_refused_connection_is_a_client_error() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]
+    with pytest.raises(ClientError, match="refused"):
+        InferenceClient.connect(f"127.0.0.1:{port}", timeout=5).health()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_predicts_through_the_real_service(
+    service: InferenceService, bundles: Bundles
+) -> None:
+    assert service.server is not None
+    body = json.dumps({"input": bundles.pixels[:3].tolist()})
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-H", "Content-Type: application/json",
+         "-H", "Expect: 100-continue", "--data-binary", "@-", "-w", "\n%{http_code}",
+         f"http://{service.server.url}/v1/predict"],
+        input=body.encode(), capture_output=True, check=True,
+    )  # fmt: skip
+    answer, _, code = out.stdout.decode().rpartition("\n")
+    assert code == "200"
+    assert len(json.loads(answer)["predictions"]) == 3
