@@ -11,6 +11,7 @@ agent cannot be reached, another status).
 from __future__ import annotations
 
 import json
+import select
 import socket
 import threading
 from collections.abc import Mapping
@@ -34,10 +35,6 @@ class ClientError(AgentError):
         self.status = status
 
 
-class _StaleConnectionError(ConnectionError):
-    """A kept-alive connection the server had closed: the request may be sent again."""
-
-
 class _Connection:
     """One persistent HTTP/1.1 connection to the API (one per client thread)."""
 
@@ -53,22 +50,39 @@ class _Connection:
             self.host = "localhost"
         else:
             host, _, port = address.rpartition(":")
-            sock = socket.create_connection((host.strip("[]"), int(port)), timeout)
+            host = host.strip("[]")
+            sock = socket.create_connection((host, int(port)), timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.host = host
+            self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.sock = sock
         self.rfile = sock.makefile("rb")
         self.used = False
+        self.closed = False
+
+    def stale(self) -> bool:
+        """Whether this idle connection has something to read: the agent closed it."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
 
     def exchange(self, request: bytes) -> tuple[http_wire.ResponseHead, bytes]:
         """Send one request and read its answer; OSError or HttpWireError if that fails."""
-        reused, self.used = self.used, True
-        self.sock.sendall(request)
+        self.used = True
+        try:
+            self.sock.sendall(request)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            try:  # the agent may have answered (413, say) before it stopped reading
+                return self._answer()
+            except (OSError, http_wire.HttpWireError):
+                raise exc from None
+        return self._answer()
+
+    def _answer(self) -> tuple[http_wire.ResponseHead, bytes]:
         while True:
             lines = http_wire.read_head(self.rfile.readline)
             if lines is None:
-                if reused:
-                    raise _StaleConnectionError("the agent closed the kept-alive connection")
                 raise ConnectionResetError("the agent closed the connection without answering")
             head = http_wire.parse_response_head(lines)
             if head.status >= 200:
@@ -83,6 +97,7 @@ class _Connection:
 
     def close(self) -> None:
         """Close the socket."""
+        self.closed = True
         self.rfile.close()
         self.sock.close()
 
@@ -122,6 +137,8 @@ class InferenceClient:
         self.timeout = timeout
         self.kind = MSGPACK if use_msgpack else JSON
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[_Connection] = set()  # every thread's, for `close`
 
     @classmethod
     def in_process(cls, backend: Backend) -> InferenceClient:
@@ -138,28 +155,50 @@ class InferenceClient:
     # --- HTTP plumbing ----------------------------------------------------------------------
     def _connection(self) -> _Connection:
         conn: _Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and (conn.closed or (conn.used and conn.stale())):
+            self._drop(conn)  # (closed by `close`, or by the agent while idle)
+            conn = None
         if conn is None:
             conn = _Connection(self.address or "", self.timeout)
             self._local.conn = conn
+            with self._lock:
+                self._open.add(conn)
         return conn
+
+    def _drop(self, conn: _Connection) -> None:
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            self._open.discard(conn)
+        conn.close()
 
     def _call(
         self, method: str, path: str, body: Mapping[str, Any] | None = None
     ) -> tuple[bytes, str]:
         data = api_codec.encode_body(body, self.kind) if body is not None else None
-        for attempt in (0, 1):  # a kept-alive connection the server closed: sent again once
+        if data is not None and len(data) > api_codec.MAX_BODY_BYTES:
+            raise ClientError(
+                f"{method} {path}: a body of {len(data)} bytes is over the API's limit of "
+                f"{api_codec.MAX_BODY_BYTES}; send smaller batches", 413,
+            )  # fmt: skip
+        for attempt in (0, 1):
+            conn, reused = None, False
             try:
                 conn = self._connection()
+                reused = conn.used
                 request = http_wire.format_request(method, path, conn.host, data, self.kind)
                 head, payload = conn.exchange(request)
+                if head.closes or head.content_length is None:
+                    self._drop(conn)
                 break
             except (OSError, http_wire.HttpWireError) as exc:
-                self.close()
-                stale = isinstance(exc, _StaleConnectionError | BrokenPipeError)
-                if attempt or not stale:
+                if conn is not None:
+                    self._drop(conn)
+                # Sent again only if nothing can have happened twice: a GET, on a kept-alive
+                # connection that closed (a POST might have been applied before the close).
+                again = reused and method == "GET" and isinstance(exc, ConnectionError)
+                if attempt or not again:
                     raise ClientError(f"inference API at {self.address}: {exc}") from exc
-        if head.closes or head.content_length is None:
-            self.close()
         status = head.status
         kind = _kind_of(head.headers.get("content-type"))
         if status == 200:
@@ -225,8 +264,15 @@ class InferenceClient:
         return self._call("GET", "/metrics")[0].decode()
 
     def close(self) -> None:
-        """Close this thread's connection."""
-        conn: _Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            self._local.conn = None
+        """Close the connections of every thread (a later call opens a new one)."""
+        with self._lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
             conn.close()
+        self._local.conn = None
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -149,7 +149,9 @@ class ListenAddress:
     port: int = 0
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_listen(value: str, data_dir: str) -> ListenAddress:

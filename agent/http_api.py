@@ -28,13 +28,20 @@ from agent.api_codec import JSON, BadRequestError
 from agent.config import ListenAddress
 from agent.errors import AgentError, InferenceError, InputError
 from agent.feedback import FeedbackError
+from agent.http_conn import CappedThreadingServer, RequestReader, linger_close
 from agent.http_wire import HttpWireError, RequestHead
 from agent.openapi import OPENAPI
 from agent.predictions import ModelUnavailableError, Predictions
 
 log = logging.getLogger(__name__)
-#: Seconds a kept-alive connection may sit idle (or a request take to arrive) before closing.
+#: Seconds a kept-alive connection may wait for its next request before it is closed.
 IDLE_TIMEOUT_S = 120.0
+#: Seconds from a request's first byte to its last (408 and closed after that).
+REQUEST_TIMEOUT_S = 30.0
+#: Connections served at once; one more is answered 503 and closed.
+MAX_CONNECTIONS = 64
+_LINGER_S = 2.0  # how long an error answer waits for the client to stop sending
+_ALLOW = (("Allow", "GET, HEAD, POST"),)
 _OPENAPI_BYTES = json.dumps(OPENAPI, indent=1).encode()
 
 
@@ -75,55 +82,59 @@ def _status_of(exc: AgentError) -> int:
     return 500
 
 
-class _Connection(socketserver.StreamRequestHandler):
+class _Connection(socketserver.BaseRequestHandler):
     """One client connection: requests answered in order until either side closes it."""
 
-    backend: Backend  # set on the subclass made per server
-    timeout = IDLE_TIMEOUT_S  # (applied by StreamRequestHandler.setup)
+    backend: Backend  # these three are set on the subclass made per server
+    idle_timeout_s: float
+    request_timeout_s: float
 
     def handle(self) -> None:
-        while self._answer_one():
+        sock: socket.socket = self.request
+        reader = RequestReader(sock, self.idle_timeout_s, self.request_timeout_s)
+        try:
+            while self._answer_one(sock, reader):
+                pass
+        except HttpWireError as exc:  # answered with its status; the rest is not read
+            with contextlib.suppress(OSError):
+                sock.sendall(http_wire.format_response(exc.status, _error(exc), JSON, True))
+                linger_close(sock, _LINGER_S, 2 * api_codec.MAX_BODY_BYTES)
+        except OSError:  # reset, idle too long, gone before its answer
             pass
 
-    def _send(self, status: int, body: bytes, kind: str, close: bool = False) -> None:
-        self.connection.sendall(http_wire.format_response(status, body, kind, close))
-
-    def _answer_one(self) -> bool:
+    def _answer_one(self, sock: socket.socket, reader: RequestReader) -> bool:
         """Read one request and answer it; False when the connection is to be closed."""
-        try:
-            lines = http_wire.read_head(self.rfile.readline)
-            if lines is None:
-                return False
-            head = http_wire.parse_request_head(lines)
-            body = self._body(head)
-        except (HttpWireError, BadRequestError) as exc:
-            with contextlib.suppress(OSError):
-                self._send(exc.status, _error(exc), JSON, close=True)
+        if not reader.wait():
             return False
-        except OSError:  # reset, timed out while idle, or closed mid-body
+        lines = http_wire.read_head(reader.readline)
+        if lines is None:
             return False
+        head = http_wire.parse_request_head(lines)
+        body = self._body(head, sock, reader)
+        method = head.method
         status, payload, kind = self._dispatch(head, body)
         keep = head.keep_alive
-        try:
-            self._send(status, payload, kind, close=not keep)
-        except OSError:  # the client went away before its answer
-            return False
+        extra = _ALLOW if status == 405 else ()
+        if keep and head.version < (1, 1):
+            extra = (*extra, ("Connection", "keep-alive"))
+        answer = http_wire.format_response(status, payload, kind, not keep, extra)
+        sock.sendall(answer[: len(answer) - len(payload)] if method == "HEAD" else answer)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug('inference api: "%s %s" %d %d', head.method, head.target, status,
-                      len(payload))  # fmt: skip
+            log.debug('inference api: "%s %s" %d %d', method, head.target, status, len(payload))
         return keep
 
-    def _body(self, head: RequestHead) -> bytes:
+    @staticmethod
+    def _body(head: RequestHead, sock: socket.socket, reader: RequestReader) -> bytes:
         length = head.content_length
         if length is None:
             if head.method == "POST":
-                raise BadRequestError("a body with Content-Length is required", 411)
+                raise HttpWireError("a body with Content-Length is required", 411)
             return b""
         if length > api_codec.MAX_BODY_BYTES:
-            raise BadRequestError(f"body over {api_codec.MAX_BODY_BYTES} bytes", 413)
+            raise HttpWireError(f"body over {api_codec.MAX_BODY_BYTES} bytes", 413)
         if head.expects_continue and length:
-            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body: bytes = self.rfile.read(length)
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = reader.read(length)
         if len(body) < length:
             raise ConnectionAbortedError("the client closed the connection mid-body")
         return body
@@ -131,7 +142,7 @@ class _Connection(socketserver.StreamRequestHandler):
     def _dispatch(self, head: RequestHead, body: bytes) -> tuple[int, bytes, str]:
         """(status, body, content type) of the answer; unexpected errors become 500."""
         try:
-            if head.method == "GET":
+            if head.method in ("GET", "HEAD"):
                 return self._get(head.path)
             if head.method == "POST":
                 return self._post(head, body)
@@ -180,9 +191,7 @@ def _error(what: str | Exception) -> bytes:
     return api_codec.encode_body({"error": str(what)}, JSON)
 
 
-class _TcpServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    block_on_close = False
+class _TcpServer(CappedThreadingServer, socketserver.TCPServer):
     allow_reuse_address = True
 
     def server_bind(self) -> None:
@@ -194,21 +203,26 @@ class _Tcp6Server(_TcpServer):
     address_family = socket.AF_INET6
 
 
-class _UnixServer(socketserver.ThreadingUnixStreamServer):
-    daemon_threads = True
-    block_on_close = False
+class _UnixServer(CappedThreadingServer, socketserver.UnixStreamServer):
+    pass
 
 
 class ApiServer:
     """The HTTP API on one address, served by a background thread until `stop`."""
 
     def __init__(
-        self, backend: Backend, address: ListenAddress, idle_timeout_s: float = IDLE_TIMEOUT_S
+        self,
+        backend: Backend,
+        address: ListenAddress,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        attributes = {"backend": backend, "timeout": idle_timeout_s}
+        attributes = {"backend": backend, "idle_timeout_s": idle_timeout_s,
+                      "request_timeout_s": request_timeout_s}  # fmt: skip
         handler = type("Connection", (_Connection,), attributes)
         self.address = address
-        self._server: socketserver.BaseServer
+        self._server: _TcpServer | _UnixServer
         if address.path is not None:
             path = Path(address.path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +236,7 @@ class ApiServer:
             self._server = server((address.host, address.port), handler)
             host, port = self._server.server_address[:2]
             self.address = ListenAddress(host=str(host), port=int(port))
+        self._server.limit(max_connections)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
             name="inference-api", daemon=True,

@@ -133,6 +133,7 @@ INFERENCE_MODULES = {
     "agent.inference_service": {"torch"},
     "agent.http_api": {"torch", "onnxruntime"},
     "agent.http_wire": {"torch", "onnxruntime", "numpy"},
+    "agent.http_conn": {"torch", "onnxruntime", "numpy"},
     "agent.client": {"torch", "onnxruntime"},
     "agent.predictions": {"torch", "onnxruntime", "numpy"},
     "agent.api_codec": {"torch", "onnxruntime"},

@@ -6,6 +6,7 @@ inference service, and the curl test here talks to the real service too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -16,13 +17,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 from agent.client import ClientError, InferenceClient
 from agent.config import ListenAddress
 from agent.http_api import ApiServer
 from agent.inference_service import InferenceService
-from agent.predictions import Predictions
+from agent.predictions import ModelUnavailableError, Predictions
 from tests.agent_inference.conftest import Bundles
 
 
@@ -162,6 +164,8 @@ def test_a_failing_backend_is_a_logged_500_not_a_dropped_connection(
     server: ApiServer, backend: _Backend, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = InferenceClient.connect(server.url)
+    assert client.model()["version"] == "v1"
+    conn = client._local.conn
     backend.fail = True
     try:
         with (
@@ -175,6 +179,7 @@ def test_a_failing_backend_is_a_logged_500_not_a_dropped_connection(
     assert "RuntimeError" in str(e.value)
     assert any(r.exc_info and "describe broke" in str(r.exc_info[1]) for r in caplog.records)
     assert client.model()["version"] == "v1"
+    assert client._local.conn is conn  # the same connection throughout
     client.close()
 
 
@@ -189,11 +194,203 @@ def test_an_idle_connection_is_closed_and_the_client_reconnects(backend: _Backen
         assert client.health() == {"status": "ok"}
         first = client._local.conn
         time.sleep(0.6)  # the server drops the kept-alive connection meanwhile
-        assert client.health() == {"status": "ok"}
+        # a POST, which is never sent twice: the closed connection is noticed before sending
+        assert client.feedback("p-9", 1) == {"prediction_id": "p-9"}
         assert client._local.conn is not first
         client.close()
     finally:
         server.stop()
+
+
+def test_http_1_0_keep_alive_is_confirmed(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        stream = sock.makefile("rb")
+        for _ in range(2):
+            sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, _ = _read_answer(stream)
+            assert (status, headers["connection"]) == (200, "keep-alive")
+
+
+def test_head_answers_the_get_headers_without_a_body(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(b"HEAD /v1/model HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        stream = sock.makefile("rb")
+        assert stream.readline() == b"HTTP/1.1 200 OK\r\n"
+        headers = {}
+        while (line := stream.readline()) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            headers[name.lower()] = value.strip()
+        assert int(headers["content-length"]) == len(b'{"model":"m","version":"v1"}')
+        assert _read_answer(stream)[2] == b'{"status":"ok"}'  # next, with no body between
+
+
+def test_a_get_with_a_body_keeps_the_connection_in_step(server: ApiServer) -> None:
+    with _connect(server) as sock:
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nHELLOGET /metrics HTTP/1.1\r\n\r\n"
+        )
+        stream = sock.makefile("rb")
+        assert _read_answer(stream)[0] == 200
+        assert _read_answer(stream)[2] == b"up 1\n"
+
+
+def test_a_rejected_body_still_lets_the_client_read_its_413(
+    server: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.api_codec.MAX_BODY_BYTES", 1 << 20)
+    body = b"x" * (3 << 19)  # sent whole before the answer is read, as simple clients do
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(body)
+        status, headers, answer = _read_answer(sock.makefile("rb"))
+    assert (status, headers["connection"]) == (413, "close")
+    assert "body over 1048576 bytes" in json.loads(answer)["error"]
+
+
+def test_the_client_refuses_a_body_over_the_limit_before_sending(
+    server: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.api_codec.MAX_BODY_BYTES", 1000)
+    client = InferenceClient.connect(server.url)
+    with pytest.raises(ClientError, match="over the API's limit") as caught:
+        client.predict(np.zeros((50, 64)))
+    assert caught.value.status == 413
+    assert getattr(client._local, "conn", None) is None  # nothing was sent
+    client.close()
+
+
+def test_a_request_sent_a_byte_at_a_time_runs_out_of_time(backend: _Backend) -> None:
+    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), request_timeout_s=0.5)
+    server.start()
+    try:
+        with _connect(server) as sock:
+            stream = sock.makefile("rb")
+            started = time.monotonic()
+            for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: yes\r\n":
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                time.sleep(0.05)
+            status, headers, body = _read_answer(stream)
+            assert (status, headers["connection"]) == (408, "close")
+            assert "within 0.5 s" in json.loads(body)["error"]
+            assert time.monotonic() - started < 5
+    finally:
+        server.stop()
+
+
+def test_connections_over_the_cap_are_answered_503(backend: _Backend) -> None:
+    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), max_connections=2)
+    server.start()
+    try:
+        held = [InferenceClient.connect(server.url) for _ in range(2)]
+        for c in held:
+            assert c.health() == {"status": "ok"}  # two connections open and kept
+        with _connect(server) as sock:
+            status, headers, body = _read_answer(sock.makefile("rb"))
+        assert (status, headers["connection"]) == (503, "close")
+        assert b"too many connections" in body
+        held[0].close()
+        deadline = time.monotonic() + 5
+        while True:  # the server frees the slot once it sees the close
+            with InferenceClient.connect(server.url) as fresh:
+                try:
+                    assert fresh.health() == {"status": "ok"}
+                    break
+                except ModelUnavailableError:  # (a 503: still busy)
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        held[1].close()
+    finally:
+        server.stop()
+
+
+def test_close_closes_the_connections_of_every_thread(server: ApiServer) -> None:
+    client = InferenceClient.connect(server.url)
+    conns = []
+
+    def call() -> None:
+        client.health()
+        conns.append(client._local.conn)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({id(c) for c in conns}) == 3
+    client.close()
+    assert all(c.sock.fileno() == -1 for c in conns)
+
+
+class _ScriptedServer:
+    """Answers requests by `script` (None: read it, close, take the next connection)."""
+
+    def __init__(self, script: list[bytes | None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.script = script
+        self.seen: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        conn = None
+        try:
+            conn, _ = self.listener.accept()
+            stream = conn.makefile("rb")
+            for answer in self.script:
+                line = stream.readline()
+                if not line:
+                    break
+                while stream.readline() not in (b"\r\n", b""):
+                    pass
+                self.seen.append(line.split()[0])
+                if answer is None:
+                    stream.close()
+                    conn.close()
+                    conn, _ = self.listener.accept()
+                    stream = conn.makefile("rb")
+                    continue
+                conn.sendall(answer)
+            stream.close()
+        except OSError:  # stopped
+            pass
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def stop(self) -> None:
+        """Stop waiting for connections."""
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
+
+
+def test_a_post_is_not_sent_again_once_it_may_have_been_applied() -> None:
+    agent = _ScriptedServer([_OK, None, _OK])  # (a second try would be answered)
+    client = InferenceClient.connect(agent.address, timeout=5)
+    assert client.model() == {}
+    with pytest.raises(ClientError, match="without answering"):
+        client.rollback()
+    client.close()
+    agent.stop()
+    assert agent.seen == [b"GET", b"POST"]  # the rollback went out once
+
+
+def test_a_get_is_sent_again_on_a_new_connection() -> None:
+    agent = _ScriptedServer([_OK, None, _OK])
+    client = InferenceClient.connect(agent.address, timeout=5)
+    assert client.model() == {}
+    assert client.model() == {}
+    client.close()
+    agent.stop()
+    assert agent.seen == [b"GET", b"GET", b"GET"]
 
 
 def _one_shot_server(answer: bytes) -> tuple[str, threading.Thread]:

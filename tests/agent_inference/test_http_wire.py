@@ -12,6 +12,7 @@ from agent.http_wire import (
     MAX_HEADERS,
     MAX_LINE_BYTES,
     HttpWireError,
+    RequestHead,
     format_request,
     format_response,
     parse_request_head,
@@ -20,7 +21,7 @@ from agent.http_wire import (
 )
 
 
-def _request(data: bytes):  # type: ignore[no-untyped-def]
+def _request(data: bytes) -> RequestHead:
     lines = read_head(io.BytesIO(data).readline)
     assert lines is not None
     return parse_request_head(lines)
