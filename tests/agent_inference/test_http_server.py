@@ -71,6 +71,17 @@ def server(backend: _Backend) -> Iterator[ApiServer]:
     s.stop()
 
 
+@contextlib.contextmanager
+def _own_server(backend: _Backend, **options: Any) -> Iterator[ApiServer]:
+    """A server of its own with `options` (timeouts, connection cap), stopped afterwards."""
+    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), **options)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def _connect(server: ApiServer) -> socket.socket:
     sock = socket.create_connection((server.address.host, server.address.port), timeout=5)
     return sock
@@ -184,9 +195,7 @@ def test_a_failing_backend_is_a_logged_500_not_a_dropped_connection(
 
 
 def test_an_idle_connection_is_closed_and_the_client_reconnects(backend: _Backend) -> None:
-    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), idle_timeout_s=0.2)
-    server.start()
-    try:
+    with _own_server(backend, idle_timeout_s=0.2) as server:
         with _connect(server) as sock:
             sock.settimeout(5)
             assert sock.recv(1) == b""  # closed by the server once idle
@@ -198,8 +207,6 @@ def test_an_idle_connection_is_closed_and_the_client_reconnects(backend: _Backen
         assert client.feedback("p-9", 1) == {"prediction_id": "p-9"}
         assert client._local.conn is not first
         client.close()
-    finally:
-        server.stop()
 
 
 def test_http_1_0_keep_alive_is_confirmed(server: ApiServer) -> None:
@@ -260,30 +267,21 @@ def test_the_client_refuses_a_body_over_the_limit_before_sending(
 
 
 def test_a_request_sent_a_byte_at_a_time_runs_out_of_time(backend: _Backend) -> None:
-    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), request_timeout_s=0.5)
-    server.start()
-    try:
-        with _connect(server) as sock:
-            stream = sock.makefile("rb")
-            started = time.monotonic()
-            for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: yes\r\n":
-                try:
-                    sock.sendall(bytes([byte]))
-                except OSError:
-                    break
-                time.sleep(0.05)
-            status, headers, body = _read_answer(stream)
-            assert (status, headers["connection"]) == (408, "close")
-            assert "within 0.5 s" in json.loads(body)["error"]
-            assert time.monotonic() - started < 5
-    finally:
-        server.stop()
+    with _own_server(backend, request_timeout_s=0.5) as server, _connect(server) as sock:
+        stream = sock.makefile("rb")
+        for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: yes\r\n":
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            time.sleep(0.05)
+        status, headers, body = _read_answer(stream)
+        assert (status, headers["connection"]) == (408, "close")
+        assert "within 0.5 s" in json.loads(body)["error"]  # (not the 120-s idle timeout)
 
 
 def test_connections_over_the_cap_are_answered_503(backend: _Backend) -> None:
-    server = ApiServer(backend, ListenAddress(host="127.0.0.1", port=0), max_connections=2)
-    server.start()
-    try:
+    with _own_server(backend, max_connections=2) as server:
         held = [InferenceClient.connect(server.url) for _ in range(2)]
         for c in held:
             assert c.health() == {"status": "ok"}  # two connections open and kept
@@ -302,8 +300,6 @@ def test_connections_over_the_cap_are_answered_503(backend: _Backend) -> None:
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
         held[1].close()
-    finally:
-        server.stop()
 
 
 def test_close_closes_the_connections_of_every_thread(server: ApiServer) -> None:
