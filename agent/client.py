@@ -58,6 +58,7 @@ class _Connection:
         self.rfile = sock.makefile("rb")
         self.used = False
         self.closed = False
+        self.reusable = True
 
     def stale(self) -> bool:
         """Whether this idle connection has something to read: the agent closed it."""
@@ -73,6 +74,7 @@ class _Connection:
         try:
             self.sock.sendall(request)
         except (BrokenPipeError, ConnectionResetError) as exc:
+            self.reusable = False
             try:  # the agent may have answered (413, say) before it stopped reading
                 return self._answer()
             except (OSError, http_wire.HttpWireError):
@@ -188,7 +190,7 @@ class InferenceClient:
                 reused = conn.used
                 request = http_wire.format_request(method, path, conn.host, data, self.kind)
                 head, payload = conn.exchange(request)
-                if head.closes or head.content_length is None:
+                if head.closes or head.content_length is None or not conn.reusable:
                     self._drop(conn)
                 break
             except (OSError, http_wire.HttpWireError) as exc:

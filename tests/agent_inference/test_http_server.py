@@ -454,3 +454,44 @@ def test_curl_predicts_through_the_real_service(
     answer, _, code = out.stdout.decode().rpartition("\n")
     assert code == "200"
     assert len(json.loads(answer)["predictions"]) == 3
+
+
+def test_an_answer_sent_before_the_agent_stopped_reading_still_reaches_the_client() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    body = b'{"error":"too big"}'
+    answer = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+    def refuse() -> None:  # read the head only, answer, close with the body unread
+        with listener:
+            conn, _ = listener.accept()
+            with conn:
+                stream = conn.makefile("rb")
+                while stream.readline() not in (b"\r\n", b""):
+                    pass
+                conn.sendall(answer)
+                stream.close()
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    client = InferenceClient.connect(f"127.0.0.1:{listener.getsockname()[1]}", use_msgpack=True)
+    with pytest.raises(ClientError) as caught:
+        client.predict(np.zeros((40_000, 64), dtype=np.float32))  # 10 MiB: more than buffers hold
+    thread.join(5)
+    assert caught.value.status == 413
+    assert "too big" in str(caught.value)
+    assert getattr(client._local, "conn", None) is None  # the broken connection is dropped
+
+
+def test_an_ipv6_loopback_api_is_reached_with_a_bracketed_host(backend: _Backend) -> None:
+    try:
+        server = ApiServer(backend, ListenAddress(host="::1", port=0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    server.start()
+    try:
+        assert server.url == f"[::1]:{server.address.port}"
+        with InferenceClient.connect(server.url) as client:
+            assert client.health() == {"status": "ok"}
+            assert client._local.conn.host == server.url
+    finally:
+        server.stop()
