@@ -44,7 +44,7 @@ def media_type(content_type: str | None) -> str:
     raise BadRequestError(f"unsupported content type {kind!r}: use {JSON} or {MSGPACK}", 415)
 
 
-def decode_body(body: bytes, kind: str) -> Mapping[str, Any]:
+def decode_body(body: bytes | bytearray, kind: str) -> Mapping[str, Any]:
     """The body as a map; BadRequestError if it is not one in the format `kind` names."""
     try:
         value = (

@@ -10,10 +10,12 @@ agent cannot be reached, another status).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
 import threading
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,17 +58,20 @@ class _Connection:
             self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.sock = sock
         self.rfile = sock.makefile("rb")
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
         self.used = False
         self.closed = False
         self.reusable = True
+        # closed with the socket when the owning thread's reference goes (the thread ended)
+        weakref.finalize(self, _close_quietly, self.rfile, sock)
 
     def stale(self) -> bool:
         """Whether this idle connection has something to read: the agent closed it."""
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(self._poll.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
     def exchange(self, request: bytes) -> tuple[http_wire.ResponseHead, bytes]:
         """Send one request and read its answer; OSError or HttpWireError if that fails."""
@@ -98,10 +103,21 @@ class _Connection:
         return head, body
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket (from the thread that uses it)."""
         self.closed = True
-        self.rfile.close()
-        self.sock.close()
+        _close_quietly(self.rfile, self.sock)
+
+    def shut(self) -> None:
+        """End the connection from another thread: its owner closes it on its next call."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _close_quietly(rfile: Any, sock: socket.socket) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        rfile.close()
+    sock.close()
 
 
 def _kind_of(content_type: str | None) -> str:
@@ -134,13 +150,17 @@ class InferenceClient:
     ) -> None:
         if (backend is None) == (address is None):
             raise ClientError("give exactly one of backend (in-process) or address (HTTP)")
+        if address is not None and not address.startswith("unix:"):
+            host, colon, port = address.rpartition(":")
+            if not colon or not host or not port.isdigit() or int(port) > 65535:
+                raise ClientError(f"address {address!r}: give HOST:PORT or unix:PATH")
         self._backend = backend
         self.address = address
         self.timeout = timeout
         self.kind = MSGPACK if use_msgpack else JSON
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: set[_Connection] = set()  # every thread's, for `close`
+        self._open: weakref.WeakSet[_Connection] = weakref.WeakSet()  # every live thread's
 
     @classmethod
     def in_process(cls, backend: Backend) -> InferenceClient:
@@ -193,7 +213,8 @@ class InferenceClient:
                 if head.closes or head.content_length is None or not conn.reusable:
                     self._drop(conn)
                 break
-            except (OSError, http_wire.HttpWireError) as exc:
+            except (OSError, ValueError, http_wire.HttpWireError) as exc:  # (ValueError: the
+                # connection was closed under this thread by `close` in another)
                 if conn is not None:
                     self._drop(conn)
                 # Sent again only if nothing can have happened twice: a GET, on a kept-alive
@@ -213,7 +234,7 @@ class InferenceClient:
             raise InputError(message)
         if status in (400, 404) and path == "/v1/feedback":
             raise FeedbackError(message, "unknown_id" if status == 404 else "invalid")
-        if status == 503:
+        if status == 503 and "retry-after" not in head.headers:  # (with it: the agent is busy)
             raise ModelUnavailableError(message)
         raise ClientError(f"{method} {path}: {status} {message}", status)
 
@@ -266,12 +287,17 @@ class InferenceClient:
         return self._call("GET", "/metrics")[0].decode()
 
     def close(self) -> None:
-        """Close the connections of every thread (a later call opens a new one)."""
+        """Close this thread's connection, and end the other threads' (a request they have
+        in flight fails; their next call opens a new connection)."""
+        own: _Connection | None = getattr(self._local, "conn", None)
         with self._lock:
-            conns, self._open = self._open, set()
-        for conn in conns:
-            conn.close()
-        self._local.conn = None
+            others = [c for c in self._open if c is not own]
+            self._open.clear()
+        for conn in others:
+            conn.shut()
+        if own is not None:
+            self._local.conn = None
+            own.close()
 
     def __enter__(self) -> InferenceClient:
         return self

@@ -7,8 +7,9 @@ A thread per connection (`socketserver`), the message heads read and written by
 ``/openapi.json``): ``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/feedback``,
 ``POST /v1/rollback``, ``GET /healthz``, ``GET /metrics``. Bodies are JSON or msgpack,
 chosen by Content-Type; an answer uses the request's format. Errors are
-``{"error": message}`` with 400 (bad input), 404, 405, 411, 413, 415, 431, 501, 503 (no
-model loaded, nothing to roll back to) or 500 (logged with its traceback).
+``{"error": message}`` with 400 (bad input), 404, 405, 408, 411, 413, 414, 415, 431,
+501, 503 (no model loaded, nothing to roll back to, or too many connections), 505 or
+500 (logged with its traceback).
 """
 
 from __future__ import annotations
@@ -118,13 +119,14 @@ class _Connection(socketserver.BaseRequestHandler):
         if keep and head.version < (1, 1):
             extra = (*extra, ("Connection", "keep-alive"))
         answer = http_wire.format_response(status, payload, kind, not keep, extra)
+        sock.settimeout(self.request_timeout_s)  # (not what the last read left of its own)
         sock.sendall(answer[: len(answer) - len(payload)] if method == "HEAD" else answer)
         if log.isEnabledFor(logging.DEBUG):
             log.debug('inference api: "%s %s" %d %d', method, head.target, status, len(payload))
         return keep
 
     @staticmethod
-    def _body(head: RequestHead, sock: socket.socket, reader: RequestReader) -> bytes:
+    def _body(head: RequestHead, sock: socket.socket, reader: RequestReader) -> bytes | bytearray:
         length = head.content_length
         if length is None:
             if head.method == "POST":
@@ -139,7 +141,7 @@ class _Connection(socketserver.BaseRequestHandler):
             raise ConnectionAbortedError("the client closed the connection mid-body")
         return body
 
-    def _dispatch(self, head: RequestHead, body: bytes) -> tuple[int, bytes, str]:
+    def _dispatch(self, head: RequestHead, body: bytes | bytearray) -> tuple[int, bytes, str]:
         """(status, body, content type) of the answer; unexpected errors become 500."""
         try:
             if head.method in ("GET", "HEAD"):
@@ -164,7 +166,7 @@ class _Connection(socketserver.BaseRequestHandler):
             return 200, _OPENAPI_BYTES, JSON
         return 404, _error(f"no endpoint GET {path}"), JSON
 
-    def _post(self, head: RequestHead, body: bytes) -> tuple[int, bytes, str]:
+    def _post(self, head: RequestHead, body: bytes | bytearray) -> tuple[int, bytes, str]:
         path = head.path
         kind = JSON
         try:
@@ -253,9 +255,10 @@ class ApiServer:
         log.info("inference API listening on %s", self.url)
 
     def stop(self) -> None:
-        """Stop serving and remove the socket file."""
+        """Stop serving, end the open connections and remove the socket file."""
         self._server.shutdown()
         self._server.server_close()
+        self._server.end_connections()
         if self.address.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.address.path)

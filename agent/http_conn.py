@@ -20,6 +20,7 @@ from typing import Any
 from agent import http_wire
 
 _CHUNK = 65536
+_STRAY_LINE_ENDS = 4  # bytes of CR/LF dropped between requests (more: a malformed request)
 
 
 class RequestReader:
@@ -35,27 +36,42 @@ class RequestReader:
         self._deadline = 0.0
 
     def wait(self) -> bool:
-        """True once a request's first bytes are here (its deadline starts); False if closed."""
-        if not self._buf:
+        """True once a request's first bytes are here (its deadline starts); False if closed.
+
+        A line end or two left after the previous body (some clients send CRLF after it)
+        is dropped, not taken for the start of a request.
+        """
+        buf = self._buf
+        dropped = 0
+        while True:
+            while buf and buf[0] in b"\r\n" and dropped < _STRAY_LINE_ENDS:
+                del buf[0]
+                dropped += 1
+            if buf:
+                break
             self._sock.settimeout(self._idle_s)
             chunk = self._sock.recv(_CHUNK)  # TimeoutError once idle too long
             if not chunk:
                 return False
-            self._buf += chunk
+            buf += chunk
         self._deadline = time.monotonic() + self._request_s
         return True
 
-    def _more(self) -> bytes:
+    def _left(self) -> float:
         left = self._deadline - time.monotonic()
         if left <= 0:
-            raise http_wire.HttpWireError(f"request not complete within {self._request_s:g} s", 408)
-        self._sock.settimeout(left)
+            raise self._late()
+        return left
+
+    def _late(self) -> http_wire.HttpWireError:
+        return http_wire.HttpWireError(f"request not complete within {self._request_s:g} s", 408)
+
+    def _more(self) -> bytes:
+        self._sock.settimeout(self._left())
         try:
             return self._sock.recv(_CHUNK)
         except TimeoutError:
-            raise http_wire.HttpWireError(
-                f"request not complete within {self._request_s:g} s", 408
-            ) from None
+            raise self._late() from None
 
     def readline(self, limit: int) -> bytes:
         """One line, ending with its newline; shorter if `limit` or the end came first."""
@@ -79,18 +95,33 @@ class RequestReader:
         del buf[:n]
         return line
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> bytes | bytearray:
         """`n` bytes, or fewer if the client closed the connection first."""
         buf = self._buf
-        while len(buf) < n:
-            chunk = self._more()
-            if not chunk:
-                break
-            buf += chunk
-        with memoryview(buf) as view:
-            data = bytes(view[:n])
-        del buf[:n]
-        return data
+        if len(buf) >= n:
+            with memoryview(buf) as view:
+                data = bytes(view[:n])
+            del buf[:n]
+            return data
+        body = bytearray(n)  # received in place: one copy of a large body, not two
+        have = len(buf)
+        body[:have] = buf
+        buf.clear()
+        with memoryview(body) as view:
+            while have < n:
+                got = self._more_into(view[have:])
+                if not got:
+                    del body[have:]
+                    break
+                have += got
+        return body
+
+    def _more_into(self, view: memoryview) -> int:
+        self._sock.settimeout(self._left())
+        try:
+            return self._sock.recv_into(view)
+        except TimeoutError:
+            raise self._late() from None
 
 
 def linger_close(sock: socket.socket, seconds: float, max_bytes: int) -> None:
@@ -119,17 +150,19 @@ class CappedThreadingServer(socketserver.ThreadingMixIn):
 
     daemon_threads = True
     block_on_close = False
-    max_connections = 64
     busy_answer = http_wire.format_response(
-        503, b'{"error":"too many connections to the inference API"}', "application/json",
-        close=True,
+        503, b'{"error":"too many connections to the inference API; retry shortly"}',
+        "application/json", close=True, extra=(("Retry-After", "1"),),
     )  # fmt: skip
-    _slots = threading.BoundedSemaphore(max_connections)
+    _slots: threading.BoundedSemaphore
+    _open: set[socket.socket]
+    _open_lock: threading.Lock
 
     def limit(self, max_connections: int) -> None:
-        """Serve at most `max_connections` at once (call before serving)."""
-        self.max_connections = max_connections
+        """Serve at most `max_connections` at once; call once, before serving."""
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._open = set()
+        self._open_lock = threading.Lock()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve `request` on a new thread, or answer 503 if all connections are taken."""
@@ -140,10 +173,12 @@ class CappedThreadingServer(socketserver.ThreadingMixIn):
                 request.sendall(self.busy_answer)
             self.shutdown_request(request)  # type: ignore[attr-defined]
             return
+        with self._open_lock:
+            self._open.add(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -151,4 +186,17 @@ class CappedThreadingServer(socketserver.ThreadingMixIn):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def _forget(self, request: socket.socket) -> None:
+        with self._open_lock:
+            self._open.discard(request)
+        self._slots.release()
+
+    def end_connections(self) -> None:
+        """Shut down every open connection (their threads then finish)."""
+        with self._open_lock:
+            open_now = list(self._open)
+        for sock in open_now:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -287,19 +287,39 @@ def test_connections_over_the_cap_are_answered_503(backend: _Backend) -> None:
             assert c.health() == {"status": "ok"}  # two connections open and kept
         with _connect(server) as sock:
             status, headers, body = _read_answer(sock.makefile("rb"))
-        assert (status, headers["connection"]) == (503, "close")
+        assert (status, headers["connection"], headers["retry-after"]) == (503, "close", "1")
         assert b"too many connections" in body
+        with InferenceClient.connect(server.url) as third, pytest.raises(ClientError) as busy:
+            third.health()
+        assert busy.value.status == 503  # busy, not ModelUnavailableError ("no model")
+        assert not isinstance(busy.value, ModelUnavailableError)
         held[0].close()
         deadline = time.monotonic() + 5
         while True:  # the server frees the slot once it sees the close
             with InferenceClient.connect(server.url) as fresh:
                 try:
-                    assert fresh.health() == {"status": "ok"}
+                    answer = fresh.health()
+                except ClientError as exc:
+                    refused = exc.status
+                else:
                     break
-                except ModelUnavailableError:  # (a 503: still busy)
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+            assert refused == 503
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert answer == {"status": "ok"}
         held[1].close()
+
+
+def test_threads_that_end_give_their_connections_back(backend: _Backend) -> None:
+    with _own_server(backend, max_connections=4) as server:
+        client = InferenceClient.connect(server.url)
+        answers: list[object] = []
+        for _ in range(12):  # three times the cap, one short-lived thread after another
+            t = threading.Thread(target=lambda: answers.append(client.model()))
+            t.start()
+            t.join()
+        assert answers == [{"model": "m", "version": "v1"}] * 12
+        client.close()
 
 
 def test_close_closes_the_connections_of_every_thread(server: ApiServer) -> None:
@@ -317,7 +337,70 @@ def test_close_closes_the_connections_of_every_thread(server: ApiServer) -> None
         t.join()
     assert len({id(c) for c in conns}) == 3
     client.close()
-    assert all(c.sock.fileno() == -1 for c in conns)
+    for conn in conns:  # ended: the agent's side sees the close, the owner's next call reopens
+        assert conn.closed
+        assert conn.sock.recv(1) == b""
+
+
+def test_close_during_requests_in_other_threads_raises_only_client_errors(
+    server: ApiServer,
+) -> None:
+    client = InferenceClient.connect(server.url)
+    stop = threading.Event()
+    unexpected: list[BaseException] = []
+    done = [0]
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                client.health()
+                done[0] += 1
+            except ClientError:
+                pass
+            except BaseException as exc:
+                unexpected.append(exc)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(200):
+        client.close()
+        time.sleep(0.002)
+    stop.set()
+    for t in threads:
+        t.join()
+    client.close()
+    assert not unexpected
+    assert done[0] > 0
+
+
+def test_stopping_the_server_ends_its_open_connections(backend: _Backend) -> None:
+    with _own_server(backend) as server:
+        sock = _connect(server)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        stream = sock.makefile("rb")
+        assert _read_answer(stream)[0] == 200
+    with sock, stream:  # stopped: the kept-alive connection is closed, not served on
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert stream.read() == b""
+
+
+def test_a_line_end_after_a_body_is_not_a_request(backend: _Backend) -> None:
+    with _own_server(backend, request_timeout_s=0.2) as server, _connect(server) as sock:
+        body = b'{"prediction_id": "p-1", "label": 3}'
+        sock.sendall(b"POST /v1/feedback HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s\r\n"
+                     % (len(body), body))  # fmt: skip
+        stream = sock.makefile("rb")
+        assert _read_answer(stream)[0] == 200
+        sock.settimeout(0.6)  # three request deadlines: no 408 for the stray CRLF
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+
+
+def test_an_address_without_a_port_is_refused_at_once() -> None:
+    for address in ("localhost", "127.0.0.1:", ":8790", "h:99999"):
+        with pytest.raises(ClientError, match="HOST:PORT or unix:PATH"):
+            InferenceClient.connect(address)
 
 
 class _ScriptedServer:
