@@ -91,6 +91,7 @@ class _Connection(socketserver.BaseRequestHandler):
     request_timeout_s: float
 
     def handle(self) -> None:
+        """Answer this connection's requests until it closes, times out or breaks the rules."""
         sock: socket.socket = self.request
         reader = RequestReader(sock, self.idle_timeout_s, self.request_timeout_s)
         try:
@@ -98,6 +99,7 @@ class _Connection(socketserver.BaseRequestHandler):
                 pass
         except HttpWireError as exc:  # answered with its status; the rest is not read
             with contextlib.suppress(OSError):
+                sock.settimeout(_LINGER_S)
                 sock.sendall(http_wire.format_response(exc.status, _error(exc), JSON, True))
                 linger_close(sock, _LINGER_S, 2 * api_codec.MAX_BODY_BYTES)
         except OSError:  # reset, idle too long, gone before its answer
