@@ -23,6 +23,7 @@ import numpy as np
 
 from agent import api_codec, http_wire
 from agent.api_codec import JSON, MSGPACK
+from agent.config import ListenAddress, parse_listen
 from agent.errors import AgentError, InputError
 from agent.feedback import FeedbackError
 from agent.http_api import Backend
@@ -40,22 +41,20 @@ class ClientError(AgentError):
 class _Connection:
     """One persistent HTTP/1.1 connection to the API (one per client thread)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
-        if address.startswith("unix:"):
+    def __init__(self, target: ListenAddress, timeout: float) -> None:
+        if target.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(timeout)
-                sock.connect(address[len("unix:") :])
+                sock.connect(target.path)
             except OSError:
                 sock.close()
                 raise
             self.host = "localhost"
         else:
-            host, _, port = address.rpartition(":")
-            host = host.strip("[]")
-            sock = socket.create_connection((host, int(port)), timeout)
+            sock = socket.create_connection((target.host, target.port), timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            self.host = str(target)  # HOST:PORT, an IPv6 host in brackets
         self.sock = sock
         self.rfile = sock.makefile("rb")
         self._poll = select.poll()
@@ -150,10 +149,20 @@ class InferenceClient:
     ) -> None:
         if (backend is None) == (address is None):
             raise ClientError("give exactly one of backend (in-process) or address (HTTP)")
-        if address is not None and not address.startswith("unix:"):
-            host, colon, port = address.rpartition(":")
-            if not colon or not host or not port.isdigit() or int(port) > 65535:
-                raise ClientError(f"address {address!r}: give HOST:PORT or unix:PATH")
+        self._target = ListenAddress()
+        if address is not None:  # parsed once, as the agent parses `inference_listen`
+            try:
+                if not address:
+                    raise ValueError("empty")
+                self._target = (
+                    ListenAddress(path=address[len("unix:") :])  # (any path a client can reach)
+                    if address.startswith("unix:")
+                    else parse_listen(address, "")
+                )
+            except ValueError as exc:
+                raise ClientError(
+                    f"address {address!r}: give HOST:PORT or unix:PATH ({exc})"
+                ) from None
         self._backend = backend
         self.address = address
         self.timeout = timeout
@@ -181,7 +190,7 @@ class InferenceClient:
             self._drop(conn)  # (closed by `close`, or by the agent while idle)
             conn = None
         if conn is None:
-            conn = _Connection(self.address or "", self.timeout)
+            conn = _Connection(self._target, self.timeout)
             self._local.conn = conn
             with self._lock:
                 self._open.add(conn)

@@ -510,7 +510,7 @@ def test_the_client_reads_an_answer_framed_by_closing(server: ApiServer) -> None
     client = InferenceClient.connect(address, timeout=5)
     assert client.health() == {"status": "ok"}
     thread.join(5)
-    client.address = server.url  # the next call opens a new connection
+    client._target = server.address  # the next call opens a new connection, there
     assert client.model()["version"] == "v1"
     client.close()
 
