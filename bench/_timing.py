@@ -11,14 +11,22 @@ from typing import Any
 
 
 def interleaved_medians(
-    candidates: dict[str, Callable[[], object]], trials: int, inner: int = 1
+    candidates: dict[str, Callable[[], object]], trials: int, inner: int = 1, settle: bool = False
 ) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in alternating trials."""
+    """Median seconds per call of each candidate, timed in alternating trials.
+
+    With `settle`, each timed call comes right after an untimed call of the same candidate,
+    so it starts from the caches its own last run left (as in a loop of it alone), not from
+    what the candidate before it left: after one that streams megabytes through the caches,
+    the next would start cold and the one after it warm, whichever they are.
+    """
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():
         fn()  # warm up: first-touch page faults, caches, lazy imports
     for _ in range(trials):
         for name, fn in candidates.items():
+            if settle:
+                fn()
             start = time.perf_counter()
             for _ in range(inner):
                 fn()

@@ -49,6 +49,7 @@ def measure(size_mb: int, trials: int) -> dict[str, float]:
             "message": lambda: _message_roundtrip(array, cap),
         },
         trials=trials,
+        settle=True,
     )
     return medians
 

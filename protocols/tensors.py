@@ -244,17 +244,18 @@ def decode_tensor(t: WireTensor, max_elements: int = MAX_ELEMENTS) -> npt.NDArra
     """The tensor as an array (f32 dense: a read-only view of the received bytes)."""
     if t.indices is None and t.dtype == "f32" and t.scale == 1.0 and t.zero_point == 0:
         # The common case, checked by numpy: the bytes must hold exactly `shape`.
+        shape = t.shape
         try:
             out = np.frombuffer(t.data, _F32)
-            shape = t.shape
-            if out.shape != shape:  # (a flat tensor needs no reshape, nor these checks)
+            count = len(out)
+            if len(shape) != 1 or count != shape[0]:  # (a flat tensor needs no reshape)
                 if len(shape) > _MAX_RANK or min(shape, default=0) <= 0:
                     raise ValueError
                 out = out.reshape(shape)
         except (ValueError, TypeError):
             pass
         else:
-            if out.size <= max_elements:
+            if count <= max_elements:
                 return out
     if t.indices is not None:
         idx, vals = decode_sparse(t, max_elements)

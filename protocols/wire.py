@@ -4,9 +4,11 @@
 copy (msgpack's own packer grows its buffer and copies large blobs several times).
 `unpack_map` checks the size cap before anything else and decodes small payloads with
 msgpack's C unpacker. Large ones come back with their large binaries as read-only
-`memoryview` slices of the input instead of copies: the binaries are cut out and the rest
-goes to the C unpacker, or, where that cannot be shown to give the same result, to `walk`
-(`protocols.msgpack_walk`), a small total walker. Either way, only `DecodeError` leaves it.
+`memoryview` slices of the input instead of copies. A flat map whose one large binary is
+its last value (a tensor's, a blob chunk's) is read in one pass (`msgpack_walk.flat_map`);
+otherwise the binaries are cut out and the rest goes to the C unpacker, or, where that
+cannot be shown to give the same result, to `walk` (`protocols.msgpack_walk`), a small
+total walker. Either way, only `DecodeError` leaves it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import msgpack
 
 from protocols.errors import DecodeError, EncodeError
-from protocols.msgpack_walk import BIG_BINARY, walk
+from protocols.msgpack_walk import BIG_BINARY, flat_map, walk
 
 __all__ = ["BIG_BINARY", "DEFAULT_MAX_BYTES", "ZERO_COPY_THRESHOLD", "BigBinary", "big",
            "pack_map", "unpack_map", "walk"]  # fmt: skip
@@ -167,24 +169,10 @@ def unpack_map(
             if 0 <= at <= stop:
                 end = at + 5 + _U32(data, at + 1)[0]
                 if stop < end <= size and end - at - 5 >= _BIG_BIN:
-                    view = memoryview(data)[at + 5 : end]
-                    met = 0
-
-                    def hook(code: int, ext: bytes) -> Any:  # as _unpack_cut's, for one
-                        nonlocal met
-                        if ext == _PH0_BODY and code == _PLACEHOLDER_CODE:
-                            met += 1  # (more than once only if the input held the nonce)
-                            return view
-                        return _other_ext(code, ext)
-
-                    try:
-                        value = _unpackb(
-                            data[:at] + _PH0 + data[end:], ext_hook=hook, max_bin_len=_BIG_BIN - 1
-                        )
-                    except _MSGPACK_ERRORS:
-                        value = _FAIL
-                    if met != 1:
-                        value = _FAIL
+                    # the payload's last value: perhaps of a flat map (a tensor's, a chunk's)
+                    value = flat_map(data, at) if end == size else None
+                    if value is None:
+                        value = _unpack_one_cut(data, at, end)
             if value is _FAIL:
                 value = _cut_and_unpack(data)
         if value is _FAIL:
@@ -223,16 +211,41 @@ def _placeholder(i: int) -> bytes:  # fixext 16, code 127: the nonce and the ord
 
 
 _PLACEHOLDERS = [b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little") for i in range(256)]
-_PH0 = _PLACEHOLDERS[0]
-_PH0_BODY = _PH0[2:]
 _unpackb = msgpack.unpackb
 
 
-def _other_ext(code: int, ext: bytes) -> Any:
-    """An extension value that is not the one placeholder: `_FAIL` for any other placeholder."""
-    if code == _PLACEHOLDER_CODE and ext[:12] == _NONCE:
-        raise ValueError("placeholder out of order")
-    return msgpack.ExtType(code, ext)
+# The common case's marker: a bin 8 of 20 secret bytes. Msgpack returns it as `bytes`, so
+# finding one equal to the secret, as a value, means the cut header was a value's (the
+# prefix parses the same either way) and the skeleton parses as the payload does.
+_CUT_SECRET = os.urandom(20)
+_CUT_MARK = b"\xc4\x14" + _CUT_SECRET
+
+
+def _unpack_one_cut(data: bytes, at: int, end: int) -> Any:
+    """`data` decoded with the binary at `at`..`end` cut out and put back as a view; or _FAIL.
+
+    The binary is cut out for a secret marker (a small binary, so msgpack needs no hook).
+    """
+    try:
+        value = _unpackb(data[:at] + _CUT_MARK + data[end:], max_bin_len=_BIG_BIN - 1)
+    except _MSGPACK_ERRORS:
+        return _FAIL
+    if type(value) is not dict or not _put_back(value, memoryview(data)[at + 5 : end]):
+        return _FAIL
+    return value
+
+
+def _put_back(node: Any, view: memoryview) -> bool:
+    """Replace the marker among `node`'s values (a map or an array, searched depth first)."""
+    for key, item in node.items() if type(node) is dict else enumerate(node):
+        kind = type(item)
+        if kind is bytes:
+            if item == _CUT_SECRET:
+                node[key] = view
+                return True
+        elif (kind is dict or kind is list) and _put_back(item, view):
+            return True
+    return False
 
 
 def _cut_and_unpack(data: bytes) -> Any:

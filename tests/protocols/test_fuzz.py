@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocols import messages, tensors, wire
+from protocols import messages, schema, tensors, wire
 from protocols.chunks import Reassembly, split_blob
 from protocols.errors import DecodeError
 from protocols.messages import MESSAGE_TYPES, BlobChunk, ModelUpdate
@@ -43,7 +43,16 @@ def _big_update() -> bytes:
     return messages.encode(ModelUpdate("d", "j", 1, "v", 2, 3, tensors_))
 
 
-LARGE = {**{kind: _large(kind) for kind in KINDS}, "big_update": _big_update()}
+def _tensor_map() -> bytes:  # a bare tensor's map: read by the flat reader when intact
+    array = np.arange(wire.ZERO_COPY_THRESHOLD // 4 + 10, dtype=np.float32).reshape(2, -1)
+    return wire.pack_map(schema.to_map(encode_dense("w", array)))
+
+
+LARGE = {
+    **{kind: _large(kind) for kind in KINDS},
+    "big_update": _big_update(),
+    "tensor_map": _tensor_map(),
+}
 INTERESTING = [0x00, 0x01, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xC3]
 INTERESTING += [*range(0xC4, 0xE0), 0xE0, 0xFF]
 
