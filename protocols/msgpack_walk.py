@@ -35,10 +35,9 @@ _LEN_S = {
 _EXT_FIXED = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
 _EXT_LEN_S = {0xC7: struct.Struct(">B"), 0xC8: struct.Struct(">H"), 0xC9: struct.Struct(">I")}
 _CODE_S = struct.Struct(">b")
-_U16 = struct.Struct(">H").unpack_from
 _U32 = struct.Struct(">I").unpack_from
-_U64 = struct.Struct(">Q").unpack_from
-_F64 = struct.Struct(">d").unpack_from
+_FLAT_NUMBERS = frozenset((0xCC, 0xCD, 0xCE, 0xCF, 0xCB))  # uint 8 to 64, float 64
+_FLAT_ARRAY_UINTS = frozenset((0xCC, 0xCD, 0xCE))  # uint 8 to 32
 
 
 class _TruncatedError(Exception):
@@ -218,32 +217,16 @@ def flat_map(data: bytes, at: int) -> dict[str, Any] | None:
                     if b < 0x80:
                         value.append(b)
                         pos += 1
-                    elif b == 0xCE:
-                        value.append(_U32(data, pos + 1)[0])
-                        pos += 5
-                    elif b == 0xCD:
-                        value.append(_U16(data, pos + 1)[0])
-                        pos += 3
-                    elif b == 0xCC:
-                        value.append(data[pos + 1])
-                        pos += 2
+                    elif b in _FLAT_ARRAY_UINTS:
+                        st = _FIXED_S[b]
+                        value.append(st.unpack_from(data, pos + 1)[0])
+                        pos += 1 + st.size
                     else:
                         return None
-            elif b == 0xCE:
-                value = _U32(data, pos)[0]
-                pos += 4
-            elif b == 0xCD:
-                value = _U16(data, pos)[0]
-                pos += 2
-            elif b == 0xCC:
-                value = data[pos]
-                pos += 1
-            elif b == 0xCF:
-                value = _U64(data, pos)[0]
-                pos += 8
-            elif b == 0xCB:
-                value = _F64(data, pos)[0]
-                pos += 8
+            elif b in _FLAT_NUMBERS:
+                st = _FIXED_S[b]
+                value = st.unpack_from(data, pos)[0]
+                pos += st.size
             elif b == 0xC0:
                 value = None
             elif b == 0xC2 or b == 0xC3:
