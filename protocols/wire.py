@@ -235,16 +235,19 @@ def _unpack_one_cut(data: bytes, at: int, end: int) -> Any:
     return value
 
 
-def _put_back(node: Any, view: memoryview) -> bool:
-    """Replace the marker among `node`'s values (a map or an array, searched depth first)."""
-    for key, item in node.items() if type(node) is dict else enumerate(node):
-        kind = type(item)
-        if kind is bytes:
-            if item == _CUT_SECRET:
-                node[key] = view
-                return True
-        elif (kind is dict or kind is list) and _put_back(item, view):
-            return True
+def _put_back(value: dict[str, Any], view: memoryview) -> bool:
+    """Replace the marker among the values in `value` (maps and arrays, at any depth)."""
+    nodes: list[Any] = [value]  # a stack, not recursion: msgpack nests up to 1,024 deep
+    while nodes:
+        node = nodes.pop()
+        for key, item in node.items() if type(node) is dict else enumerate(node):
+            kind = type(item)
+            if kind is bytes:
+                if item == _CUT_SECRET:
+                    node[key] = view
+                    return True
+            elif kind is dict or kind is list:
+                nodes.append(item)
     return False
 
 

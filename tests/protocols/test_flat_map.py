@@ -101,6 +101,19 @@ def test_a_nested_binary_takes_the_single_cut_path() -> None:
     assert plain(decoded) == plain(msgpack.unpackb(data))
 
 
+@pytest.mark.parametrize("depth", [40, 1000, 1023])
+def test_deep_nesting_before_the_binary_still_decodes_or_is_refused(depth: int) -> None:
+    # msgpack's C unpacker takes up to 1,024 levels; finding the marker must not recurse
+    data = b"\x82\xa4deep" + b"\x91" * depth + b"\x01\xa1a" + msgpack.packb(BLOB)
+    try:
+        decoded = wire.unpack_map(data)
+    except DecodeError:
+        return
+    assert list(decoded) == ["deep", "a"]
+    assert bytes(decoded["a"]) == BLOB
+    assert decoded["a"].obj is data
+
+
 _SCALARS = st.one_of(
     st.integers(-(1 << 63), (1 << 64) - 1),
     st.text(max_size=40),
