@@ -214,41 +214,9 @@ _PLACEHOLDERS = [b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little") for i in range(2
 _unpackb = msgpack.unpackb
 
 
-# The common case's marker: a bin 8 of 20 secret bytes. Msgpack returns it as `bytes`, so
-# finding one equal to the secret, as a value, means the cut header was a value's (the
-# prefix parses the same either way) and the skeleton parses as the payload does.
-_CUT_SECRET = os.urandom(20)
-_CUT_MARK = b"\xc4\x14" + _CUT_SECRET
-
-
 def _unpack_one_cut(data: bytes, at: int, end: int) -> Any:
-    """`data` decoded with the binary at `at`..`end` cut out and put back as a view; or _FAIL.
-
-    The binary is cut out for a secret marker (a small binary, so msgpack needs no hook).
-    """
-    try:
-        value = _unpackb(data[:at] + _CUT_MARK + data[end:], max_bin_len=_BIG_BIN - 1)
-    except _MSGPACK_ERRORS:
-        return _FAIL
-    if type(value) is not dict or not _put_back(value, memoryview(data)[at + 5 : end]):
-        return _FAIL
-    return value
-
-
-def _put_back(value: dict[str, Any], view: memoryview) -> bool:
-    """Replace the marker among the values in `value` (maps and arrays, at any depth)."""
-    nodes: list[Any] = [value]  # a stack, not recursion: msgpack nests up to 1,024 deep
-    while nodes:
-        node = nodes.pop()
-        for key, item in node.items() if type(node) is dict else enumerate(node):
-            kind = type(item)
-            if kind is bytes:
-                if item == _CUT_SECRET:
-                    node[key] = view
-                    return True
-            elif kind is dict or kind is list:
-                nodes.append(item)
-    return False
+    """`data` decoded with the binary at `at`..`end` cut out and put back as a view; or _FAIL."""
+    return _unpack_cut(data[:at] + _PLACEHOLDERS[0] + data[end:], [memoryview(data)[at + 5 : end]])
 
 
 def _cut_and_unpack(data: bytes) -> Any:

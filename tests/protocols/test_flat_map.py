@@ -103,7 +103,7 @@ def test_a_nested_binary_takes_the_single_cut_path() -> None:
 
 @pytest.mark.parametrize("depth", [40, 1000, 1023])
 def test_deep_nesting_before_the_binary_still_decodes_or_is_refused(depth: int) -> None:
-    # msgpack's C unpacker takes up to 1,024 levels; finding the marker must not recurse
+    # msgpack's C unpacker takes up to 1,024 levels; putting the view back must not recurse
     data = b"\x82\xa4deep" + b"\x91" * depth + b"\x01\xa1a" + msgpack.packb(BLOB)
     try:
         decoded = wire.unpack_map(data)
