@@ -23,6 +23,10 @@ JSON = "application/json"
 MSGPACK = "application/msgpack"
 MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
 TENSOR_DTYPES = frozenset({"float32", "float64", "float16", "int64", "int32", "int8", "uint8"})
+# Each as little-endian. np.dtype("<f4") is numpy's own float32 object on a little-endian
+# machine (newbyteorder would make a copy), so a decoded tensor meets the predict path's
+# `dtype is` fast check.
+_LITTLE = {name: np.dtype("<" + np.dtype(name).str[1:]) for name in TENSOR_DTYPES}
 MAX_BODY_BYTES = 64 * 1024 * 1024
 
 
@@ -67,7 +71,7 @@ def _tensor(value: Mapping[str, Any]) -> np.ndarray[Any, Any]:
         raise BadRequestError(f"input tensor needs dtype (one of {sorted(TENSOR_DTYPES)}) and data")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise BadRequestError("input tensor shape must be a list of non-negative integers")
-    dt = np.dtype(dtype).newbyteorder("<")
+    dt = _LITTLE[dtype]
     size = math.prod(shape) * dt.itemsize
     if size != len(data):
         raise BadRequestError(f"input tensor {shape} {dtype} needs {size} bytes, got {len(data)}")

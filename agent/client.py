@@ -14,6 +14,7 @@ import contextlib
 import json
 import select
 import socket
+import struct
 import threading
 import weakref
 from collections.abc import Mapping
@@ -44,9 +45,14 @@ class _Connection:
     def __init__(self, target: ListenAddress, timeout: float) -> None:
         if target.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.settimeout(timeout)
+            try:  # a blocking connect waits (up to the send timeout) while the agent's
+                # backlog is full, where a non-blocking one fails at once with EAGAIN
+                seconds = int(timeout)
+                usec = int((timeout - seconds) * 1e6)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("@ll", seconds, usec))  # fmt: skip
                 sock.connect(target.path)
+                sock.settimeout(timeout)
             except OSError:
                 sock.close()
                 raise
@@ -152,13 +158,15 @@ class InferenceClient:
         self._target = ListenAddress()
         if address is not None:  # parsed once, as the agent parses `inference_listen`
             try:
-                if not address:
+                if not address or address == "unix:":
                     raise ValueError("empty")
                 self._target = (
                     ListenAddress(path=address[len("unix:") :])  # (any path a client can reach)
                     if address.startswith("unix:")
                     else parse_listen(address, "")
                 )
+                if self._target.path is None and not self._target.port:
+                    raise ValueError("port 0 is for an agent to pick a port, not to connect to")
             except ValueError as exc:
                 raise ClientError(
                     f"address {address!r}: give HOST:PORT or unix:PATH ({exc})"
@@ -255,10 +263,16 @@ class InferenceClient:
         """Predict one sample or a batch (array-like); InputError if it does not fit."""
         if self._backend is not None:
             return self._backend.predict(x)
-        if isinstance(x, np.ndarray) and self.kind == MSGPACK:
-            arr = np.ascontiguousarray(x)
-            value: Any = {"dtype": str(arr.dtype), "shape": list(arr.shape), "data": arr.tobytes()}
-        else:
+        value: Any
+        if (
+            isinstance(x, np.ndarray)
+            and self.kind == MSGPACK
+            and x.dtype.name in api_codec.TENSOR_DTYPES
+        ):
+            little = x.dtype.newbyteorder("<")  # (the tensor's bytes are little-endian)
+            arr = np.ascontiguousarray(x, little if x.dtype != little else None)
+            value = {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
+        else:  # (other element types go as numbers, as in JSON)
             value = np.asarray(x).tolist()
         return _from_json(self._map("POST", "/v1/predict", {"input": value}))
 

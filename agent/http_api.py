@@ -7,14 +7,16 @@ A thread per connection (`socketserver`), the message heads read and written by
 ``/openapi.json``): ``POST /v1/predict``, ``GET /v1/model``, ``POST /v1/feedback``,
 ``POST /v1/rollback``, ``GET /healthz``, ``GET /metrics``. Bodies are JSON or msgpack,
 chosen by Content-Type; an answer uses the request's format. Errors are
-``{"error": message}`` with 400 (bad input), 404, 405, 408, 411, 413, 414, 415, 431,
-501, 503 (no model loaded, nothing to roll back to, or too many connections), 505 or
-500 (logged with its traceback).
+``{"error": message}`` with 400 (bad input), 403 (on TCP: a request from a web page, or
+a Host that is not a local name), 404, 405, 408, 413, 414, 415, 431, 501, 503 (no model
+loaded, nothing to roll back to, or too many connections), 505 or 500 (logged with its
+traceback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -41,8 +43,13 @@ IDLE_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
 #: Connections served at once; one more is answered 503 and closed.
 MAX_CONNECTIONS = 64
+#: Connections the kernel queues before they are accepted (socketserver's default is 5).
+LISTEN_BACKLOG = 128
 _LINGER_S = 2.0  # how long an error answer waits for the client to stop sending
-_ALLOW = (("Allow", "GET, HEAD, POST"),)
+_GET, _POST = "GET, HEAD", "POST"
+#: Each endpoint's methods (its Allow header): another method is 405, another path 404.
+ROUTES = {"/healthz": _GET, "/metrics": _GET, "/v1/model": _GET, "/openapi.json": _GET,
+          "/v1/predict": _POST, "/v1/feedback": _POST, "/v1/rollback": _POST}  # fmt: skip
 _OPENAPI_BYTES = json.dumps(OPENAPI, indent=1).encode()
 
 
@@ -86,9 +93,10 @@ def _status_of(exc: AgentError) -> int:
 class _Connection(socketserver.BaseRequestHandler):
     """One client connection: requests answered in order until either side closes it."""
 
-    backend: Backend  # these three are set on the subclass made per server
+    backend: Backend  # these four are set on the subclass made per server
     idle_timeout_s: float
     request_timeout_s: float
+    refuse_web_pages: bool  # (on TCP, which a browser can reach)
 
     def handle(self) -> None:
         """Answer this connection's requests until it closes, times out or breaks the rules."""
@@ -113,11 +121,13 @@ class _Connection(socketserver.BaseRequestHandler):
         if lines is None:
             return False
         head = http_wire.parse_request_head(lines)
+        if self.refuse_web_pages:
+            http_wire.check_local_request(head)
         body = self._body(head, sock, reader)
         method = head.method
         status, payload, kind = self._dispatch(head, body)
         keep = head.keep_alive
-        extra = _ALLOW if status == 405 else ()
+        extra = (("Allow", ROUTES[head.path]),) if status == 405 else ()
         if keep and head.version < (1, 1):
             extra = (*extra, ("Connection", "keep-alive"))
         answer = http_wire.format_response(status, payload, kind, not keep, extra)
@@ -130,9 +140,7 @@ class _Connection(socketserver.BaseRequestHandler):
     @staticmethod
     def _body(head: RequestHead, sock: socket.socket, reader: RequestReader) -> bytes | bytearray:
         length = head.content_length
-        if length is None:
-            if head.method == "POST":
-                raise HttpWireError("a body with Content-Length is required", 411)
+        if length is None:  # no body (RFC 9112 6.3: a request without a length has none)
             return b""
         if length > api_codec.MAX_BODY_BYTES:
             raise HttpWireError(f"body over {api_codec.MAX_BODY_BYTES} bytes", 413)
@@ -146,11 +154,14 @@ class _Connection(socketserver.BaseRequestHandler):
     def _dispatch(self, head: RequestHead, body: bytes | bytearray) -> tuple[int, bytes, str]:
         """(status, body, content type) of the answer; unexpected errors become 500."""
         try:
-            if head.method in ("GET", "HEAD"):
-                return self._get(head.path)
+            allowed = ROUTES.get(head.path)
+            if allowed is None:
+                return 404, _error(f"no endpoint {head.path}: see /openapi.json"), JSON
+            if head.method not in allowed.split(", "):
+                return 405, _error(f"{head.path} takes {allowed}, not {head.method}"), JSON
             if head.method == "POST":
                 return self._post(head, body)
-            return 405, _error(f"method {head.method} not allowed: use GET or POST"), JSON
+            return self._get(head.path)
         except Exception as exc:
             log.exception("inference api: %s %s failed", head.method, head.target)
             return 500, _error(f"internal error ({type(exc).__name__}); see the agent's log"), JSON
@@ -164,9 +175,7 @@ class _Connection(socketserver.BaseRequestHandler):
             return 200, b.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8"
         if path == "/v1/model":
             return 200, api_codec.encode_body(b.describe(), JSON), JSON
-        if path == "/openapi.json":
-            return 200, _OPENAPI_BYTES, JSON
-        return 404, _error(f"no endpoint GET {path}"), JSON
+        return 200, _OPENAPI_BYTES, JSON  # (/openapi.json: the last GET route)
 
     def _post(self, head: RequestHead, body: bytes | bytearray) -> tuple[int, bytes, str]:
         path = head.path
@@ -179,13 +188,11 @@ class _Connection(socketserver.BaseRequestHandler):
             elif path == "/v1/feedback":
                 fields = api_codec.feedback_fields(api_codec.decode_body(body, kind))
                 answer = self.backend.feedback(*fields)
-            elif path == "/v1/rollback":
+            else:  # /v1/rollback (a body, if any, is not read)
                 answer = self.backend.rollback()
-            else:
-                raise BadRequestError(f"no endpoint POST {path}", 404)
         except (BadRequestError, InputError, FeedbackError, ModelUnavailableError,
                 InferenceError) as exc:  # fmt: skip
-            if path == "/v1/predict" and isinstance(exc, BadRequestError) and exc.status != 404:
+            if path == "/v1/predict" and isinstance(exc, BadRequestError):
                 self.backend.count_invalid()  # the runtime counts the ones it refuses itself
             return _status_of(exc), api_codec.encode_body({"error": str(exc)}, kind), kind
         return 200, api_codec.encode_body(answer, kind), kind
@@ -197,6 +204,7 @@ def _error(what: str | Exception) -> bytes:
 
 class _TcpServer(CappedThreadingServer, socketserver.TCPServer):
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
 
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # (accepted inherit)
@@ -208,7 +216,26 @@ class _Tcp6Server(_TcpServer):
 
 
 class _UnixServer(CappedThreadingServer, socketserver.UnixStreamServer):
-    pass
+    request_queue_size = LISTEN_BACKLOG
+
+
+def _claim_socket_path(path: Path) -> None:
+    """Remove a stale socket file at `path`; OSError (EADDRINUSE) if a server answers there."""
+    if not path.is_socket():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError:  # refused, or gone: left by a process that ended
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        raise OSError(
+            errno.EADDRINUSE, f"another process serves {path}: stop it or listen elsewhere"
+        )
+    finally:
+        probe.close()
 
 
 class ApiServer:
@@ -223,18 +250,20 @@ class ApiServer:
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         attributes = {"backend": backend, "idle_timeout_s": idle_timeout_s,
-                      "request_timeout_s": request_timeout_s}  # fmt: skip
+                      "request_timeout_s": request_timeout_s,
+                      "refuse_web_pages": address.path is None}  # fmt: skip
         handler = type("Connection", (_Connection,), attributes)
         self.address = address
         self._server: _TcpServer | _UnixServer
+        self._socket_file: tuple[int, int] | None = None  # (device, inode) of ours
         if address.path is not None:
             path = Path(address.path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_socket():
-                    path.unlink()  # a stale socket of an earlier process
+            _claim_socket_path(path)
             self._server = _UnixServer(str(path), handler)
             os.chmod(path, 0o660)
+            st = os.stat(path)
+            self._socket_file = (st.st_dev, st.st_ino)
         else:
             server = _Tcp6Server if ":" in address.host else _TcpServer
             self._server = server((address.host, address.port), handler)
@@ -257,10 +286,12 @@ class ApiServer:
         log.info("inference API listening on %s", self.url)
 
     def stop(self) -> None:
-        """Stop serving, end the open connections and remove the socket file."""
+        """Stop serving, end the open connections and remove the socket file (if still ours)."""
         self._server.shutdown()
         self._server.server_close()
         self._server.end_connections()
         if self.address.path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.path)
+                st = os.stat(self.address.path)
+                if (st.st_dev, st.st_ino) == self._socket_file:
+                    os.unlink(self.address.path)

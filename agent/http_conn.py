@@ -96,24 +96,29 @@ class RequestReader:
         return line
 
     def read(self, n: int) -> bytes | bytearray:
-        """`n` bytes, or fewer if the client closed the connection first."""
+        """`n` bytes, or fewer if the client closed the connection first.
+
+        A large body is received in place (one copy, not two) into a buffer that grows as
+        its bytes arrive, at most doubling: memory follows what was received, not what a
+        Content-Length announced.
+        """
         buf = self._buf
         if len(buf) >= n:
             with memoryview(buf) as view:
                 data = bytes(view[:n])
             del buf[:n]
             return data
-        body = bytearray(n)  # received in place: one copy of a large body, not two
-        have = len(buf)
-        body[:have] = buf
-        buf.clear()
-        with memoryview(body) as view:
-            while have < n:
+        body, self._buf = buf, bytearray()  # all of it is this body's
+        have = len(body)
+        while have < n:
+            if have == len(body):
+                body += bytes(min(n, max(2 * have, _CHUNK)) - have)
+            with memoryview(body) as view:
                 got = self._more_into(view[have:])
-                if not got:
-                    del body[have:]
-                    break
-                have += got
+            if not got:
+                break
+            have += got
+        del body[have:]
         return body
 
     def _more_into(self, view: memoryview) -> int:

@@ -28,6 +28,7 @@ _ROW = {
         "prediction_id": {"type": "string", "description": "what /v1/feedback takes"},
     },
 }
+_DEFAULT = {"$ref": "#/components/responses/Refused"}
 _MODEL_REF = {
     "model": {"type": "string"},
     "version": {"type": "string"},
@@ -39,7 +40,10 @@ OPENAPI: dict[str, Any] = {
         "title": "fedge-agent local inference API",
         "version": __version__,
         "description": "Served by fedge-agent on loopback or a Unix socket. Bodies are JSON "
-        "or msgpack, chosen by Content-Type; the answer uses the request's format.",
+        "or msgpack, chosen by Content-Type (none: JSON); the answer uses the request's "
+        "format. GET endpoints answer HEAD too. On TCP, requests from web pages (an Origin "
+        "or Sec-Fetch-Site of another site, or a Host that is not localhost or an IP "
+        "address) are refused with 403.",
     },
     "paths": {
         "/v1/predict": {
@@ -101,13 +105,11 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/rollback": {
             "post": {
-                "summary": "Serve the previous version again",
+                "summary": "Serve the previous version again (a request body is not needed)",
                 "responses": {
                     "200": {
                         "description": "rolled back",
-                        "content": {
-                            "application/json": {"schema": {"$ref": "#/components/schemas/Model"}}
-                        },
+                        "content": _content({"$ref": "#/components/schemas/Model"}),
                     },
                     "503": _error("no previous version"),
                 },
@@ -138,6 +140,13 @@ OPENAPI: dict[str, Any] = {
         },
     },
     "components": {
+        "responses": {
+            "Refused": _error(
+                "403 (a web page), 405 (another method: see Allow), 408 (request too slow), "
+                "413 (body over 64 MiB), 414, 431, 501 (Transfer-Encoding), 503 (too many "
+                "connections, with Retry-After), 505, or 500 (an internal error, logged)"
+            )
+        },
         "schemas": {
             "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
             "Tensor": {
@@ -206,6 +215,9 @@ OPENAPI: dict[str, Any] = {
                     "last_failure": {"type": "object", "nullable": True},
                 },
             },
-        }
+        },
     },
 }
+for _operations in OPENAPI["paths"].values():
+    for _operation in _operations.values():
+        _operation["responses"]["default"] = _DEFAULT

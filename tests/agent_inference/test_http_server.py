@@ -44,7 +44,9 @@ def _exchange(server: ApiServer, data: bytes) -> tuple[int, dict[str, str], byte
 
 def test_pipelined_requests_are_answered_in_order_on_one_connection(server: ApiServer) -> None:
     with connect_raw(server) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/model HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(
+            b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/model HTTP/1.1\r\nHost: localhost:80\r\n\r\n"
+        )
         stream = sock.makefile("rb")
         first, second = read_answer(stream), read_answer(stream)
         assert json.loads(first[2]) == {"status": "ok"}
@@ -78,7 +80,6 @@ def test_expect_100_continue_is_honoured(server: ApiServer) -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "status", "says"),
     [
-        (b"POST /v1/predict HTTP/1.1\r\n\r\n", 411, "Content-Length"),
         (b"POST /v1/predict HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "body over"),
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "Content-Length"),
         (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/1.1"),
@@ -95,16 +96,43 @@ def test_broken_requests_get_their_status_and_a_closed_connection(
     assert says in json.loads(body)["error"]
 
 
-def test_an_unknown_method_is_405_and_the_connection_stays(server: ApiServer) -> None:
+@pytest.mark.parametrize(
+    ("request_line", "allow"),
+    [(b"PUT /v1/model", "GET, HEAD"), (b"GET /v1/predict", "POST"), (b"POST /healthz", "GET, HEAD"),
+     (b"PATCH /v1/rollback", "POST"), (b"DELETE /metrics", "GET, HEAD")],
+)  # fmt: skip
+def test_another_method_on_an_endpoint_is_405_with_its_allow_and_the_connection_stays(
+    server: ApiServer, request_line: bytes, allow: str
+) -> None:
     with connect_raw(server) as sock:
-        sock.sendall(
-            b"PUT /v1/model HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET /healthz HTTP/1.1\r\n\r\n"
-        )
+        sock.sendall(request_line + b" HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
+                     b"GET /healthz HTTP/1.1\r\n\r\n")  # fmt: skip
         stream = sock.makefile("rb")
-        status, _, body = read_answer(stream)
-        assert status == 405
-        assert "use GET or POST" in json.loads(body)["error"]
+        status, headers, body = read_answer(stream)
+        assert (status, headers["allow"]) == (405, allow)
+        method = request_line.split()[0].decode()
+        assert f"takes {allow}, not {method}" in json.loads(body)["error"]
         assert read_answer(stream)[0] == 200
+
+
+@pytest.mark.parametrize("method", [b"GET", b"POST", b"PUT"])
+def test_an_unknown_path_is_404_whatever_the_method(server: ApiServer, method: bytes) -> None:
+    with connect_raw(server) as sock:
+        sock.sendall(method + b" /v2/predict HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        status, headers, body = read_answer(sock.makefile("rb"))
+    assert (status, "allow" in headers) == (404, False)
+    assert "no endpoint /v2/predict: see /openapi.json" in json.loads(body)["error"]
+
+
+def test_a_post_without_content_length_has_no_body(server: ApiServer) -> None:
+    with connect_raw(server) as sock:  # as `curl -X POST` sends it (RFC 9112 6.3)
+        sock.sendall(b"POST /v1/rollback HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                     b"POST /v1/predict HTTP/1.1\r\n\r\n")  # fmt: skip
+        stream = sock.makefile("rb")
+        assert read_answer(stream)[:1] == (200,)
+        status, headers, body = read_answer(stream)
+        assert (status, "connection" in headers) == (400, False)  # kept open
+        assert "body is not valid JSON" in json.loads(body)["error"]
 
 
 def test_a_failing_backend_is_a_logged_500_not_a_dropped_connection(
