@@ -50,6 +50,7 @@ _GET, _POST = "GET, HEAD", "POST"
 #: Each endpoint's methods (its Allow header): another method is 405, another path 404.
 ROUTES = {"/healthz": _GET, "/metrics": _GET, "/v1/model": _GET, "/openapi.json": _GET,
           "/v1/predict": _POST, "/v1/feedback": _POST, "/v1/rollback": _POST}  # fmt: skip
+_METHODS = {path: frozenset(allow.split(", ")) for path, allow in ROUTES.items()}
 _OPENAPI_BYTES = json.dumps(OPENAPI, indent=1).encode()
 
 
@@ -154,10 +155,11 @@ class _Connection(socketserver.BaseRequestHandler):
     def _dispatch(self, head: RequestHead, body: bytes | bytearray) -> tuple[int, bytes, str]:
         """(status, body, content type) of the answer; unexpected errors become 500."""
         try:
-            allowed = ROUTES.get(head.path)
-            if allowed is None:
+            methods = _METHODS.get(head.path)
+            if methods is None:
                 return 404, _error(f"no endpoint {head.path}: see /openapi.json"), JSON
-            if head.method not in allowed.split(", "):
+            if head.method not in methods:
+                allowed = ROUTES[head.path]
                 return 405, _error(f"{head.path} takes {allowed}, not {head.method}"), JSON
             if head.method == "POST":
                 return self._post(head, body)
