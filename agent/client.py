@@ -49,8 +49,11 @@ class _Connection:
                 # backlog is full, where a non-blocking one fails at once with EAGAIN
                 seconds = int(timeout)
                 usec = int((timeout - seconds) * 1e6)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                struct.pack("@ll", seconds, usec))  # fmt: skip
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                    struct.pack("@ll", seconds, usec))  # fmt: skip
+                except OSError:  # (a C library whose struct timeval is laid out otherwise)
+                    sock.settimeout(timeout)
                 sock.connect(target.path)
                 sock.settimeout(timeout)
             except OSError:
