@@ -12,12 +12,12 @@ without a socket; every parser raises `HttpWireError` and nothing else.
 from __future__ import annotations
 
 import http
-import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.errors import AgentError
+from protocols import web_origin
 
 MAX_LINE_BYTES = 8192
 MAX_HEADERS = 100
@@ -164,50 +164,15 @@ def parse_request_head(lines: Sequence[bytes]) -> RequestHead:
     return RequestHead(method.decode("ascii"), target.decode("ascii"), version, headers, length)
 
 
-def _is_local_host(authority: str) -> bool:
-    """Whether a Host header names this machine: ``localhost`` (RFC 6761) or an IP literal.
-
-    Only a DNS name can be rebound to 127.0.0.1 by a web page; an IP literal that reached a
-    loopback socket is one of the machine's own addresses.
-    """
-    if authority.startswith("["):
-        end = authority.find("]")
-        if end < 0:
-            return False
-        host = authority[1:end]
-    else:
-        host = authority.rpartition(":")[0] if ":" in authority else authority
-    host = host.lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def check_local_request(head: RequestHead) -> None:
-    """HttpWireError (403) unless `head` comes from a local program rather than a web page.
-
-    For a TCP listener, which a browser can reach: a Host that is not a local name (a
-    DNS-rebinding page), or an Origin or ``Sec-Fetch-Site`` of another site (a cross-site
-    form or fetch). Clients other than browsers send neither header.
-    """
+    """HttpWireError (403) if `head` comes from a web page, not a local program
+    (`protocols.web_origin.refusal`: for a TCP listener, which a browser can reach)."""
     headers = head.headers
-    host = headers.get("host")
-    if host is not None and not _is_local_host(host):
-        raise HttpWireError(
-            f"Host {host[:80]!r} is not a local name: address the API as localhost or by IP", 403
-        )
-    origin = headers.get("origin")
-    site = headers.get("sec-fetch-site")
-    if (origin is not None and origin != f"http://{host}") or site not in (
-        None, "same-origin", "none",
-    ):  # fmt: skip
-        raise HttpWireError(
-            "requests from web pages are refused: the API is for local programs", 403
-        )
+    why = web_origin.refusal(
+        headers.get("host"), headers.get("origin"), headers.get("sec-fetch-site")
+    )
+    if why is not None:
+        raise HttpWireError(why, 403)
 
 
 def parse_response_head(lines: Sequence[bytes]) -> ResponseHead:

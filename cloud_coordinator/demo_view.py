@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_coordinator.errors import StoreError
+from cloud_coordinator.fleet_view import shown
 from cloud_coordinator.registry import DeviceRecord, read_devices
 
 POLL_S = 0.2
@@ -51,7 +52,7 @@ class FleetWatcher:
                 self.seen[dev_id] = record.online
                 online = sum(self.seen.values())
                 state = "online " if record.online else "offline"
-                reason = f" ({record.status_reason})" if record.status_reason else ""
+                reason = f" ({shown(record.status_reason)})" if record.status_reason else ""
                 say(self.start, f"{dev_id:<10} {state}{reason:<22} {online}/{self.expected} online")
         return devices
 

@@ -12,6 +12,11 @@ GET /v1/rollouts      every rollout, with its canary's health and the decision
 GET /v1/rollouts/{id} one rollout
 POST /v1/rollouts     deploy a version (JSON: model, version, group, canary_fraction, rule)
 POST /v1/rollouts/{id}/promote, /rollback   decide a canary by hand
+
+No authentication: keep it on loopback or behind a proxy that adds some. Requests from
+web pages (a cross-site Origin or Sec-Fetch-Site, or a Host that is neither a local name,
+an IP address nor `http_host`: DNS rebinding) are refused with 403; a malformed
+Content-Length is 400, an unexpected error a logged 500.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Protocol
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.registry import read_devices, read_rejections
 from cloud_coordinator.signing_key import read_public_key
-from protocols import __version__
+from protocols import __version__, web_origin
 from protocols.signing import key_text
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ class ApiState:
     accepted: Callable[[], dict[str, int]]
     jobs: JobsApi | None = None
     rollouts: RolloutsApi | None = None
+    host_names: tuple[str, ...] = ()  # Host names besides local ones (the bound name)
 
 
 def _metrics(state: ApiState) -> str:
@@ -122,7 +128,36 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, value: object) -> None:
         self._send(status, json.dumps(value).encode(), "application/json")
 
+    def _from_web_page(self) -> bool:
+        """Answer 403 and return True if this request comes from a web page."""
+        h = self.headers
+        why = web_origin.refusal(
+            h.get("Host"), h.get("Origin"), h.get("Sec-Fetch-Site"), self.state.host_names
+        )
+        if why is not None:
+            self.close_connection = True
+            self._json(403, {"error": why})
+        return why is not None
+
     def do_GET(self) -> None:
+        if self._from_web_page():
+            return
+        try:
+            self._get()
+        except Exception as exc:  # answered and logged; the server goes on
+            log.exception("http: GET %s failed", self.path)
+            self._json(500, {"error": f"internal error ({type(exc).__name__}); see the log"})
+
+    def do_POST(self) -> None:
+        if self._from_web_page():
+            return
+        try:
+            self._post()
+        except Exception as exc:
+            log.exception("http: POST %s failed", self.path)
+            self._json(500, {"error": f"internal error ({type(exc).__name__}); see the log"})
+
+    def _get(self) -> None:
         path = self.path.split("?", 1)[0]
         try:
             if path == "/healthz":
@@ -163,7 +198,7 @@ class _Handler(BaseHTTPRequestHandler):
         except StoreError as exc:
             self._json(503, {"error": str(exc)})
 
-    def do_POST(self) -> None:
+    def _post(self) -> None:
         path = self.path.split("?", 1)[0]
         jobs, rollouts = self.state.jobs, self.state.rollouts
         action: Callable[[object], dict[str, Any]] | None = None
@@ -181,7 +216,12 @@ class _Handler(BaseHTTPRequestHandler):
         if action is None:
             self._json(404, {"error": f"no such endpoint POST {path}"})
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        raw_length = self.headers.get("Content-Length") or "0"
+        if not raw_length.isdigit():  # (isdigit: no sign, no spaces)
+            self.close_connection = True
+            self._json(400, {"error": f"bad Content-Length {raw_length[:40]!r}"})
+            return
+        length = int(raw_length)
         if length > 1 << 20:
             self._json(413, {"error": "request body larger than 1 MiB"})
             return
@@ -196,6 +236,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"no rollout {exc.args[0]!r}"})
         except ValueError as exc:
             self._json(400, {"error": str(exc)})
+        except OverflowError as exc:  # a JSON number too large for its field
+            self._json(400, {"error": f"a number is out of range: {exc}"})
         except StoreError as exc:
             self._json(503, {"error": str(exc)})
 

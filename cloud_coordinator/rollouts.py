@@ -182,7 +182,8 @@ class RolloutManager:
             rollout_id=uuid.uuid4().hex[:12], model=model, version=version, group=group,
             canary_fraction=float(fraction), canary=sorted(ranked[:count]),
             rest=sorted(ranked[count:]),
-            previous={d: records[d].model_versions.get(model, "") for d in targets},
+            previous={d: self._registered(model, records[d].model_versions.get(model, ""))
+                      for d in targets},
             baseline={d: counters(records[d].telemetry or {}) for d in targets},
             rule=asdict(rule), created=self.clock(),
         )  # fmt: skip
@@ -207,21 +208,39 @@ class RolloutManager:
             raise RolloutError("rule values must be numbers")
         try:
             return Rule(**raw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             raise RolloutError(str(exc)) from None
+
+    def _registered(self, model: str, version: str) -> str:
+        """`version` if the registry holds it, else "" (a device reports what it likes)."""
+        if not version:
+            return ""
+        try:
+            self.models.manifest(model, version)
+        except StoreError:
+            log.warning("a device reports %s %r, which is not registered: it will not be "
+                        "rolled back to it", model, version)  # fmt: skip
+            return ""
+        return version
 
     # --- deploy and decide ---------------------------------------------------------------
     def _deploy(self, rollout: Rollout, devices: list[str], version: str | None = None) -> None:
-        """Publish a version's manifest, retained, on each device's deploy topic."""
+        """Publish a version's manifest, retained, on each device's deploy topic (a device
+        that cannot be sent it is logged, and the others are still sent theirs)."""
         for device_id in devices:
             target = version if version is not None else rollout.version
             if not target:
                 log.warning("rollout %s: %s served no earlier %s; left as it is",
                             rollout.rollout_id, device_id, rollout.model)  # fmt: skip
                 continue
-            manifest = self.models.manifest(rollout.model, target)
-            self.publisher.publish(device_topic(device_id, DeviceChannel.DEPLOY),
-                                   encode(manifest), qos=1, retain=True)  # fmt: skip
+            try:
+                manifest = self.models.manifest(rollout.model, target)
+                self.publisher.publish(device_topic(device_id, DeviceChannel.DEPLOY),
+                                       encode(manifest), qos=1, retain=True)  # fmt: skip
+            except Exception as exc:  # noqa: BLE001 - one device's failure (a store or
+                # broker error) must not keep the rest of the fleet on the old decision
+                log.error("rollout %s: %s %s not sent to %s: %s", rollout.rollout_id,
+                          rollout.model, target, device_id, exc)  # fmt: skip
 
     def _decide(self, rollout: Rollout, event: RolloutEvent, reason: str) -> None:
         rollout.state = next_rollout_state(RolloutState(rollout.state), event).value

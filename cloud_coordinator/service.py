@@ -80,6 +80,7 @@ class Coordinator:
             lambda: dict(self.ingest.accepted),
             jobs=self.runner,
             rollouts=self.rollouts,
+            host_names=(config.http_host.lower(),),  # (as bound: a name, or an address)
         )
         self.api = ApiServer(config.http_host, config.http_port, state)
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)

@@ -8,7 +8,8 @@ version may add fields (always with defaults); a different major version is reje
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeVar
 
@@ -23,10 +24,31 @@ ONLINE = "online"
 OFFLINE = "offline"
 
 
+#: The largest counter a message may carry (what SQLite's INTEGER holds).
+MAX_COUNT = (1 << 63) - 1
+
+
 def _ids(**values: str) -> None:
     for what, value in values.items():
         if not valid_id(value):
             raise ValueError(f"{what} {value!r} is not a valid identifier")
+
+
+def _finite(what: str, values: Iterable[float]) -> None:
+    """ValueError unless every value is finite (the encoder refuses NaN and Inf too)."""
+    if not all(map(math.isfinite, values)):
+        raise ValueError(f"{what} must be finite numbers, not NaN or Inf")
+
+
+def _counts(**values: int) -> None:
+    for what, value in values.items():
+        if not 0 <= value <= MAX_COUNT:
+            raise ValueError(f"{what} must be 0 to 2**63-1, got {value}")
+
+
+def _sha256(value: str) -> None:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("sha256 must be 64 lowercase hex digits")
 
 
 @fast_constructor
@@ -45,6 +67,7 @@ class Status:
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id)
+        _finite("ts", (self.ts,))
         if self.fleet:
             _ids(fleet=self.fleet)
         if self.state not in (ONLINE, OFFLINE):
@@ -73,6 +96,8 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id)
+        numbers = (self.ts, self.uptime_s, self.cpu_percent, self.load1, *self.extra.values())
+        _finite("ts, uptime_s, cpu_percent, load1 and extra", numbers)
 
 
 @fast_constructor
@@ -113,8 +138,7 @@ class FileEntry:
     size: int
 
     def __post_init__(self) -> None:
-        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
-            raise ValueError("sha256 must be 64 lowercase hex digits")
+        _sha256(self.sha256)
         if self.size < 0:
             raise ValueError("size must be >= 0")
 
@@ -198,8 +222,8 @@ class ModelUpdate:
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id, job_id=self.job_id)
-        if self.num_samples < 0 or self.round < 0 or self.seq < 0:
-            raise ValueError("round, seq and num_samples must be >= 0")
+        _counts(round=self.round, seq=self.seq, num_samples=self.num_samples)
+        _finite("metrics", self.metrics.values())
 
     @property
     def key(self) -> tuple[str, str, int, str, int]:
@@ -241,6 +265,9 @@ class BlobRequest:
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id)
+        _sha256(self.blob_sha256)
+        if any(not 0 <= i < 1 << 31 for i in self.indices):
+            raise ValueError("indices must be 0 to 2**31-1")
 
 
 @fast_constructor

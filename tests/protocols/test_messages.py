@@ -246,8 +246,8 @@ def test_decode_as_rejects_another_kind() -> None:
 def test_encode_refuses_non_finite_floats(bad: float) -> None:
     with pytest.raises(EncodeError):
         messages.encode(Ack("r", True, bad))
-    with pytest.raises(EncodeError):
-        messages.encode(Telemetry("d", 1.0, 0, 1.0, 1.0, 1, 1, extra={"x": bad}))
+    with pytest.raises(ValueError, match="finite"):  # (not even built)
+        Telemetry("d", 1.0, 0, 1.0, 1.0, 1, 1, extra={"x": bad})
     tensor = WireTensor("w", "i8", (2,), b"\x01\x02", scale=bad)
     with pytest.raises(EncodeError):
         messages.encode(ModelUpdate("d", "j", 0, "v", 0, 1, (tensor,)))
@@ -265,7 +265,7 @@ def test_constructors_validate() -> None:
         Status("d", "asleep", 1.0)
     with pytest.raises(ValueError, match="sha256"):
         messages.FileEntry("f", "ABC", 1)
-    with pytest.raises(ValueError, match=">= 0"):
+    with pytest.raises(ValueError, match=r"0 to 2\*\*63-1"):
         ModelUpdate("d", "j", -1, "v", 0, 1, ())
 
 

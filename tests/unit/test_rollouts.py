@@ -277,6 +277,7 @@ def test_a_restart_resumes_judging(world: World) -> None:
         ({"model": "m", "version": "v2", "canary_fraction": True}, "canary_fraction"),
         ({"model": "m", "version": "v2", "rule": {"speed": 1}}, "unknown rule fields"),
         ({"model": "m", "version": "v2", "colour": "red"}, "unknown rollout fields"),
+        ({"model": "m", "version": "v2", "rule": {"min_duration_s": 10**400}}, "too large"),
     ],
 )
 def test_bad_requests_are_refused_before_anything_is_sent(
@@ -286,6 +287,37 @@ def test_bad_requests_are_refused_before_anything_is_sent(
         world.manager.create(body)
     assert world.publisher.sent == []
     assert world.manager.rollouts_json() == []
+
+
+def test_a_version_the_registry_lacks_is_no_rollback_target(world: World) -> None:
+    world.serve(["cam-5"], "not-a-version", ok=1000)  # what a device may report
+    r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 1})
+    assert r["previous"]["cam-5"] == ""
+    assert r["previous"]["cam-0"] == "v1"
+    assert world.manager.steer(r["rollout_id"], "rollback")["state"] == "rolled_back"
+    deployed = world.deployed()
+    assert {d: deployed[d] for d in r["canary"] if d != "cam-5"} == {
+        f"cam-{n}": "v1" for n in range(5)
+    }  # every canary but the one with nothing to go back to
+    assert deployed["cam-5"] == "v2"
+    world.restart()
+    assert state_of(world, r) == "rolled_back"  # the decision was stored whole
+
+
+def test_a_deploy_one_device_cannot_be_sent_still_reaches_the_others(world: World) -> None:
+    sent = world.publisher.publish
+
+    def publish(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        if "/cam-2/" in topic:
+            raise RuntimeError("outgoing queue full")
+        return sent(topic, payload, qos, retain)
+
+    world.publisher.publish = publish  # type: ignore[method-assign]
+    r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0})
+    assert r["state"] == "promoted"
+    assert sorted(world.deployed()) == [f"cam-{n}" for n in (0, 1, 3, 4, 5)]
+    world.restart()
+    assert state_of(world, r) == "promoted"
 
 
 def state_of(world: World, rollout: dict[str, Any]) -> str:

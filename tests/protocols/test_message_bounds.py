@@ -1,0 +1,66 @@
+"""Values no encoder of ours produces are refused at decode, as `bad_field`.
+
+A peer on the broker can send them anyway (msgpack carries NaN, Inf and integers up to
+2**64-1): NaN in telemetry would poison the fleet's JSON, a counter past SQLite's INTEGER
+would crash the coordinator's store, a malformed hash would reach the blob store.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from protocols import messages, wire
+from protocols.errors import DecodeError
+from protocols.messages import MAX_COUNT, BlobRequest, ModelUpdate, Status, Telemetry
+
+
+def _payload(kind: type[Any], **fields: Any) -> bytes:
+    """A payload written without our encoder (which would refuse these values)."""
+    return wire.pack_map({"v": kind.VERSION, "kind": kind.KIND, **fields})
+
+
+_TELEMETRY = {"device_id": "d", "ts": 1.0, "seq": 1, "uptime_s": 2.0, "cpu_percent": 3.0,
+              "mem_rss_bytes": 4, "mem_available_bytes": 5}  # fmt: skip
+_UPDATE = {"device_id": "d", "job_id": "j", "round": 0, "base_version": "v", "seq": 0,
+           "num_samples": 1, "tensors": []}  # fmt: skip
+_SHA = "ab" * 32
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    ("kind", "fields", "where"),
+    [(Telemetry, _TELEMETRY, {"uptime_s": None}), (Telemetry, _TELEMETRY, {"cpu_percent": None}),
+     (Telemetry, _TELEMETRY, {"ts": None}), (Telemetry, _TELEMETRY, {"extra": {"temp": None}}),
+     (Status, {"device_id": "d", "state": "online"}, {"ts": None}),
+     (ModelUpdate, _UPDATE, {"metrics": {"loss": None}})],
+)  # fmt: skip
+def test_non_finite_numbers_are_a_bad_field(
+    kind: type[Any], fields: dict[str, Any], where: dict[str, Any], bad: float
+) -> None:
+    placed = {k: ({n: bad for n in v} if isinstance(v, dict) else bad) for k, v in where.items()}
+    with pytest.raises(DecodeError, match="finite") as info:
+        messages.decode(_payload(kind, **{**fields, **placed}))
+    assert info.value.reason == "bad_field"
+
+
+@pytest.mark.parametrize("field", ["round", "seq", "num_samples"])
+def test_update_counters_past_sqlite_integer_are_a_bad_field(field: str) -> None:
+    assert messages.decode(_payload(ModelUpdate, **{**_UPDATE, field: MAX_COUNT}))
+    with pytest.raises(DecodeError, match=field) as info:
+        messages.decode(_payload(ModelUpdate, **{**_UPDATE, field: MAX_COUNT + 1}))
+    assert info.value.reason == "bad_field"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"blob_sha256": "../../keys/model-signing.key"}, {"blob_sha256": _SHA.upper()},
+     {"blob_sha256": _SHA, "indices": [-1]}, {"blob_sha256": _SHA, "indices": [1 << 31]}],
+)  # fmt: skip
+def test_blob_requests_name_a_hash_and_sane_indices(fields: dict[str, Any]) -> None:
+    with pytest.raises(DecodeError) as info:
+        messages.decode(_payload(BlobRequest, device_id="d", **fields))
+    assert info.value.reason == "bad_field"
+    ok = messages.decode(_payload(BlobRequest, device_id="d", blob_sha256=_SHA, indices=[0, 7]))
+    assert ok == BlobRequest("d", _SHA, (0, 7))
