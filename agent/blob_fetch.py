@@ -1,9 +1,14 @@
 """Model blobs fetched from the coordinator in chunks: asked for, asked for again until they
 arrive, and resumed after a reconnect from the chunks already verified.
 
-A request names the blob and the chunks still missing (none: all of them); the coordinator
-answers on ``dev/{id}/blob`` (`protocols.chunks` reassembles and checks each blob's
-sha256).
+A request names the blob and the chunks still missing (none: all of them, also when more
+than `MAX_LISTED` are missing); the coordinator answers on ``dev/{id}/blob``
+(`protocols.chunks` reassembles and checks each blob's sha256).
+
+Chunks are not signed, only the blob's hash is: anyone on the broker can send chunks. A
+chunk must claim the size the signed manifest gives; chunks of another layout (chunk
+size) are kept apart, at most `MAX_LAYOUTS` per blob, so a forged first chunk cannot make
+the genuine ones unacceptable.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from protocols.chunks import Reassembly
@@ -21,6 +26,10 @@ from protocols.topics import DeviceChannel, device_topic
 
 #: Seconds before a blob that has not arrived is asked for again.
 FETCH_RETRY_S = 3.0
+#: Chunk layouts (count, size, chunk size) collected at once for one blob.
+MAX_LAYOUTS = 4
+#: Missing chunks a request names at most; past that it asks for the whole blob.
+MAX_LISTED = 512
 
 
 class Publisher(Protocol):
@@ -36,11 +45,23 @@ class Publisher(Protocol):
         ...
 
 
+_Layout = tuple[int, int, int]
+
+
 @dataclass
 class _Fetch:
     sha256: str
+    size: int | None  # from the signed manifest (None: not known)
     requested_at: float = 0.0
-    reassembly: Reassembly | None = None
+    layouts: dict[_Layout, Reassembly] = field(default_factory=dict)
+
+    def missing(self) -> tuple[int, ...]:
+        """What to ask for: the missing chunks of the fullest layout; () for all of them."""
+        if not self.layouts:
+            return ()
+        fullest = max(self.layouts.values(), key=Reassembly.received_bytes)
+        missing = fullest.missing()
+        return tuple(missing) if len(missing) <= MAX_LISTED else ()
 
 
 class BlobFetches:
@@ -55,28 +76,42 @@ class BlobFetches:
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}
 
-    def want(self, sha256: str) -> None:
-        """Fetch `sha256` (asked for at the next `send_due`) unless it is already wanted."""
+    def want(self, sha256: str, size: int | None = None) -> None:
+        """Fetch `sha256`, of `size` bytes when known (asked for at the next `send_due`),
+        unless it is already wanted."""
         with self._lock:
-            if sha256 not in self._fetches:
-                self._fetches[sha256] = _Fetch(sha256)
+            fetch = self._fetches.get(sha256)
+            if fetch is None:
+                self._fetches[sha256] = _Fetch(sha256, size)
+            elif fetch.size is None:
+                fetch.size = size
 
     def add_chunk(self, chunk: BlobChunk) -> bytes | None:
         """Add a chunk; the verified blob once it is complete (and no longer fetched), else
-        None. DecodeError if the complete blob is corrupt: it is then fetched whole again."""
+        None. DecodeError for a chunk that cannot belong (counted by the caller), or if the
+        complete blob is corrupt: its chunks are then fetched again."""
         with self._lock:
             fetch = self._fetches.get(chunk.blob_sha256)
             if fetch is None:
                 return None  # unrequested or already complete
-            if fetch.reassembly is None:
-                fetch.reassembly = Reassembly(chunk)
-            fetch.reassembly.add(chunk)
-            if not fetch.reassembly.complete:
+            if fetch.size is not None and chunk.size != fetch.size:
+                raise DecodeError(
+                    f"chunk claims a blob of {chunk.size} bytes; its manifest says {fetch.size}",
+                    reason="bad_chunk",
+                )
+            layout = (chunk.count, chunk.size, chunk.chunk_size)
+            reassembly = fetch.layouts.get(layout)
+            if reassembly is None:
+                if len(fetch.layouts) >= MAX_LAYOUTS:
+                    raise DecodeError("too many chunk layouts for one blob", reason="bad_chunk")
+                reassembly = fetch.layouts[layout] = Reassembly(chunk)
+            reassembly.add(chunk)
+            if not reassembly.complete:
                 return None
             try:
-                blob = fetch.reassembly.result()
+                blob = reassembly.result()
             except DecodeError:
-                fetch.reassembly = None
+                del fetch.layouts[layout]
                 fetch.requested_at = 0.0
                 raise
             del self._fetches[chunk.blob_sha256]
@@ -95,15 +130,8 @@ class BlobFetches:
             due = [f for f in self._fetches.values() if now - f.requested_at > FETCH_RETRY_S]
             for fetch in due:
                 fetch.requested_at = now
-            requests = [
-                BlobRequest(
-                    self.device_id,
-                    f.sha256,
-                    tuple(f.reassembly.missing()) if f.reassembly else (),
-                    f.sha256[:8],
-                )
-                for f in due
-            ]
+            device = self.device_id
+            requests = [BlobRequest(device, f.sha256, f.missing(), f.sha256[:8]) for f in due]
         if not self.transport.connected:
             return
         topic = device_topic(self.device_id, DeviceChannel.BLOB_REQUEST)
@@ -111,4 +139,4 @@ class BlobFetches:
             self.transport.publish(topic, encode(request), qos=1)
 
 
-__all__ = ["FETCH_RETRY_S", "BlobFetches", "Publisher"]
+__all__ = ["FETCH_RETRY_S", "MAX_LAYOUTS", "MAX_LISTED", "BlobFetches", "Publisher"]

@@ -9,6 +9,7 @@ returns 0.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -260,7 +261,8 @@ class Agent:
             extra.update(self.trust.telemetry_extra())
         if self.inference is not None:
             extra.update(self.inference.telemetry_extra())
-        return extra
+        # (a NaN or Inf would make the whole message invalid: the rest still goes)
+        return {k: v for k, v in extra.items() if math.isfinite(v)}
 
     def _model_versions(self) -> dict[str, str]:
         versions = self.learner.model_versions() if self.learner else {}

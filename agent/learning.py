@@ -165,8 +165,7 @@ class Learner:
         self.store.put_manifest(manifest)
         with self._cond:
             self._latest[manifest.name] = manifest
-        for entry in self.store.missing(manifest):
-            self._request(entry.sha256)
+        self.fetch(manifest)
         self._activate_latest()
         with self._cond:
             self._cond.notify_all()
@@ -218,13 +217,11 @@ class Learner:
         is missing."""
         missing = self.store.missing(manifest)
         for entry in missing:
-            self._request(entry.sha256)
+            if not self.store.has_blob(entry.sha256):
+                self.fetches.want(entry.sha256, entry.size)
+        if missing:
+            self.fetches.send_due()
         return not missing
-
-    def _request(self, sha256: str) -> None:
-        if not self.store.has_blob(sha256):
-            self.fetches.want(sha256)
-        self.fetches.send_due()
 
     def _newest_base(self, task: TrainTask) -> ModelManifest | None:
         """For ``base = "latest"``: the newest complete version descending from the base."""
@@ -251,7 +248,7 @@ class Learner:
                     if not missing:
                         return manifest
                     for entry in missing:
-                        self.fetches.want(entry.sha256)
+                        self.fetches.want(entry.sha256, entry.size)
                 if time.time() >= deadline or self._stop.is_set():
                     raise TaskFailedError(
                         f"model {task.model_name} {task.base_version} not here in time"
@@ -270,8 +267,11 @@ class Learner:
                 task = self._tasks.get(timeout=1.0)
             except queue.Empty:
                 task = None
-            self._resend_due()
-            self.fetches.send_due()  # blobs asked for outside a task are re-requested too
+            try:
+                self._resend_due()
+                self.fetches.send_due()  # blobs asked for outside a task are re-requested too
+            except Exception:  # (a full outgoing queue, say): retried on the next pass
+                log.exception("re-sending updates or blob requests failed")
             if task is None:
                 continue
             self._busy = True

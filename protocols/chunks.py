@@ -16,6 +16,8 @@ from protocols.messages import BlobChunk
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_BLOB_SIZE = 2 * 1024**3
+#: Chunks one blob may be split into (64 Ki: a 64 MiB blob in 1 KiB chunks, 2 GiB in 32 KiB).
+MAX_CHUNKS = 1 << 16
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -110,5 +112,10 @@ def _check_header(chunk: BlobChunk, max_size: int) -> None:
         )
     if chunk.chunk_size <= 0 or chunk.count != max(1, -(-chunk.size // chunk.chunk_size)):
         raise DecodeError("chunk count does not match size and chunk size", reason="bad_chunk")
+    if chunk.count > MAX_CHUNKS:
+        raise DecodeError(
+            f"a blob in {chunk.count} chunks (more than {MAX_CHUNKS}): chunks too small",
+            reason="too_large",
+        )
     if len(chunk.blob_sha256) != 64 or not _HEX.issuperset(chunk.blob_sha256):
         raise DecodeError("blob sha256 must be 64 lowercase hex digits", reason="bad_chunk")

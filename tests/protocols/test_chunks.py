@@ -189,3 +189,13 @@ def test_empty_blob() -> None:
     r = Reassembly(only)
     assert r.add(only)
     assert r.result() == b""
+
+
+def test_a_blob_in_more_than_max_chunks_is_refused_before_any_bookkeeping() -> None:
+    size = chunks.MAX_CHUNKS + 1
+    one_byte = BlobChunk("ab" * 32, 0, size, size, 1, b"x")  # tiny chunks: a huge index list
+    with pytest.raises(DecodeError, match="chunks too small") as refused:
+        Reassembly(one_byte)
+    assert refused.value.reason == "too_large"
+    fine = BlobChunk("ab" * 32, 0, chunks.MAX_CHUNKS, chunks.MAX_CHUNKS, 1, b"x")
+    assert len(Reassembly(fine).missing()) == chunks.MAX_CHUNKS

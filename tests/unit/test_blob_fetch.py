@@ -103,3 +103,53 @@ def test_unrequested_chunks_are_ignored_and_nothing_is_sent_offline() -> None:
     fetches.want(SHA)
     fetches.send_due()
     assert wire.sent == []
+
+
+def test_a_forged_first_chunk_of_another_layout_does_not_block_the_genuine_ones() -> None:
+    wire = Wire()
+    fetches = BlobFetches("dev-1", wire)
+    fetches.want(SHA, len(BLOB))
+    forged = BlobChunk(SHA, 0, 5, len(BLOB), 2048, bytes(2048))  # right hash and size
+    assert fetches.add_chunk(forged) is None
+    *first, last = _chunks()
+    for chunk in first:
+        assert fetches.add_chunk(chunk) is None
+    assert fetches.add_chunk(last) == BLOB  # collected apart from the forged layout
+
+
+def test_chunks_claiming_another_size_than_the_manifest_are_refused() -> None:
+    fetches = BlobFetches("dev-1", Wire())
+    fetches.want(SHA, len(BLOB))
+    tiny = BlobChunk(SHA, 0, 1 << 16, 1 << 16, 1, b"x")  # would ask for 65,536 chunks
+    with pytest.raises(DecodeError, match="manifest says 10240") as refused:
+        fetches.add_chunk(tiny)
+    assert refused.value.reason == "bad_chunk"
+    assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB
+
+
+def test_layouts_per_blob_are_capped() -> None:
+    fetches = BlobFetches("dev-1", Wire())
+    fetches.want(SHA)  # size not known: any self-consistent layout is kept apart
+    for n in range(blob_fetch.MAX_LAYOUTS):
+        fetches.add_chunk(BlobChunk(SHA, 0, -(-len(BLOB) // (100 + n)), len(BLOB), 100 + n,
+                                    bytes(100 + n)))  # fmt: skip
+    with pytest.raises(DecodeError, match="too many chunk layouts"):
+        fetches.add_chunk(_chunks()[0])
+
+
+def test_a_request_lists_at_most_max_listed_chunks_else_asks_for_all() -> None:
+    big = bytes(range(256)) * 4 * (blob_fetch.MAX_LISTED + 2)  # MAX_LISTED + 2 chunks of 1 KiB
+    sha = hashlib.sha256(big).hexdigest()
+    wire = Wire()
+    now = [0.0]
+    fetches = BlobFetches("dev-1", wire, clock=lambda: now[0])
+    fetches.want(sha, len(big))
+    chunks = list(split_blob(big, 1024))
+    fetches.add_chunk(chunks[0])
+    now[0] += 10
+    fetches.send_due()
+    assert wire.requests()[-1].indices == ()  # 513 missing: the whole blob instead
+    fetches.add_chunk(chunks[1])
+    now[0] += 10
+    fetches.send_due()
+    assert wire.requests()[-1].indices == tuple(range(2, blob_fetch.MAX_LISTED + 2))
