@@ -4,7 +4,10 @@ learner fetch its blobs, has the inference service load, warm and swap it in, an
 with an `Ack` (``ref = deploy/{model}/{version}``): ``ok``, or not ok with the reason the
 version could not be served (the previous one keeps serving). From the first deployment
 on, the served version follows deployments, not the newest training version (the store's
-``deployed`` pointer, kept across restarts). Lifecycle: `agent.deployment`.
+``deployed`` pointer, kept across restarts). A version this device blocked (it failed to
+load here, or was rolled back here) is refused, not served again: the retained deploy
+message, seen again after a reconnect or a restart, does not undo a local rollback.
+Lifecycle: `agent.deployment`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from protocols.signing import SignatureError
 from protocols.topics import DeviceChannel, device_topic
 
 log = logging.getLogger(__name__)
+#: The reason a deployment of a blocked version is refused with.
+BLOCKED = "blocked: rolled back on this device or failed to load here; deploy another version"
 
 
 class Publisher(Protocol):
@@ -89,7 +94,13 @@ class Deployer:
             raise
         with self._lock:
             old = self._current
-            if old is not None and old.manifest == manifest:
+            again = old is not None and old.manifest == manifest
+            if manifest.version in self.store.blocked(manifest.name):
+                log.warning("deployment of %s %s refused: this device rolled back from it or "
+                            "could not load it", manifest.name, manifest.version)  # fmt: skip
+                self._ack(manifest, False, BLOCKED, again)
+                return
+            if old is not None and again:
                 if old.state in FINISHED:  # the retained message again (a reconnect)
                     self._ack(manifest, old.state is DeployState.SERVED, old.reason, True)
                 return

@@ -75,12 +75,18 @@ class InferenceService:
 
     # --- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Load the stored previous and current versions (in the background); open the API."""
+        """Load the stored previous and current versions (in the background); open the API.
+
+        The current version is the one served when the agent stopped (a deployed one too):
+        a device that restarts offline serves at once, without waiting for the broker.
+        """
         names = [self.model_name] if self.model_name else self.store.names()[:1]
         for name in names:
             current, previous = self.store.current(name), self.store.previous(name)
             if current is not None:
-                self.model_activated(current)
+                with self._lock:
+                    self.model_name = name
+                self._queue.put((current, "install", None))
             if previous is not None and previous.version not in self.store.blocked(name):
                 self._queue.put((previous, "standby", None))  # what `rollback` returns to
         self._loader.start()
@@ -165,7 +171,7 @@ class InferenceService:
             ok = self.runtime.install(manifest, data)
         if not ok:
             self.store.block(manifest.name, manifest.version)
-            self._point_store()
+        self._point_store()  # what a restart serves: what is served now
         return ok
 
     def _keep_standby(self, manifest: ModelManifest) -> None:

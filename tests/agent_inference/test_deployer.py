@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from agent.deployer import DeployDone, Deployer
+from agent.deployer import BLOCKED, DeployDone, Deployer
 from agent.deployment import DeployEvent, DeployState, next_deploy_state
 from agent.errors import IllegalTransitionError
+from agent.inference_service import InferenceService
 from agent.model_store import ModelStore
 from agent.trust import ManifestTrust
 from protocols.messages import Ack, ModelManifest, decode_as
 from protocols.signing import SignatureError, generate_private_key, public_key, sign_manifest
-from tests.agent_inference.conftest import Bundles
+from tests.agent_inference.conftest import Bundles, agent_config, put
 
 KEY = generate_private_key()
 
@@ -70,3 +72,82 @@ def test_a_deployment_loads_once_its_blobs_are_here_and_is_acknowledged(
     assert (fakes.acks[-1].ref, fakes.acks[-1].reason) == (
         "deploy/digits-mlp/v2", "manifest_rejected_unsigned",
     )  # fmt: skip
+
+
+class _Storefront:
+    """Fetcher (blobs already stored) and publisher (acks kept) for the real service."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.acks: list[Ack] = []
+
+    def fetch(self, manifest: ModelManifest) -> bool:
+        return not self.store.missing(manifest)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        self.acks.append(decode_as(Ack, payload))
+        return None
+
+
+def _boot(tmp_path: Path) -> tuple[InferenceService, Deployer, _Storefront]:
+    config = agent_config(tmp_path)
+    store = ModelStore(Path(config.data_dir) / "models")
+    service = InferenceService(config, store, tmp_path / "data")
+    service.start()
+    assert service.wait_idle(60)
+    front = _Storefront(store)
+    trust = ManifestTrust((public_key(KEY),), tmp_path)
+    return service, Deployer("dev-1", store, trust, front, service, front), front
+
+
+def _serving(service: InferenceService) -> str | None:
+    return service.runtime.serving.version if service.runtime.serving else None
+
+
+def test_a_deployed_version_is_served_again_after_a_restart_offline(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    v1, v2 = (dataclasses.replace(b, manifest=sign_manifest(b.manifest, KEY))
+              for b in (bundles.v1, bundles.v2))  # fmt: skip
+    put(store, v1)
+    put(store, v2, activate=False)
+    service, deployer, front = _boot(tmp_path)
+    deployer.on_deploy(v2.manifest)
+    assert service.wait_idle(60)
+    assert (_serving(service), front.acks[-1].ok) == ("v2", True)
+    service.stop()
+    service, _, _ = _boot(tmp_path)  # no broker: no deploy message arrives
+    try:
+        assert _serving(service) == "v2"
+        assert service.health()[0]
+    finally:
+        service.stop()
+
+
+def test_a_local_rollback_is_not_undone_by_the_retained_deploy(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    v1, v2 = (dataclasses.replace(b, manifest=sign_manifest(b.manifest, KEY))
+              for b in (bundles.v1, bundles.v2))  # fmt: skip
+    put(store, v1)
+    put(store, v2, activate=False)
+    service, deployer, front = _boot(tmp_path)
+    deployer.on_deploy(v2.manifest)
+    assert service.wait_idle(60)
+    service.rollback()  # an operator, on the device
+    deployer.on_deploy(v2.manifest)  # the retained message again, after a reconnect
+    assert service.wait_idle(60)
+    last = front.acks[-1]
+    assert (last.ok, last.duplicate, last.reason) == (False, True, BLOCKED)  # not "served"
+    assert _serving(service) == "v1"
+    service.stop()
+    service, deployer, front = _boot(tmp_path)  # a restart, then the retained message
+    try:
+        deployer.on_deploy(v2.manifest)
+        assert service.wait_idle(60)
+        assert _serving(service) == "v1"
+        assert (front.acks[-1].ok, front.acks[-1].reason) == (False, BLOCKED)
+    finally:
+        service.stop()
