@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +73,7 @@ class Agent:
         self.health = HealthProbe()
         self.telemetry_sent = 0
         self.messages_rejected = 0
+        self.rejected_by_reason: Counter[str] = Counter()  # (telemetry: message_rejected_*)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         dev = config.device_id
@@ -195,7 +197,9 @@ class Agent:
             else:
                 raise DecodeError(f"nothing handles {message.topic}", reason="unsupported")
         except DecodeError as exc:
-            self.messages_rejected += 1
+            with self._lock:
+                self.messages_rejected += 1
+                self.rejected_by_reason[exc.reason] += 1
             log.warning("rejected message on %s (%s): %s", message.topic, exc.reason, exc)
 
     def _on_command(self, command: Command) -> None:
@@ -257,6 +261,9 @@ class Agent:
 
     def _extra(self) -> dict[str, float]:
         extra = {"train": 1.0 if self.config.train else 0.0}
+        with self._lock:
+            extra.update({f"message_rejected_{r}": float(n)
+                          for r, n in self.rejected_by_reason.items()})  # fmt: skip
         if self.trust is not None:
             extra.update(self.trust.telemetry_extra())
         if self.inference is not None:

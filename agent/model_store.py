@@ -24,6 +24,10 @@ class ModelStoreError(AgentError):
     """A blob or manifest cannot be stored or found."""
 
 
+#: Names a version may not have: the store keeps these files beside the manifests.
+RESERVED_VERSIONS = frozenset({"current", "previous", "deployed", "blocked", ".", ".."})
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
@@ -76,12 +80,15 @@ class ModelStore:
         return path
 
     def put_manifest(self, manifest: ModelManifest) -> None:
-        """Keep a manifest (its blobs may still be missing)."""
+        """Keep a manifest (its blobs may still be missing); ModelStoreError for a version
+        named like one of the store's own files (``current``, ``blocked``, ``..``)."""
+        if manifest.version in RESERVED_VERSIONS:
+            raise ModelStoreError(f"version name {manifest.version!r} is reserved on devices")
         _atomic_write(self._model_dir(manifest.name) / manifest.version, encode(manifest))
 
     def manifest(self, name: str, version: str) -> ModelManifest | None:
         """A stored manifest, or None."""
-        if not valid_id(version):
+        if not valid_id(version) or version in RESERVED_VERSIONS:
             return None
         path = self._model_dir(name) / version
         try:

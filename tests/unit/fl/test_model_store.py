@@ -172,3 +172,21 @@ def test_put_blob_evicts_over_the_cap(tmp_path: Path) -> None:
     assert store.has_blob(sha(b"H" * 200))
     held = sum(p.stat().st_size for p in (store.root / "blobs").iterdir())
     assert held <= 250
+
+
+@pytest.mark.parametrize("version", ["current", "previous", "deployed", "blocked", ".", ".."])
+def test_a_version_named_like_the_stores_own_files_is_refused(
+    store: ModelStore, version: str
+) -> None:
+    files = {"model.onnx": b"onnx"}
+    put_all(store, files)
+    store.put_manifest(manifest("v1", files))
+    store.activate(manifest("v1", files))
+    store.block("digits", "v0")
+    with pytest.raises(ModelStoreError, match="reserved"):
+        store.put_manifest(manifest(version, files))
+    assert store.manifest("digits", version) is None
+    current = store.current("digits")
+    assert current is not None
+    assert current.version == "v1"  # the pointer files are intact
+    assert store.blocked("digits") == {"v0"}
