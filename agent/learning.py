@@ -160,10 +160,22 @@ class Learner:
 
     def on_manifest(self, manifest: ModelManifest) -> None:
         """Verify a published manifest (SignatureError if refused), keep it, fetch its missing
-        blobs, and switch to it once complete."""
+        blobs, and switch to it once complete.
+
+        One created before the newest this device knows of is kept but not switched to (a
+        replayed, validly signed old manifest must not downgrade the device); DecodeError
+        (``stale``) says so.
+        """
         self.trust.verify(manifest)
         self.store.put_manifest(manifest)
         with self._cond:
+            newest = self._latest.get(manifest.name) or self.store.current(manifest.name)
+            if newest is not None and manifest.created < newest.created:
+                raise DecodeError(
+                    f"{manifest.name} {manifest.version} is older than {newest.version}: "
+                    "kept, not switched to",
+                    reason="stale",
+                )
             self._latest[manifest.name] = manifest
         self.fetch(manifest)
         self._activate_latest()

@@ -1,8 +1,9 @@
-"""The learner thread outlives a failed publish (a full outgoing queue, say): it logs, and
-asks again on its next pass, instead of ending and leaving blobs and updates unsent."""
+"""The learner against trouble from outside: a failed publish (a full outgoing queue) does
+not end its thread, and a replayed older manifest does not downgrade the device."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import time
@@ -13,7 +14,10 @@ import pytest
 from agent import blob_fetch
 from agent.learning import Learner
 from agent.trust import ManifestTrust
+from protocols.errors import DecodeError
 from protocols.mqtt import PublishError
+from protocols.signing import generate_private_key, public_key, sign_manifest
+from tests.agent_inference.conftest import make_bundles, put
 
 
 class _FlakyTransport:
@@ -55,5 +59,26 @@ def test_a_failed_publish_does_not_end_the_learner_thread(
         assert wire.failed
         assert learner._thread.is_alive()
         assert escaped == []
+    finally:
+        learner.stop()
+
+
+def test_a_replayed_older_manifest_is_kept_but_not_switched_to(tmp_path: Path) -> None:
+    key = generate_private_key()
+    bundles = make_bundles()
+    v1, v2 = (sign_manifest(b.manifest, key) for b in (bundles.v1, bundles.v2))
+    learner = Learner("dev-1", tmp_path, tmp_path / "data", _FlakyTransport(), 1 << 20,  # type: ignore[arg-type]
+                      ManifestTrust((public_key(key),), tmp_path))  # fmt: skip
+    learner.start()
+    try:
+        for bundle, manifest in ((bundles.v1, v1), (bundles.v2, v2)):
+            put(learner.store, dataclasses.replace(bundle, manifest=manifest), activate=False)
+        learner.on_manifest(v2)
+        assert learner.store.current(v2.name) == v2
+        with pytest.raises(DecodeError, match="older than v2") as stale:
+            learner.on_manifest(v1)  # a captured, validly signed manifest sent again
+        assert stale.value.reason == "stale"
+        assert learner.store.current(v2.name) == v2
+        assert learner.store.manifest(v1.name, "v1") == v1  # kept: a task may start from it
     finally:
         learner.stop()
