@@ -21,6 +21,7 @@ import math
 import os
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,10 +83,16 @@ def _sha256(data: bytes) -> str:
 
 
 class ModelRegistry:
-    """Read-write access to one registry directory; use from one thread at a time."""
+    """Read-write access to one registry directory, from any thread.
+
+    Its one SQLite connection is shared by the coordinator's threads (jobs, ingest, HTTP,
+    rollouts): each use of it holds a lock, so one thread's transaction never takes in
+    another's statements.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._lock = threading.RLock()
         self._blobs = root / BLOB_DIR
         try:
             self._blobs.mkdir(parents=True, exist_ok=True)
@@ -116,7 +123,8 @@ class ModelRegistry:
 
     def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> ModelRegistry:
         return self
@@ -212,7 +220,7 @@ class ModelRegistry:
         for data in bundle.files.values():
             self.put_blob(data)
         try:
-            with self._db:
+            with self._lock, self._db:
                 self._db.execute(
                     f"INSERT INTO versions ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)", row
                 )
@@ -246,14 +254,15 @@ class ModelRegistry:
 
     def names(self) -> list[str]:
         """Names of all registered models, sorted."""
-        rows = self._db.execute("SELECT DISTINCT name FROM versions ORDER BY name").fetchall()
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT name FROM versions ORDER BY name").fetchall()
         return [str(row[0]) for row in rows]
 
     def record_metrics(self, name: str, version: str, metrics: Mapping[str, Metric]) -> None:
         """Merge `metrics` into the version's metrics; StoreError if it is not registered."""
-        merged = _metrics_json({**self.record(name, version).metrics, **metrics})
         try:
-            with self._db:
+            with self._lock, self._db:  # (read and write as one: no update is lost)
+                merged = _metrics_json({**self.record(name, version).metrics, **metrics})
                 self._db.execute(
                     "UPDATE versions SET metrics = ? WHERE name = ? AND version = ?",
                     (merged, name, version),
@@ -267,9 +276,10 @@ class ModelRegistry:
 
     def _query(self, where: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
         try:
-            cursor = self._db.execute(f"SELECT {_COLUMNS} FROM versions {where}", args)
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            with self._lock:
+                cursor = self._db.execute(f"SELECT {_COLUMNS} FROM versions {where}", args)
+                names = [d[0] for d in cursor.description]
+                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the model registry: {exc}") from exc
 

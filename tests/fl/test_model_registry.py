@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,3 +190,30 @@ def test_an_unusable_root_is_a_store_error(tmp_path: Path) -> None:
     (tmp_path / "garbage" / "models.db").write_bytes(b"not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot use"):
         ModelRegistry(tmp_path / "garbage")
+
+
+def test_threads_sharing_the_registry_lose_no_update(registry: ModelRegistry) -> None:
+    """Jobs, ingest, HTTP and rollouts use one registry: each merge must see the last."""
+    registry.put(make_bundle("v1"), job_id="j", round=0, devices=(), metrics={})
+    errors: list[BaseException] = []
+
+    def merge(worker: int) -> None:
+        try:
+            for i in range(40):
+                registry.record_metrics("digits", "v1", {f"w{worker}.{i}": i})
+                registry.versions("digits")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=merge, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(2, 12):  # registrations meanwhile, from this thread
+        registry.put(make_bundle(f"v{i}", f"v{i - 1}"), job_id="j", round=i, devices=(),
+                     metrics={})  # fmt: skip
+    for t in threads:
+        t.join()
+    assert errors == []
+    metrics = registry.record("digits", "v1").metrics
+    assert sorted(metrics) == sorted(f"w{w}.{i}" for w in range(4) for i in range(40))
+    assert len(registry.versions("digits")) == 11
