@@ -33,7 +33,7 @@ from agent.feedback import RecentInputs
 from agent.inference_metrics import InferenceMetrics
 from agent.onnx_runtime import ORT_ERRORS, BoundRun, OnnxModel, choose_providers
 from agent.predictions import ModelUnavailableError, Predictions, new_predictions
-from agent.rollout import VersionEvent, VersionLog
+from agent.rollout import VersionEvent, VersionLog, VersionState
 from agent.served_model import ServedModel, check_schema
 from protocols.messages import ModelManifest
 
@@ -170,8 +170,8 @@ class InferenceRuntime:
 
     def fail(self, manifest: ModelManifest, reason: str, message: str) -> None:
         """Record that `manifest` could not be loaded (logged, counted, kept for /v1/model)."""
-        if self.versions.state(manifest.version) is None:
-            self.versions.begin(manifest.version)
+        if self.versions.state(manifest.version) is not VersionState.LOADING:
+            self.versions.begin(manifest.version)  # (a load that failed before it began)
         self.versions.apply(manifest.version, VersionEvent.FAIL)
         self.metrics.load_failed(reason)
         self.last_failure = {"version": manifest.version, "reason": reason, "message": message}

@@ -92,6 +92,19 @@ def test_a_model_that_fails_to_load_is_not_swapped_in(bundles: Bundles) -> None:
     assert rt.predict(bundles.pixels[0]).version == "v1"
 
 
+def test_a_version_that_failed_before_can_fail_again_without_loading(bundles: Bundles) -> None:
+    rt = _runtime()
+    assert _install(rt, bundles.v1)
+    bad = broken(bundles.v1, "v-bad", b"not an onnx model")
+    assert not _install(rt, bad)
+    rt.fail(bad.manifest, "missing", "blob evicted")  # redeployed; its file gone this time
+    assert rt.versions.state("v-bad") is VersionState.FAILED
+    assert rt.last_failure["reason"] == "missing"
+    rt.fail(bundles.v1.manifest, "missing", "a redeploy of the served version")
+    assert rt.serving is not None
+    assert rt.serving.version == "v1"  # recorded, not unloaded
+
+
 def test_a_model_whose_input_differs_from_its_manifest_is_refused(bundles: Bundles) -> None:
     rt = _runtime()
     _install(rt, bundles.v1)
