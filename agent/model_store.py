@@ -35,6 +35,19 @@ def _atomic_write(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself survives a power cut only once its directory is on disk
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _remove_stale_temps(directory: Path) -> None:
+    """Delete what `_atomic_write` of an earlier process left (it was cut off mid-write)."""
+    own = f".{os.getpid()}.tmp"
+    for path in directory.glob(".*.tmp"):
+        if not path.name.endswith(own):
+            path.unlink(missing_ok=True)
 
 
 class ModelStore:
@@ -45,6 +58,7 @@ class ModelStore:
         self.max_bytes = max_bytes
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root / "blobs")
 
     # --- blobs -------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -62,7 +76,7 @@ class ModelStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ModelStoreError(f"blob does not match its sha256 {sha256[:12]}…")
         _atomic_write(self.blob_path(sha256), data)
-        self.evict()
+        self.evict(keep=sha256)
 
     def read_blob(self, sha256: str) -> bytes:
         """The blob's bytes; ModelStoreError if it is not cached."""
@@ -172,13 +186,22 @@ class ModelStore:
         """Names of the models that have a current version, sorted."""
         return sorted(d.name for d in (self.root / "models").iterdir() if (d / "current").is_file())
 
-    def evict(self) -> int:
-        """Delete the least recently written unpinned blobs while over the cap; return count."""
-        pinned: set[str] = set()
+    def evict(self, keep: str = "") -> int:
+        """Delete the least recently written unpinned blobs while over the cap; return count.
+
+        Pinned: the blobs of each model's current, previous and deployed version, of its
+        newest stored manifest (perhaps still being fetched), and `keep` (just written).
+        """
+        pinned: set[str] = {keep}
         for model_dir in (self.root / "models").iterdir():
-            for which in ("current", "previous", "deployed"):
-                version = self._pointer(model_dir.name, which)
-                manifest = None if version is None else self.manifest(model_dir.name, version)
+            versions = [
+                self._pointer(model_dir.name, w) for w in ("current", "previous", "deployed")
+            ]
+            manifests = [self.manifest(model_dir.name, v) for v in versions if v is not None]
+            stored = (self.manifest(model_dir.name, p.name) for p in model_dir.iterdir())
+            newest = max((m for m in stored if m is not None), key=lambda m: m.created,
+                         default=None)  # fmt: skip
+            for manifest in (*manifests, newest):
                 if manifest is not None:
                     pinned |= {f.sha256 for f in manifest.files}
         blobs = sorted((self.root / "blobs").iterdir(), key=lambda p: p.stat().st_mtime)

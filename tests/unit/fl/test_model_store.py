@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -190,3 +191,27 @@ def test_a_version_named_like_the_stores_own_files_is_refused(
     assert current is not None
     assert current.version == "v1"  # the pointer files are intact
     assert store.blocked("digits") == {"v0"}
+
+
+def test_a_version_being_fetched_keeps_its_blobs_over_the_cap(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models", max_bytes=250)
+    served = manifest("v1", {"head.tensors": b"H" * 100})
+    store.put_manifest(served)
+    put_all(store, {"h": b"H" * 100})
+    store.activate(served)
+    files = {"head.tensors": b"N" * 100, "model.onnx": b"M" * 100}
+    fetching = dataclasses.replace(manifest("v2", files), created=2.0)  # newer, not current
+    store.put_manifest(fetching)
+    store.put_blob(sha(b"N" * 100), b"N" * 100)
+    store.put_blob(sha(b"M" * 100), b"M" * 100)  # 300 bytes held: over the cap, yet
+    assert store.missing(fetching) == []  # nothing of it evicted (it used to lose a blob
+    assert store.missing(served) == []  # and fetch it again, each time)
+
+
+def test_temp_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
+    blobs = tmp_path / "models" / "blobs"
+    blobs.mkdir(parents=True)
+    leftover = blobs / f".{'ab' * 32}.{os.getpid() + 1}.tmp"
+    leftover.write_bytes(b"half a blob")
+    ModelStore(tmp_path / "models")
+    assert not leftover.exists()
