@@ -5,7 +5,9 @@ Layout under the root: ``blobs/<sha256>`` (verified on write), ``models/<name>/<
 atomically), ``models/<name>/blocked`` (versions that failed to load or were rolled back,
 one per line: never made current again), ``models/<name>/deployed`` (the version the
 coordinator last deployed; once there, training versions no longer become current).
-Eviction never touches blobs that the current, previous or deployed version uses.
+Eviction never touches blobs that the current, previous or deployed version uses, nor
+those of each model's newest manifest (perhaps still being fetched). Version names that
+are the store's own file names (``current``, ``blocked``, ``..``) are refused.
 """
 
 from __future__ import annotations
