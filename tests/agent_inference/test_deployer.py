@@ -100,13 +100,10 @@ def _boot(tmp_path: Path) -> tuple[InferenceService, Deployer, _Storefront]:
     return service, Deployer("dev-1", store, trust, front, service, front), front
 
 
-def _serving(service: InferenceService) -> str | None:
-    return service.runtime.serving.version if service.runtime.serving else None
-
-
-def test_a_deployed_version_is_served_again_after_a_restart_offline(
+def _v2_deployed_over_v1(
     tmp_path: Path, bundles: Bundles
-) -> None:
+) -> tuple[InferenceService, Deployer, _Storefront, ModelManifest]:
+    """A device serving v1 (signed, stored), then deployed v2; v2's manifest."""
     store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
     v1, v2 = (dataclasses.replace(b, manifest=sign_manifest(b.manifest, KEY))
               for b in (bundles.v1, bundles.v2))  # fmt: skip
@@ -115,6 +112,17 @@ def test_a_deployed_version_is_served_again_after_a_restart_offline(
     service, deployer, front = _boot(tmp_path)
     deployer.on_deploy(v2.manifest)
     assert service.wait_idle(60)
+    return service, deployer, front, v2.manifest
+
+
+def _serving(service: InferenceService) -> str | None:
+    return service.runtime.serving.version if service.runtime.serving else None
+
+
+def test_a_deployed_version_is_served_again_after_a_restart_offline(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    service, _, front, _ = _v2_deployed_over_v1(tmp_path, bundles)
     assert (_serving(service), front.acks[-1].ok) == ("v2", True)
     service.stop()
     service, _, _ = _boot(tmp_path)  # no broker: no deploy message arrives
@@ -128,16 +136,9 @@ def test_a_deployed_version_is_served_again_after_a_restart_offline(
 def test_a_local_rollback_is_not_undone_by_the_retained_deploy(
     tmp_path: Path, bundles: Bundles
 ) -> None:
-    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
-    v1, v2 = (dataclasses.replace(b, manifest=sign_manifest(b.manifest, KEY))
-              for b in (bundles.v1, bundles.v2))  # fmt: skip
-    put(store, v1)
-    put(store, v2, activate=False)
-    service, deployer, front = _boot(tmp_path)
-    deployer.on_deploy(v2.manifest)
-    assert service.wait_idle(60)
+    service, deployer, front, v2 = _v2_deployed_over_v1(tmp_path, bundles)
     service.rollback()  # an operator, on the device
-    deployer.on_deploy(v2.manifest)  # the retained message again, after a reconnect
+    deployer.on_deploy(v2)  # the retained message again, after a reconnect
     assert service.wait_idle(60)
     last = front.acks[-1]
     assert (last.ok, last.duplicate, last.reason) == (False, True, BLOCKED)  # not "served"
@@ -145,7 +146,7 @@ def test_a_local_rollback_is_not_undone_by_the_retained_deploy(
     service.stop()
     service, deployer, front = _boot(tmp_path)  # a restart, then the retained message
     try:
-        deployer.on_deploy(v2.manifest)
+        deployer.on_deploy(v2)
         assert service.wait_idle(60)
         assert _serving(service) == "v1"
         assert (front.acks[-1].ok, front.acks[-1].reason) == (False, BLOCKED)
