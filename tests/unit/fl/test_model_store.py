@@ -161,12 +161,18 @@ def test_eviction_drops_oldest_unpinned_blobs_and_never_pinned_ones(tmp_path: Pa
     assert store.missing(old) == []
 
 
+def _serving(tmp_path: Path, max_bytes: int, head: bytes) -> ModelStore:
+    """A store capped at `max_bytes` whose current version v1 is one file, `head`."""
+    store = ModelStore(tmp_path / "models", max_bytes=max_bytes)
+    current = manifest("v1", {"head.tensors": head})
+    store.put_manifest(current)
+    put_all(store, {"h": head})
+    store.activate(current)
+    return store
+
+
 def test_put_blob_evicts_over_the_cap(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "models", max_bytes=250)
-    pinned = manifest("v1", {"head.tensors": b"H" * 200})
-    store.put_manifest(pinned)
-    put_all(store, {"h": b"H" * 200})
-    store.activate(pinned)
+    store = _serving(tmp_path, 250, b"H" * 200)
     store.put_blob(sha(b"x" * 40), b"x" * 40)  # 240: fits
     assert store.has_blob(sha(b"x" * 40))
     store.put_blob(sha(b"y" * 40), b"y" * 40)  # 280: something unpinned must go
@@ -194,11 +200,8 @@ def test_a_version_named_like_the_stores_own_files_is_refused(
 
 
 def test_a_version_being_fetched_keeps_its_blobs_over_the_cap(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path / "models", max_bytes=250)
+    store = _serving(tmp_path, 250, b"H" * 100)
     served = manifest("v1", {"head.tensors": b"H" * 100})
-    store.put_manifest(served)
-    put_all(store, {"h": b"H" * 100})
-    store.activate(served)
     files = {"head.tensors": b"N" * 100, "model.onnx": b"M" * 100}
     fetching = dataclasses.replace(manifest("v2", files), created=2.0)  # newer, not current
     store.put_manifest(fetching)
