@@ -80,6 +80,14 @@ def fold(acc: torch.Tensor, update: DecodedTensor, weight: float) -> None:
         acc.index_add_(0, update.flat, update.values, alpha=weight)
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _peak(values: torch.Tensor) -> float:
+    """The largest magnitude in `values` (0 if empty)."""
+    return float(values.abs().max()) if values.numel() else 0.0
+
+
 class Aggregator(Protocol):
     """An aggregation rule fed one update at a time."""
 
@@ -139,6 +147,7 @@ class StreamingFedAvg:
         )
         self._count = 0
         self._total_weight = 0.0
+        self._bounds: dict[str, float] = {}  # (two-pass) per tensor: >= max |running sum|
 
     @property
     def one_pass(self) -> bool:
@@ -178,7 +187,16 @@ class StreamingFedAvg:
                     self._checked.add([(d.name, d.values, d.flat) for d in decoded], scale)
                 except checked_sums.NotFiniteError as exc:
                     raise AggregationError(str(exc), reason="non_finite") from exc
-            else:
+            else:  # refused before any sum changes if it could overflow one (the one-pass
+                # kernel checks as it adds; here a later overflow would fail the whole round)
+                bounds = {d.name: self._bounds.get(d.name, 0.0) + scale * _peak(d.values)
+                          for d in decoded}  # fmt: skip
+                if not all(b <= _F32_MAX for b in bounds.values()):
+                    raise AggregationError(
+                        "this update, weighted, could overflow float32 in the sums",
+                        reason="non_finite",
+                    )
+                self._bounds.update(bounds)
                 acc = self._acc
                 for update in decoded:
                     if update.flat is None:

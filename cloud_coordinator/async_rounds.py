@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from cloud_coordinator.aggregation import AggregationError, decode_update
-from cloud_coordinator.job_state import ActiveJob
+from cloud_coordinator.job_state import ActiveJob, check_weight
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.rounds import RoundEvent, RoundState, next_round_state
 from cloud_coordinator.selection import Candidate, select_devices
@@ -137,6 +137,7 @@ class AsyncDriver:
             raise DecodeError("device was not sent that task", reason="not_selected")
         if update.num_samples <= 0:
             raise DecodeError("update trained on no samples", reason="bad_field")
+        check_weight(spec, update)
         verdict = self.store.add_update(spec.job_id, target, update.device_id,
                                         update.base_version, update.seq, update.num_samples,
                                         payload)  # fmt: skip

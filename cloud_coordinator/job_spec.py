@@ -59,6 +59,7 @@ class JobSpec:
     data_seed: int = 0
     seed: int = 0
     int8_variant: bool = True
+    max_samples_per_update: int = 100_000
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> JobSpecError:
@@ -106,6 +107,8 @@ class JobSpec:
             raise bad("prox_mu", "conflicts with the fedprox strategy's 'mu'; set only 'mu'")
         if not 0 <= self.async_buffer <= 100_000:
             raise bad("async_buffer", "must be 0..100000 (0 = the quorum)")
+        if not 1 <= self.max_samples_per_update <= 1 << 40:
+            raise bad("max_samples_per_update", "must be 1..2**40")
         if not 0 <= self.max_staleness <= 1000:
             raise bad("max_staleness", "must be 0..1000 versions")
         if not (math.isfinite(self.staleness_exponent) and self.staleness_exponent >= 0):

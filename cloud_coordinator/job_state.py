@@ -7,12 +7,14 @@ import torch
 
 from cloud_coordinator import bundles, datasets
 from cloud_coordinator.aggregation import Aggregator
+from cloud_coordinator.job_spec import JobSpec
 from cloud_coordinator.job_store import JobRecord
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.rounds import RoundState
 from cloud_coordinator.strategies import make_aggregator, make_server_optimiser
 from cloud_coordinator.strategies.server_opt import ServerOptimiser
 from cloud_coordinator.templates import get_template
+from protocols.errors import DecodeError
 from protocols.messages import ModelUpdate
 from protocols.model_format import HEAD_FILE, head_shapes, unpack_tensors
 
@@ -20,6 +22,17 @@ from protocols.model_format import HEAD_FILE, head_shapes, unpack_tensors
 def update_key(update: ModelUpdate) -> str:
     """The acknowledgement reference of an update (`ModelUpdate.ack_ref`)."""
     return update.ack_ref
+
+
+def check_weight(spec: JobSpec, update: ModelUpdate) -> None:
+    """DecodeError (``bad_weight``) if `update` claims more samples than the job allows: its
+    weight in the average is its sample count, which a device could otherwise inflate."""
+    if update.num_samples > spec.max_samples_per_update:
+        raise DecodeError(
+            f"update claims {update.num_samples} samples; the job allows "
+            f"{spec.max_samples_per_update} per update (max_samples_per_update)",
+            reason="bad_weight",
+        )
 
 
 def version_id(job_id: str, round_no: int) -> str:
@@ -97,5 +110,5 @@ class ActiveJob:
         self.staleness.append(staleness)
         self.outstanding.pop(update.device_id, None)
         val = update.metrics.get("val_acc_before")
-        if val is not None:
+        if val is not None and 0.0 <= val <= 1.0:  # (an accuracy; anything else is ignored)
             self.device_val.append((val, update.num_samples))

@@ -23,7 +23,7 @@ from cloud_coordinator.async_rounds import AsyncDriver
 from cloud_coordinator.blob_server import Publisher, serve_blob_request
 from cloud_coordinator.errors import CoordinatorError, StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
-from cloud_coordinator.job_state import ActiveJob, update_key, version_id
+from cloud_coordinator.job_state import ActiveJob, check_weight, update_key, version_id
 from cloud_coordinator.job_store import JobRecord, JobStore
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.rounds import (
@@ -158,6 +158,12 @@ class JobRunner:
             active.count_update(update, len(stored.payload))
         log.info("job %s: resumed round %d with %d stored updates",
                  active.spec.job_id, round_no, len(active.received))  # fmt: skip
+        if self.versions.registered(active.spec.model, version_id(active.spec.job_id, round_no)):
+            # Its version was made from these updates before the stop: finish it from them.
+            # Reopened, it would take (and acknowledge) updates the version never holds.
+            active.state = RoundState.AGGREGATING
+            self.store.set_round(active.spec.job_id, round_no, active.state.value)
+            return
         for device_id in active.selected:
             if device_id not in active.received:
                 self._send_task(active, device_id, active.deadline)
@@ -333,6 +339,10 @@ class JobRunner:
 
     def _accept_sync(self, active: ActiveJob, update: ModelUpdate, payload: bytes) -> bool:
         if update.round != active.round_no or active.state is not RoundState.COLLECTING:
+            stored = self.store.stored_round(update.job_id, update.device_id,
+                                             update.base_version, update.seq)  # fmt: skip
+            if stored == update.round:
+                return True  # counted before; its acknowledgement was lost: a duplicate
             raise DecodeError(f"round {update.round} is not open", reason="late")
         if update.device_id not in active.selected:
             raise DecodeError("device was not selected this round", reason="not_selected")
@@ -341,6 +351,7 @@ class JobRunner:
                               reason="stale")  # fmt: skip
         if update.num_samples <= 0 and update.device_id not in active.received:
             raise DecodeError("update trained on no samples", reason="bad_field")
+        check_weight(active.spec, update)
         # Stored before it is folded, so a failed write never leaves it counted unacknowledged.
         verdict = self.store.add_update(update.job_id, update.round, update.device_id,
                                         update.base_version, update.seq, update.num_samples,

@@ -1,0 +1,93 @@
+"""The job runner against devices that lie about their weight, acks that get lost, and a
+stop between making a version and recording it (the world of `test_job_runner`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_coordinator.job_spec import JobSpec, JobSpecError
+from protocols.errors import DecodeError
+from tests.unit.fl.test_job_runner import (
+    JOB,
+    V0,
+    V1,
+    World,
+    assert_head,
+    collecting,
+    deltas,
+    expected_head,
+    fail_finish_once,
+    make_update,
+    seed,
+    send_good,
+    world,
+)
+
+__all__ = ["collecting", "seed", "world"]  # (the fixtures)
+
+
+def test_an_update_claiming_more_samples_than_the_job_allows_is_refused(
+    collecting: World,
+) -> None:
+    w = collecting
+    a, b, c = w.selected()
+    send_good(w, a, seed=1, num_samples=10)
+    send_good(w, b, seed=2, num_samples=10)
+    with pytest.raises(DecodeError, match="max_samples_per_update") as refused:
+        w.send(make_update(c, deltas(3, scale=1.0), num_samples=2**63 - 1))  # to dominate
+    assert refused.value.reason == "bad_weight"
+    (ack,) = w.publisher.acks(c)
+    assert (ack.ok, ack.reason) == (False, "bad_weight")
+    w.clock.now += JOB.round_deadline_s + 0.1
+    w.runner.tick()
+    assert_head(w.head(V1), expected_head(w.head(V0), w.accepted))  # the honest mean
+
+
+def test_the_weight_cap_is_a_job_setting() -> None:
+    assert JOB.max_samples_per_update == 100_000
+    spec = JobSpec.from_json({"job_id": "j", "max_samples_per_update": 500})
+    assert spec.max_samples_per_update == 500
+    with pytest.raises(JobSpecError, match="max_samples_per_update"):
+        JobSpec.from_json({"job_id": "j", "max_samples_per_update": 0})
+
+
+def test_an_update_resent_after_its_round_closed_is_a_duplicate_not_late(
+    collecting: World,
+) -> None:
+    w = collecting
+    a, b, _ = w.selected()
+    send_good(w, a, seed=1, num_samples=10)
+    send_good(w, b, seed=2, num_samples=30)
+    w.clock.now += JOB.round_deadline_s + 0.1
+    w.runner.tick()  # round 1 closed and made V1
+    w.send(make_update(a, deltas(1), num_samples=10))  # its ack was lost: sent again
+    assert [(x.ok, x.duplicate) for x in w.publisher.acks(a)] == [(True, False), (True, True)]
+    late = make_update(a, deltas(1), num_samples=10, seq=2)  # a new update, too late
+    with pytest.raises(DecodeError, match="not open"):
+        w.send(late)
+    assert (w.publisher.acks(a)[-1].ok, w.publisher.acks(a)[-1].reason) == (False, "late")
+
+
+def test_a_round_whose_version_was_made_before_a_stop_takes_no_more_updates(
+    collecting: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reopened after a restart, the round used to acknowledge late updates that the
+    version (made before the stop, from the others) never held."""
+    w = collecting
+    fail_finish_once(w, monkeypatch)
+    a, b, c = w.selected()
+    send_good(w, a, seed=1, num_samples=10)
+    send_good(w, b, seed=2, num_samples=30)
+    w.clock.now += JOB.round_deadline_s + 0.1
+    w.runner.tick()  # V1 registered from a and b; recording it failed
+    w.restart()
+    assert c not in w.publisher.tasks()  # no task sent again for a version already made
+    with pytest.raises(DecodeError, match="not open"):
+        w.send(make_update(c, deltas(3), num_samples=50))
+    assert (w.publisher.acks(c)[-1].ok, w.publisher.acks(c)[-1].reason) == (False, "late")
+    w.runner.tick()
+    rnd = w.store.round(JOB.job_id, 1)
+    assert rnd is not None
+    assert rnd.state == "done"
+    assert w.models.record(JOB.model, V1).devices == tuple(sorted((a, b)))
+    assert_head(w.head(V1), expected_head(w.head(V0), w.accepted))
