@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent import systemd
+from agent import commands, systemd
 from agent.config import AgentConfig
 from agent.lifecycle import Event, Lifecycle, State
 from agent.telemetry import HealthProbe
@@ -74,6 +74,7 @@ class Agent:
         self.telemetry_sent = 0
         self.messages_rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()  # (telemetry: message_rejected_*)
+        self.commands = commands.CommandLog(Path(config.data_dir) / "commands.seen")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         dev = config.device_id
@@ -203,16 +204,23 @@ class Agent:
             log.warning("rejected message on %s (%s): %s", message.topic, exc.reason, exc)
 
     def _on_command(self, command: Command) -> None:
-        ok, reason = self._execute(command)
-        ack = Ack(command.cmd_id, ok, time.time(), reason)
+        duplicate = self.commands.seen(command.cmd_id)
+        if duplicate:  # delivered again (QoS 1): acknowledged, not run twice
+            ok, reason = True, ""
+        else:
+            ok, reason = self._execute(command)
+            if ok:  # (a refused one is judged again if it comes again)
+                self.commands.add(command.cmd_id)
+        ack = Ack(command.cmd_id, ok, time.time(), reason, duplicate)
         try:
             self.mqtt.publish(self._ack_topic, encode(ack), qos=1)
         except MqttError as exc:
             log.warning("could not acknowledge command %s: %s", command.cmd_id, exc)
 
     def _execute(self, command: Command) -> tuple[bool, str]:
-        if command.ttl_s > 0 and time.time() > command.ts + command.ttl_s:
-            return False, "expired"
+        refused = commands.refusal(command, time.time())
+        if refused is not None:
+            return False, refused
         if command.action == "ping":
             return True, ""
         if command.action == "telemetry":

@@ -113,6 +113,9 @@ class Command:
     args: dict[str, Scalar] = field(default_factory=dict)
     ttl_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        _ids(cmd_id=self.cmd_id)  # (a device keeps the ids it ran: no spaces, no newlines)
+
 
 @fast_constructor
 @dataclass(frozen=True, slots=True)

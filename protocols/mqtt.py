@@ -16,8 +16,10 @@ Callbacks run on the client's network thread; they must be quick and never raise
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -189,7 +191,10 @@ class MqttClient:
         return client
 
     def _jitter_backoff(self, client: paho.Client) -> None:
-        # paho doubles the delay from min to max; a random first delay spreads a fleet out.
+        # paho doubles the delay from min to max, back to min after a CONNACK; a random
+        # first delay spreads a fleet out. Set when connected, never on a disconnect: that
+        # would reset the doubling, and a broker that refuses CONNECT (a wrong password)
+        # would be asked again every half second, for ever.
         s = self.settings
         first = s.reconnect_min_s * random.uniform(0.5, 1.5)
         # paho annotates the delays as int but computes with them as seconds; floats are fine.
@@ -231,6 +236,12 @@ class MqttClient:
             self._client.disconnect()
             while self._connected.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)
+        sock = self._client.socket()
+        if self._connected.is_set() and isinstance(sock, socket.socket):
+            # DISCONNECT could not be sent in time (a link gone silent, a full send
+            # buffer): close the socket, or the network thread waits out the keepalive
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         self._client.loop_stop()
 
     # --- traffic -----------------------------------------------------------------------
@@ -290,6 +301,7 @@ class MqttClient:
             )
             return
         self._last_error = ""
+        self._jitter_backoff(client)  # the next outage starts from a new random delay
         with self._lock:
             subs = list(self._subscriptions.items())
         if subs:
@@ -312,7 +324,6 @@ class MqttClient:
         self._connected.clear()
         if not self._stopping:
             self._last_error = f"disconnected: {rc}"
-            self._jitter_backoff(client)
             if was_connected:
                 log.warning("MQTT connection lost (%s); reconnecting", rc)
         if was_connected:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +153,24 @@ def test_tls_rejects_unknown_ca_and_missing_client_cert(
                 client.wait_connected(2)
         finally:
             client.stop(timeout=1)
+
+
+def test_stop_keeps_its_timeout_when_the_broker_goes_silent_mid_upload(
+    mosquitto: Mosquitto,
+) -> None:
+    """A frozen broker (SIGSTOP) under a large upload: DISCONNECT cannot be sent. stop()
+    used to wait out the keepalive (60 s here) in paho's thread; systemd gives 20 s."""
+    client = _client(mosquitto.broker_config(), "silent", keepalive=60)
+    client.start()
+    client.wait_connected(5)
+    assert mosquitto.process is not None
+    os.kill(mosquitto.process.pid, signal.SIGSTOP)
+    try:
+        for n in range(3):  # more than the socket buffers hold
+            client.publish(f"t/big{n}", bytes(8 << 20), qos=1)
+        stopper = threading.Thread(target=client.stop, args=(2.0,), daemon=True)
+        stopper.start()
+        stopper.join(20)  # (a hang, not a speed: the old stop() took the 60-s keepalive)
+        assert not stopper.is_alive()
+    finally:
+        os.kill(mosquitto.process.pid, signal.SIGCONT)
