@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -357,7 +358,8 @@ class Learner:
         tensors = compressor.compress(
             delta, task.compression, topk_fraction=float(hp.get("topk_fraction", 0.01))
         )
-        metrics = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, int | float)}
+        metrics = {k: float(v) for k, v in result["metrics"].items()
+                   if isinstance(v, int | float) and math.isfinite(v)}  # fmt: skip
         update = ModelUpdate(
             device_id=self.device_id,
             job_id=task.job_id,
@@ -369,6 +371,12 @@ class Learner:
             metrics=metrics,
         )
         payload = encode(update)
+        if len(payload) > self.max_payload_bytes:  # the coordinator could never accept it
+            raise TaskFailedError(
+                f"update of {len(payload)} bytes is over the broker's limit of "
+                f"{self.max_payload_bytes} (mqtt.max_payload_bytes): not sent; the job "
+                "needs compression ('topk' or 'int8') for a model this size"
+            )
         key = update.ack_ref
         topic = device_topic(self.device_id, DeviceChannel.UPDATE)
         self.outbox.put(key, topic, payload)

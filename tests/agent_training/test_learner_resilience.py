@@ -9,12 +9,14 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent import blob_fetch
-from agent.learning import Learner
+from agent.learning import Learner, TaskFailedError
 from agent.trust import ManifestTrust
 from protocols.errors import DecodeError
+from protocols.messages import TrainTask
 from protocols.mqtt import PublishError
 from protocols.signing import generate_private_key, public_key, sign_manifest
 from tests.agent_inference.conftest import make_bundles, put
@@ -80,5 +82,31 @@ def test_a_replayed_older_manifest_is_kept_but_not_switched_to(tmp_path: Path) -
         assert stale.value.reason == "stale"
         assert learner.store.current(v2.name) == v2
         assert learner.store.manifest(v1.name, "v1") == v1  # kept: a task may start from it
+    finally:
+        learner.stop()
+
+
+def test_an_update_over_the_brokers_limit_fails_its_task_instead_of_being_resent(
+    tmp_path: Path,
+) -> None:
+    """The coordinator can never accept (so never acknowledge) such an update: queued, it
+    was sent again every 10 s for the outbox's whole lifetime."""
+    key = generate_private_key()
+    bundles = make_bundles()
+    v1 = dataclasses.replace(bundles.v1, manifest=sign_manifest(bundles.v1.manifest, key))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.npz", slice(0, 60)), ("val.npz", slice(60, 80))):
+        np.savez(data / name, x=bundles.pixels[rows], y=bundles.labels[rows])
+    learner = Learner("dev-1", tmp_path, data, _FlakyTransport(), 4096,  # type: ignore[arg-type]
+                      ManifestTrust((public_key(key),), tmp_path))  # fmt: skip
+    learner.start()
+    try:
+        put(learner.store, v1)
+        task = TrainTask("t1", "job-1", 1, v1.manifest.name, v1.manifest.version,
+                         time.time() + 60, "f32", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
+        with pytest.raises(TaskFailedError, match="over the broker's limit of 4096"):
+            learner._train(task)
+        assert learner.outbox.depth() == 0
     finally:
         learner.stop()

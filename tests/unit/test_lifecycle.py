@@ -20,6 +20,7 @@ EXPECTED = {
     (State.RECONNECTING, Event.UP): State.ONLINE,
     (State.RECONNECTING, Event.DOWN): State.RECONNECTING,
     (State.RECONNECTING, Event.STOP): State.STOPPING,
+    (State.STOPPING, Event.UP): State.STOPPING,  # a reconnect done while stopping
     (State.STOPPING, Event.DOWN): State.STOPPING,
     (State.STOPPING, Event.STOP): State.STOPPING,
     (State.STOPPING, Event.DONE): State.STOPPED,
