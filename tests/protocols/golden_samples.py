@@ -118,6 +118,13 @@ def golden_path(kind: str) -> Path:
     return GOLDEN_DIR / f"{kind}.msgpack"
 
 
+def same(a: Any, b: Any) -> bool:
+    """Whether two decoded values are equal as `plain` values, NaN equal to NaN (decoders
+    must agree on a NaN a mutated payload holds, which == never says)."""
+    left, right = plain(a), plain(b)
+    return bool(left == right) or repr(left) == repr(right)
+
+
 def plain(value: Any) -> Any:
     """`value` with dataclasses as (type, fields) and every binary as bytes, for comparisons."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

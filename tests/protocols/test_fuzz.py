@@ -18,7 +18,7 @@ from protocols.chunks import Reassembly, split_blob
 from protocols.errors import DecodeError
 from protocols.messages import MESSAGE_TYPES, BlobChunk, ModelUpdate
 from protocols.tensors import WireTensor, decode_sparse, decode_tensor, encode_dense
-from tests.protocols.golden_samples import golden_path, plain
+from tests.protocols.golden_samples import golden_path, plain, same
 
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -145,7 +145,7 @@ def _same_as_the_walker(data: bytes) -> None:
     if isinstance(walked, DecodeError):  # msgpack itself allows deeper nesting
         assert "deeply" in str(walked)
     else:
-        assert unpacked == plain(walked)
+        assert same(unpacked, walked)
 
 
 def _msgpack_values(big: bool = False, leaves: int = 12) -> st.SearchStrategy[Any]:
