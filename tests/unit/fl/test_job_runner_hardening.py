@@ -3,6 +3,9 @@ stop between making a version and recording it (the world of `test_job_runner`).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
@@ -91,3 +94,19 @@ def test_a_round_whose_version_was_made_before_a_stop_takes_no_more_updates(
     assert rnd.state == "done"
     assert w.models.record(JOB.model, V1).devices == tuple(sorted((a, b)))
     assert_head(w.head(V1), expected_head(w.head(V0), w.accepted))
+
+
+def test_a_device_accuracy_outside_0_to_1_is_left_out_of_the_round_metrics(
+    collecting: World,
+) -> None:
+    w = collecting
+    a, b, c = w.selected()
+    for n, (device, accuracy) in enumerate(((a, 0.5), (b, 1e300), (c, 0.7))):
+        update = make_update(device, deltas(n), num_samples=10)
+        w.send(dataclasses.replace(update, metrics={"val_acc_before": accuracy}))
+    w.runner.tick()
+    job = w.runner.job_json(JOB.job_id)
+    assert job is not None
+    text = json.dumps(job, allow_nan=False)  # strict JSON: no Infinity anywhere
+    rounds = json.loads(text)["rounds"]
+    assert rounds[-1]["metrics"]["device_val_acc_base"] == pytest.approx(0.6)
