@@ -29,13 +29,19 @@ from tests.unit.fl.test_job_runner import (
 __all__ = ["collecting", "seed", "world"]  # (the fixtures)
 
 
+def _two_answer(w: World) -> tuple[str, str, str]:
+    """The selected devices, the first two of which have sent good updates."""
+    a, b, c = w.selected()
+    send_good(w, a, seed=1, num_samples=10)
+    send_good(w, b, seed=2, num_samples=30)
+    return a, b, c
+
+
 def test_an_update_claiming_more_samples_than_the_job_allows_is_refused(
     collecting: World,
 ) -> None:
     w = collecting
-    a, b, c = w.selected()
-    send_good(w, a, seed=1, num_samples=10)
-    send_good(w, b, seed=2, num_samples=10)
+    _, _, c = _two_answer(w)
     with pytest.raises(DecodeError, match="max_samples_per_update") as refused:
         w.send(make_update(c, deltas(3, scale=1.0), num_samples=2**63 - 1))  # to dominate
     assert refused.value.reason == "bad_weight"
@@ -58,9 +64,7 @@ def test_an_update_resent_after_its_round_closed_is_a_duplicate_not_late(
     collecting: World,
 ) -> None:
     w = collecting
-    a, b, _ = w.selected()
-    send_good(w, a, seed=1, num_samples=10)
-    send_good(w, b, seed=2, num_samples=30)
+    a, _, _ = _two_answer(w)
     w.clock.now += JOB.round_deadline_s + 0.1
     w.runner.tick()  # round 1 closed and made V1
     w.send(make_update(a, deltas(1), num_samples=10))  # its ack was lost: sent again
@@ -78,9 +82,7 @@ def test_a_round_whose_version_was_made_before_a_stop_takes_no_more_updates(
     version (made before the stop, from the others) never held."""
     w = collecting
     fail_finish_once(w, monkeypatch)
-    a, b, c = w.selected()
-    send_good(w, a, seed=1, num_samples=10)
-    send_good(w, b, seed=2, num_samples=30)
+    a, b, c = _two_answer(w)
     w.clock.now += JOB.round_deadline_s + 0.1
     w.runner.tick()  # V1 registered from a and b; recording it failed
     w.restart()
