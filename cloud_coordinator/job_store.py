@@ -230,8 +230,18 @@ class JobStore:
         optimiser_state: bytes | None = None,
     ) -> None:
         """Mark a round done and make its version the job's current one (and store the
-        server optimiser's state after it), atomically."""
+        server optimiser's state after it), atomically.
+
+        The round's update payloads are dropped with it: the version holds what they
+        brought, and only an unfinished round is ever replayed. Their rows stay (a device
+        re-sending one is told it was a duplicate), so the store grows by a row per update,
+        not by every update's tensors.
+        """
         with self._lock, self._db:
+            self._db.execute(
+                "UPDATE updates SET payload = X'' WHERE job_id = ? AND round = ?",
+                (job_id, round_no),
+            )
             if optimiser_state is not None:
                 self._db.execute(
                     "INSERT OR REPLACE INTO optimiser_state (job_id, round, payload) "

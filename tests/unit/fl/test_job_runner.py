@@ -728,17 +728,20 @@ def test_a_restart_after_a_failed_round_retries_that_round(collecting: World) ->
     assert w.store.round(JOB.job_id, 2) is None
 
 
-def test_a_crash_between_registering_and_recording_a_version_recovers(collecting: World) -> None:
+def test_a_crash_between_registering_and_recording_a_version_recovers(
+    collecting: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """models.put used to raise 'already registered' at every tick after such a crash."""
     w = collecting
+    fail_finish_once(w, monkeypatch)  # the process dies where recording would have been
     for n, device in enumerate(w.selected()):
         send_good(w, device, seed=n, num_samples=10 * (n + 1))
     w.runner.tick()
     registered = w.models.record(JOB.model, V1)
-    # Roll the job store back to the moment before `set_round(..., "done")`: the version is
-    # registered, the round is still aggregating and the job still on the old version.
-    w.store.set_round(JOB.job_id, 1, "aggregating")
-    w.store.set_job(JOB.job_id, current_version=V0)
+    # The version is registered, the round still aggregating, the job on the old version.
+    rnd = w.store.round(JOB.job_id, 1)
+    assert rnd is not None
+    assert rnd.state == "aggregating"
     w.restart()
     w.runner.tick()  # the resumed round closes at once: all three updates are stored
     rnd = w.store.round(JOB.job_id, 1)

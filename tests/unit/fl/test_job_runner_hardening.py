@@ -112,3 +112,17 @@ def test_a_device_accuracy_outside_0_to_1_is_left_out_of_the_round_metrics(
     text = json.dumps(job, allow_nan=False)  # strict JSON: no Infinity anywhere
     rounds = json.loads(text)["rounds"]
     assert rounds[-1]["metrics"]["device_val_acc_base"] == pytest.approx(0.6)
+
+
+def test_a_finished_rounds_update_payloads_are_dropped_and_their_rows_kept(
+    collecting: World,
+) -> None:
+    w = collecting
+    a, _, _ = _two_answer(w)
+    assert all(len(u.payload) > 1000 for u in w.store.updates(JOB.job_id, 1))
+    w.clock.now += JOB.round_deadline_s + 0.1
+    w.runner.tick()  # round 1 done
+    stored = w.store.updates(JOB.job_id, 1)
+    assert [u.payload for u in stored] == [b"", b""]  # the version holds what they brought
+    w.send(make_update(a, deltas(1), num_samples=10))  # and a re-send is still a duplicate
+    assert w.publisher.acks(a)[-1].duplicate
