@@ -247,9 +247,10 @@ class MqttClient:
     # --- traffic -----------------------------------------------------------------------
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now if connected and again after every reconnect."""
-        with self._lock:
+        with self._lock:  # (with the connect handler's copy: in its batch, or sent here)
             self._subscriptions[topic_filter] = qos
-        if self._connected.is_set():
+            connected = self._connected.is_set()
+        if connected:
             self._client.subscribe(topic_filter, qos)
 
     def publish(
@@ -302,11 +303,11 @@ class MqttClient:
             return
         self._last_error = ""
         self._jitter_backoff(client)  # the next outage starts from a new random delay
-        with self._lock:
+        with self._lock:  # a subscribe() after this copy sees the session up and sends itself
             subs = list(self._subscriptions.items())
+            self._connected.set()
         if subs:
             client.subscribe(subs)
-        self._connected.set()
         log.info(
             "MQTT connected to %s:%s (session present: %s)",
             self.settings.host,
