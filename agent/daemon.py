@@ -72,7 +72,6 @@ class Agent:
         self.lifecycle = Lifecycle()
         self.health = HealthProbe()
         self.telemetry_sent = 0
-        self.messages_rejected = 0
         self.rejected_by_reason: Counter[str] = Counter()  # (telemetry: message_rejected_*)
         self.commands = commands.CommandLog(Path(config.data_dir) / "commands.seen")
         self._stop = threading.Event()
@@ -199,7 +198,6 @@ class Agent:
                 raise DecodeError(f"nothing handles {message.topic}", reason="unsupported")
         except DecodeError as exc:
             with self._lock:
-                self.messages_rejected += 1
                 self.rejected_by_reason[exc.reason] += 1
             log.warning("rejected message on %s (%s): %s", message.topic, exc.reason, exc)
 
@@ -266,6 +264,12 @@ class Agent:
             self.mqtt.publish(self._telemetry_topic, encode(message), qos=0)
         except NotConnectedError:
             log.debug("offline: telemetry %d skipped", seq)
+
+    @property
+    def messages_rejected(self) -> int:
+        """Messages refused so far, every reason together."""
+        with self._lock:
+            return sum(self.rejected_by_reason.values())
 
     def _extra(self) -> dict[str, float]:
         extra = {"train": 1.0 if self.config.train else 0.0}

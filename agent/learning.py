@@ -230,8 +230,7 @@ class Learner:
         is missing."""
         missing = self.store.missing(manifest)
         for entry in missing:
-            if not self.store.has_blob(entry.sha256):
-                self.fetches.want(entry.sha256, entry.size)
+            self.fetches.want(entry.sha256, entry.size)
         if missing:
             self.fetches.send_due()
         return not missing

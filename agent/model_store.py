@@ -6,7 +6,8 @@ atomically), ``models/<name>/blocked`` (versions that failed to load or were rol
 one per line: never made current again), ``models/<name>/deployed`` (the version the
 coordinator last deployed; once there, training versions no longer become current).
 Eviction never touches blobs that the current, previous or deployed version uses, nor
-those of each model's newest manifest (perhaps still being fetched). Version names that
+those of each model's newest manifest put since the store opened (perhaps still being
+fetched). Version names that
 are the store's own file names (``current``, ``blocked``, ``..``) are refused.
 """
 
@@ -61,6 +62,7 @@ class ModelStore:
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(root / "blobs")
+        self._newest: dict[str, ModelManifest] = {}  # per model, of those put since start
 
     # --- blobs -------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
@@ -101,6 +103,9 @@ class ModelStore:
         if manifest.version in RESERVED_VERSIONS:
             raise ModelStoreError(f"version name {manifest.version!r} is reserved on devices")
         _atomic_write(self._model_dir(manifest.name) / manifest.version, encode(manifest))
+        newest = self._newest.get(manifest.name)
+        if newest is None or manifest.created >= newest.created:
+            self._newest[manifest.name] = manifest  # (what eviction spares: being fetched)
 
     def manifest(self, name: str, version: str) -> ModelManifest | None:
         """A stored manifest, or None."""
@@ -191,21 +196,19 @@ class ModelStore:
     def evict(self, keep: str = "") -> int:
         """Delete the least recently written unpinned blobs while over the cap; return count.
 
-        Pinned: the blobs of each model's current, previous and deployed version, of its
-        newest stored manifest (perhaps still being fetched), and `keep` (just written).
+        Pinned: the blobs of each model's current, previous and deployed version, of the
+        newest manifest put since the store opened (perhaps still being fetched), and `keep`
+        (just written).
         """
         pinned: set[str] = {keep}
+        for manifest in self._newest.values():
+            pinned |= {f.sha256 for f in manifest.files}
         for model_dir in (self.root / "models").iterdir():
-            versions = [
-                self._pointer(model_dir.name, w) for w in ("current", "previous", "deployed")
-            ]
-            manifests = [self.manifest(model_dir.name, v) for v in versions if v is not None]
-            stored = (self.manifest(model_dir.name, p.name) for p in model_dir.iterdir())
-            newest = max((m for m in stored if m is not None), key=lambda m: m.created,
-                         default=None)  # fmt: skip
-            for manifest in (*manifests, newest):
-                if manifest is not None:
-                    pinned |= {f.sha256 for f in manifest.files}
+            for which in ("current", "previous", "deployed"):
+                version = self._pointer(model_dir.name, which)
+                pointed = None if version is None else self.manifest(model_dir.name, version)
+                if pointed is not None:
+                    pinned |= {f.sha256 for f in pointed.files}
         blobs = sorted((self.root / "blobs").iterdir(), key=lambda p: p.stat().st_mtime)
         total = sum(p.stat().st_size for p in blobs)
         removed = 0

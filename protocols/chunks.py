@@ -12,13 +12,12 @@ import hashlib
 from collections.abc import Iterator
 
 from protocols.errors import DecodeError
-from protocols.messages import BlobChunk
+from protocols.messages import BlobChunk, valid_sha256
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_BLOB_SIZE = 2 * 1024**3
 #: Chunks one blob may be split into (64 Ki: a 64 MiB blob in 1 KiB chunks, 2 GiB in 32 KiB).
 MAX_CHUNKS = 1 << 16
-_HEX = frozenset("0123456789abcdef")
 
 
 def sha256_hex(data: bytes | bytearray | memoryview) -> str:
@@ -117,5 +116,5 @@ def _check_header(chunk: BlobChunk, max_size: int) -> None:
             f"a blob in {chunk.count} chunks (more than {MAX_CHUNKS}): chunks too small",
             reason="too_large",
         )
-    if len(chunk.blob_sha256) != 64 or not _HEX.issuperset(chunk.blob_sha256):
+    if not valid_sha256(chunk.blob_sha256):
         raise DecodeError("blob sha256 must be 64 lowercase hex digits", reason="bad_chunk")

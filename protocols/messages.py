@@ -46,8 +46,16 @@ def _counts(**values: int) -> None:
             raise ValueError(f"{what} must be 0 to 2**63-1, got {value}")
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
+def valid_sha256(value: str) -> bool:
+    """Whether `value` is a sha256 as the protocol writes it: 64 lowercase hex digits."""
+    return len(value) == 64 and _HEX.issuperset(value)
+
+
 def _sha256(value: str) -> None:
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    if not valid_sha256(value):
         raise ValueError("sha256 must be 64 lowercase hex digits")
 
 
