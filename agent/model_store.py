@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from protocols.errors import DecodeError
-from protocols.messages import FileEntry, ModelManifest, decode_as, encode
+from protocols.messages import FileEntry, ModelManifest, decode_as, encode, valid_sha256
 from protocols.topics import valid_id
 
 
@@ -67,7 +67,7 @@ class ModelStore:
     # --- blobs -------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
         """Where the blob with this hash lives (whether or not it is there)."""
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not valid_sha256(sha256):
             raise ModelStoreError(f"not a sha256: {sha256!r}")
         return self.root / "blobs" / sha256
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from cloud_coordinator.errors import StoreError
 from protocols.errors import DecodeError
-from protocols.messages import ModelManifest, decode_as, encode
+from protocols.messages import ModelManifest, decode_as, encode, valid_sha256
 
 SCHEMA_VERSION = 1
 DB_FILE = "models.db"
@@ -173,7 +173,7 @@ class ModelRegistry:
         return digest
 
     def _blob_path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not valid_sha256(sha256):
             raise ValueError(f"not a lowercase hex sha256: {sha256!r}")
         return self._blobs / sha256
 
