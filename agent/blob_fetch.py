@@ -5,8 +5,10 @@ A request names the blob and the chunks still missing (none: all of them, also w
 than `MAX_LISTED` are missing); the coordinator answers on ``dev/{id}/blob``
 (`protocols.chunks` reassembles and checks each blob's sha256).
 
-Chunks are not signed, only the blob's hash is: anyone on the broker can send chunks. A
-chunk must claim the size the signed manifest gives; chunks of another layout (chunk
+Chunks are not signed, the manifest is: anyone on the broker can send chunks. A chunk
+must claim the size the signed manifest gives, and where the manifest lists piece digests
+(`FileEntry.pieces`), each piece is checked as soon as its bytes are in, so a forged chunk
+is refused (`bad_piece`) and the genuine one still taken. Chunks of another layout (chunk
 size) are kept apart, at most `MAX_LAYOUTS` per blob, so a forged first chunk cannot make
 the genuine ones unacceptable.
 """
@@ -52,6 +54,8 @@ _Layout = tuple[int, int, int]
 class _Fetch:
     sha256: str
     size: int | None  # from the signed manifest (None: not known)
+    piece_size: int = 0  # and its piece digests (none: the blob is checked whole only)
+    pieces: bytes = b""
     requested_at: float = 0.0
     layouts: dict[_Layout, Reassembly] = field(default_factory=dict)
 
@@ -76,15 +80,20 @@ class BlobFetches:
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}
 
-    def want(self, sha256: str, size: int | None = None) -> None:
-        """Fetch `sha256`, of `size` bytes when known (asked for at the next `send_due`),
-        unless it is already wanted."""
+    def want(
+        self, sha256: str, size: int | None = None, piece_size: int = 0, pieces: bytes = b""
+    ) -> None:
+        """Fetch `sha256`, of `size` bytes and with the digests of its `piece_size`-byte
+        pieces when known (asked for at the next `send_due`), unless it is already wanted."""
         with self._lock:
             fetch = self._fetches.get(sha256)
             if fetch is None:
-                self._fetches[sha256] = _Fetch(sha256, size)
-            elif fetch.size is None:
+                self._fetches[sha256] = _Fetch(sha256, size, piece_size, pieces)
+                return
+            if fetch.size is None:
                 fetch.size = size
+            if pieces and not fetch.pieces:  # (layouts begun without them stay unchecked)
+                fetch.piece_size, fetch.pieces = piece_size, pieces
 
     def add_chunk(self, chunk: BlobChunk) -> bytes | None:
         """Add a chunk; the verified blob once it is complete (and no longer fetched), else
@@ -104,7 +113,8 @@ class BlobFetches:
             if reassembly is None:
                 if len(fetch.layouts) >= MAX_LAYOUTS:
                     raise DecodeError("too many chunk layouts for one blob", reason="bad_chunk")
-                reassembly = fetch.layouts[layout] = Reassembly(chunk)
+                reassembly = Reassembly(chunk, piece_size=fetch.piece_size, pieces=fetch.pieces)
+                fetch.layouts[layout] = reassembly
             reassembly.add(chunk)
             if not reassembly.complete:
                 return None

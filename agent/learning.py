@@ -230,7 +230,7 @@ class Learner:
         is missing."""
         missing = self.store.missing(manifest)
         for entry in missing:
-            self.fetches.want(entry.sha256, entry.size)
+            self.fetches.want(entry.sha256, entry.size, entry.piece_size, entry.pieces)
         if missing:
             self.fetches.send_due()
         return not missing
@@ -260,7 +260,7 @@ class Learner:
                     if not missing:
                         return manifest
                     for entry in missing:
-                        self.fetches.want(entry.sha256, entry.size)
+                        self.fetches.want(entry.sha256, entry.size, entry.piece_size, entry.pieces)
                 if time.time() >= deadline or self._stop.is_set():
                     raise TaskFailedError(
                         f"model {task.model_name} {task.base_version} not here in time"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from cloud_coordinator.model_registry import ModelRegistry
-from protocols.chunks import split_blob
+from protocols.chunks import serving_chunk_size, split_blob
 from protocols.errors import DecodeError
 from protocols.messages import BlobRequest, decode_as, encode
 from protocols.topics import DeviceChannel, device_topic
@@ -34,6 +34,7 @@ def serve_blob_request(
         raise DecodeError(f"no blob {request.blob_sha256[:12]}", reason="unknown_blob")
     wanted = set(request.indices)
     topic = device_topic(device_id, DeviceChannel.BLOB)
-    for chunk in split_blob(models.blob(request.blob_sha256), chunk_size):
+    # (chunks hold whole pieces of the manifest's piece digests, or lie inside one)
+    for chunk in split_blob(models.blob(request.blob_sha256), serving_chunk_size(chunk_size)):
         if not wanted or chunk.index in wanted:
             publisher.publish(topic, encode(chunk), qos=1)

@@ -30,6 +30,7 @@ import torch
 from onnx import numpy_helper
 
 from cloud_coordinator.templates import FusedModel, Template
+from protocols.chunks import PIECE_SIZE, piece_digests
 from protocols.messages import FileEntry, ModelManifest, TensorSpec
 from protocols.model_format import (
     BACKBONE_FILE,
@@ -70,9 +71,16 @@ def sha256_hex(data: bytes) -> str:
 
 
 def file_entries(files: Mapping[str, bytes]) -> tuple[FileEntry, ...]:
-    """Manifest entries (name, sha256, size) of `files`, sorted by name."""
+    """Manifest entries (name, sha256, size, piece digests) of `files`, sorted by name."""
     return tuple(
-        FileEntry(name, sha256_hex(files[name]), len(files[name])) for name in sorted(files)
+        FileEntry(
+            name,
+            sha256_hex(files[name]),
+            len(files[name]),
+            PIECE_SIZE,
+            piece_digests(files[name], PIECE_SIZE),
+        )
+        for name in sorted(files)
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, NoReturn, TypeVar
 from protocols import schema, wire
 from protocols.errors import DecodeError, VersionError
 from protocols.model_format import LayerSpec
-from protocols.schema import Binary, Scalar, fast_constructor
+from protocols.schema import Binary, Scalar, fast_constructor, omit_defaults
 from protocols.tensors import WireTensor
 from protocols.topics import valid_id
 
@@ -24,6 +24,8 @@ ONLINE = "online"
 OFFLINE = "offline"
 
 
+#: Bytes of one piece digest in a `FileEntry` (a sha256).
+PIECE_DIGEST_BYTES = 32
 #: The largest counter a message may carry (what SQLite's INTEGER holds).
 MAX_COUNT = (1 << 63) - 1
 
@@ -139,19 +141,36 @@ class Ack:
     duplicate: bool = False
 
 
+@omit_defaults  # a file without piece digests is written as before they existed
 @fast_constructor
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One file of a model bundle, addressed by content."""
+    """One file of a model bundle, addressed by content.
+
+    ``pieces`` holds the sha256 digests (32 bytes each, in order) of the file's consecutive
+    ``piece_size``-byte slices, so a device can check each chunk as it arrives; a file
+    without them (``piece_size`` 0) is checked whole only.
+    """
 
     name: str
     sha256: str
     size: int
+    piece_size: int = 0
+    pieces: bytes = b""
 
     def __post_init__(self) -> None:
         _sha256(self.sha256)
         if self.size < 0:
             raise ValueError("size must be >= 0")
+        if self.piece_size or self.pieces:
+            if self.piece_size <= 0:
+                raise ValueError("piece_size must be positive when piece digests are given")
+            count = max(1, -(-self.size // self.piece_size))
+            if len(self.pieces) != PIECE_DIGEST_BYTES * count:
+                raise ValueError(
+                    f"{count} pieces of {self.piece_size} bytes need"
+                    f" {PIECE_DIGEST_BYTES * count} bytes of digests, got {len(self.pieces)}"
+                )
 
 
 @fast_constructor

@@ -1,10 +1,13 @@
 """A model transfer cut mid-way resumes from the last verified chunk: a real agent over a
 real Mosquitto asks for a deployed version's blobs, gets only half of each blob's chunks,
 the broker restarts under it, and after reconnecting it asks for exactly the chunks it
-lacks, then verifies, loads and serves the version. No chunk is sent twice."""
+lacks, then verifies, loads and serves the version. No chunk is sent twice. A forged copy
+of a chunk, sent just before the genuine one, is refused by its signed piece digest, and
+the genuine one is taken."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +36,7 @@ class CuttingCloud(FakeCloud):
         self.requests: list[BlobRequest] = []
         self.sent: defaultdict[str, list[int]] = defaultdict(list)
         self.cutting = True
+        self.forged = 0
         self.lock = threading.Lock()
         super().__init__(mosquitto)
 
@@ -48,9 +52,15 @@ class CuttingCloud(FakeCloud):
             wanted = [c for c in chunks if not request.indices or c.index in request.indices]
             if self.cutting and not request.indices:
                 wanted = wanted[: max(1, len(chunks) // 2)]
+            topic = device_topic(DEV, DeviceChannel.BLOB)
+            if request.indices and wanted and not self.forged:  # the resume: a forgery first
+                data = bytearray(bytes(wanted[0].data))
+                data[-1] ^= 0xFF
+                forged = dataclasses.replace(wanted[0], data=bytes(data))
+                self.client.publish(topic, encode(forged), qos=1)
+                self.forged += 1
             for chunk in wanted:
                 self.sent[request.blob_sha256].append(chunk.index)
-                topic = device_topic(DEV, DeviceChannel.BLOB)
                 self.client.publish(topic, encode(chunk), qos=1)
 
 
@@ -69,6 +79,7 @@ def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
                   f"unix:{sock}", "--model-key", key_text(public_key(key)))  # fmt: skip
     manifest = sign_manifest(bundles.v1.manifest, key)
     sizes = {f.sha256: f.size for f in manifest.files}
+    assert all(f.piece_size == CHUNK and f.pieces for f in manifest.files)
     counts = {sha: len(list(split_blob(cloud_blob, CHUNK))) for sha, cloud_blob in
               ((f.sha256, bundles.v1.files[f.name]) for f in manifest.files)}  # fmt: skip
     big = max(counts, key=counts.__getitem__)
@@ -104,4 +115,6 @@ def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
     assert all(i < half for i in lost)
     resent = sorted(cloud.sent[big])
     assert resent == sorted([*range(n), *lost])  # each chunk sent once, a lost one twice
+    assert cloud.forged == 1
+    assert "(bad_piece)" in agent.output()  # refused, counted, and the genuine chunk taken
     assert "Traceback" not in agent.output()

@@ -81,7 +81,10 @@ def samples() -> dict[str, Message]:
             "detector",
             "v7",
             1_700_000_004.0,
-            (FileEntry("backbone.onnx", _SHA_A, 1_234_567), FileEntry("head.bin", _SHA_B, 0)),
+            (
+                FileEntry("backbone.onnx", _SHA_A, 1_234_567),
+                FileEntry("head.bin", _SHA_B, 0, 65_536, bytes(range(32))),  # one piece
+            ),
             (TensorSpec("image", "f32", (-1, 3, 224, 224)),),
             (TensorSpec("logits", "f32", (-1, 10)), TensorSpec("embedding", "f16", (-1, 64))),
             "v6",

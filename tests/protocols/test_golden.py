@@ -83,6 +83,11 @@ def test_golden_update_tensors_decode_to_their_values() -> None:
     np.testing.assert_allclose(vals, [0.5, -0.25, 1.0, -1.0, 0.125], atol=sparse.scale / 2)
 
 
+def _without_pieces(manifest: messages.ModelManifest) -> messages.ModelManifest:
+    files = tuple(dataclasses.replace(f, piece_size=0, pieces=b"") for f in manifest.files)
+    return dataclasses.replace(manifest, files=files)
+
+
 def test_manifest_from_before_head_layers_still_decodes() -> None:
     # A minor version added ``head_layers`` (with a default): older bytes must still decode.
     old = (GOLDEN_DIR / "compat" / "manifest-before-head-layers.msgpack").read_bytes()
@@ -91,7 +96,7 @@ def test_manifest_from_before_head_layers_still_decodes() -> None:
     assert isinstance(manifest, messages.ModelManifest)
     assert manifest.head_layers
     before = dataclasses.replace(
-        manifest, head_layers=(), signer_key=b"", serving_file="", variants={}
+        _without_pieces(manifest), head_layers=(), signer_key=b"", serving_file="", variants={}
     )
     assert plain(decoded) == plain(before)
 
@@ -102,10 +107,22 @@ def test_manifest_from_before_signer_key_still_decodes() -> None:
     decoded = messages.decode(old)
     manifest = samples()["manifest"]
     assert isinstance(manifest, messages.ModelManifest)
-    before = dataclasses.replace(manifest, signer_key=b"", serving_file="", variants={})
+    before = dataclasses.replace(
+        _without_pieces(manifest), signer_key=b"", serving_file="", variants={}
+    )
     assert plain(decoded) == plain(before)
     assert isinstance(decoded, messages.ModelManifest)
     assert decoded.serving == "model.onnx"
+
+
+def test_manifest_from_before_piece_digests_still_decodes() -> None:
+    # A minor version added ``piece_size`` and ``pieces`` to each file (defaults: none).
+    old = (GOLDEN_DIR / "compat" / "manifest-before-pieces.msgpack").read_bytes()
+    manifest = samples()["manifest"]
+    assert isinstance(manifest, messages.ModelManifest)
+    assert manifest.files[1].pieces
+    assert plain(messages.decode(old)) == plain(_without_pieces(manifest))
+    assert messages.encode(_without_pieces(manifest)) == old  # no digests: written as before
 
 
 def test_status_from_before_fleet_still_decodes() -> None:

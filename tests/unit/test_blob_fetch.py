@@ -12,7 +12,7 @@ import pytest
 
 from agent import blob_fetch
 from agent.blob_fetch import BlobFetches
-from protocols.chunks import split_blob
+from protocols.chunks import piece_digests, split_blob
 from protocols.errors import DecodeError
 from protocols.messages import BlobChunk, BlobRequest, decode_as
 
@@ -153,3 +153,32 @@ def test_a_request_lists_at_most_max_listed_chunks_else_asks_for_all() -> None:
     now[0] += 10
     fetches.send_due()
     assert wire.requests()[-1].indices == tuple(range(2, blob_fetch.MAX_LISTED + 2))
+
+
+def test_with_piece_digests_a_forged_chunk_is_refused_at_once_and_only_it_asked_for() -> None:
+    # (the same corruption as above: without digests the whole blob was fetched again)
+    wire = Wire()
+    fetches = BlobFetches("dev-1", wire)
+    fetches.want(SHA, len(BLOB), 1024, piece_digests(BLOB, 1024))
+    chunks = _chunks()
+    bad = dataclasses.replace(chunks[3], data=bytes(len(chunks[3].data)))
+    for chunk in chunks[:3]:
+        assert fetches.add_chunk(chunk) is None
+    with pytest.raises(DecodeError, match="piece 3 does not match") as refused:
+        fetches.add_chunk(bad)
+    assert refused.value.reason == "bad_piece"
+    for chunk in chunks[4:]:
+        assert fetches.add_chunk(chunk) is None
+    fetches.send_due()
+    assert wire.requests()[-1].indices == (3,)  # the verified chunks are kept
+    assert fetches.add_chunk(chunks[3]) == BLOB
+
+
+def test_piece_digests_learnt_later_apply_to_layouts_begun_after() -> None:
+    fetches = BlobFetches("dev-1", Wire())
+    fetches.want(SHA)
+    fetches.want(SHA, len(BLOB), 1024, piece_digests(BLOB, 1024))  # from a manifest
+    bad = dataclasses.replace(_chunks()[0], data=bytes(1024))
+    with pytest.raises(DecodeError, match="signed digest"):
+        fetches.add_chunk(bad)
+    assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB

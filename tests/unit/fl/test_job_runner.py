@@ -21,6 +21,7 @@ import numpy.typing as npt
 import pytest
 
 from cloud_coordinator import async_rounds, checked_sums, jobs, versions
+from cloud_coordinator.blob_server import serve_blob_request
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
@@ -28,7 +29,7 @@ from cloud_coordinator.jobs import JobRunner, update_key, version_id
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.selection import Candidate
 from cloud_coordinator.templates import get_template
-from protocols.chunks import Reassembly
+from protocols.chunks import PIECE_SIZE, Reassembly, piece_digests
 from protocols.errors import DecodeError
 from protocols.messages import (
     Ack,
@@ -638,9 +639,10 @@ def test_blob_requests_are_answered_with_chunks_that_reassemble(world: World) ->
     chunks = [decode_as(BlobChunk, p.payload) for p in sent]
     assert len(chunks) == -(-len(blob) // 4096) > 1
     assert {p.qos for p in sent} == {1}
-    assembly = Reassembly(chunks[-1])
+    assert (entry.piece_size, entry.pieces) == (PIECE_SIZE, piece_digests(blob))
+    assembly = Reassembly(chunks[-1], piece_size=entry.piece_size, pieces=entry.pieces)
     for chunk in reversed(chunks):
-        assembly.add(chunk)
+        assembly.add(chunk)  # each piece checked against the signed manifest's digests
     assert assembly.result() == blob
     assert world.publisher.sent == sent  # nothing to anybody else
 
@@ -650,6 +652,20 @@ def test_blob_requests_are_answered_with_chunks_that_reassemble(world: World) ->
     again = [decode_as(BlobChunk, p.payload) for p in world.publisher.sent]
     assert tuple(c.index for c in again) == wanted
     assert all(bytes(c.data) == bytes(chunks[c.index].data) for c in again)
+
+
+def test_blob_chunks_are_cut_to_fit_the_piece_digests(world: World) -> None:
+    # 5,000-byte chunks would split the manifest's 64 KiB pieces: 4,096 are served instead
+    entry = world.models.manifest(JOB.model, V0).files[0]
+    blob = world.models.blob(entry.sha256)
+    request = encode(BlobRequest("dev-a", entry.sha256, (), "r1"))
+    serve_blob_request(world.models, world.publisher, 5000, "dev-a", request, MAX_BYTES)
+    chunks = [decode_as(BlobChunk, p.payload) for p in world.publisher.sent]
+    assert {c.chunk_size for c in chunks} == {4096}
+    assembly = Reassembly(chunks[0], piece_size=entry.piece_size, pieces=entry.pieces)
+    for chunk in chunks:
+        assembly.add(chunk)
+    assert assembly.result() == blob
 
 
 def test_bad_blob_requests_are_refused(world: World) -> None:
