@@ -276,6 +276,9 @@ class Agent:
         with self._lock:
             extra.update({f"message_rejected_{r}": float(n)
                           for r, n in self.rejected_by_reason.items()})  # fmt: skip
+        if self.learner is not None:
+            extra["outbox_dropped"] = float(self.learner.outbox.dropped)
+            extra["outbox_set_aside"] = float(self.learner.outbox.set_aside is not None)
         if self.trust is not None:
             extra.update(self.trust.telemetry_extra())
         if self.inference is not None:

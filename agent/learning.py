@@ -41,7 +41,10 @@ from protocols.model_format import BACKBONE_FILE, HEAD_FILE, unpack_tensors
 from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
 
 log = logging.getLogger(__name__)
+#: Seconds before an unacknowledged update is first sent again (then twice as long, ...).
 RESEND_AFTER_S = 10.0
+#: Seconds a copy still queued in the MQTT client holds back its resend at most.
+QUEUED_HOLD_S = 3600.0
 
 
 class Transport(Protocol):
@@ -100,6 +103,8 @@ class Learner:
         self.trust = trust
         self.blob_listener: BlobListener | None = None
         self.outbox = Outbox(data_dir / "outbox.db")
+        # outbox key -> (publish handle of its latest copy, when it was published)
+        self._copies: dict[str, tuple[object, float]] = {}
         self._residual_dir = data_dir / "residuals"
         self._compressors: dict[str, Compressor] = {}
         self.trainer = TrainerProcess(threads=train_threads, nice=train_nice)
@@ -214,6 +219,7 @@ class Learner:
     def on_update_ack(self, ack: Ack) -> None:
         """Forget an update the coordinator has acknowledged (or refused for good)."""
         self.outbox.ack(ack.ref)
+        self._copies.pop(ack.ref, None)
         if not ack.ok:
             log.warning("coordinator refused update %s: %s", ack.ref, ack.reason)
 
@@ -302,8 +308,25 @@ class Learner:
     def _resend_due(self) -> None:
         if not self.transport.connected:
             return
-        for pending in self.outbox.due(RESEND_AFTER_S):
-            self.transport.publish(pending.topic, pending.payload, qos=1)
+        for pending in self.outbox.due(RESEND_AFTER_S, skip=self._still_queued()):
+            self._publish_copy(pending.key, pending.topic, pending.payload)
+
+    def _publish_copy(self, key: str, topic: str, payload: bytes) -> None:
+        self._copies[key] = (self.transport.publish(topic, payload, qos=1), time.monotonic())
+
+    def _still_queued(self) -> set[str]:
+        """Outbox keys whose last copy the MQTT client still holds, not yet taken by the
+        broker (it sends them itself, after a reconnect too): not sent again meanwhile, so
+        a slow or broken link does not pile up copies of the same update."""
+        queued = set()
+        now = time.monotonic()
+        for key, (handle, sent) in list(self._copies.items()):
+            done = getattr(handle, "done", None)
+            if callable(done) and not done() and now - sent < QUEUED_HOLD_S:
+                queued.add(key)
+            else:
+                self._copies.pop(key, None)
+        return queued
 
     def _compressor(self, job_id: str) -> Compressor:
         """The job's compressor: error-feedback residuals belong to one job, never the next."""
@@ -382,7 +405,7 @@ class Learner:
         compressor.save()
         if self.transport.connected:
             self.outbox.mark_sent(key)
-            self.transport.publish(topic, payload, qos=1)
+            self._publish_copy(key, topic, payload)
         log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
                  task.task_id, update.num_samples, manifest.version, time.time() - started,
                  len(payload), task.compression)  # fmt: skip

@@ -97,8 +97,17 @@ class TrainerProcess:
         with self._lock:
             for attempt in range(2):
                 conn = self._ensure_started(deadline)
+                # A child that stops reading (hung, frozen) would block the send for good
+                # once the pipe is full: past the deadline it is killed, which ends it.
+                process = self._process
+                watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _kill, (process,))
+                watchdog.daemon = True
+                watchdog.start()
                 try:
-                    conn.send_bytes(payload)
+                    try:
+                        conn.send_bytes(payload)
+                    finally:
+                        watchdog.cancel()
                     if not conn.poll(max(0.0, deadline - time.monotonic())):
                         self._stop(kill=True)
                         raise TrainingTimeoutError(
@@ -106,6 +115,12 @@ class TrainerProcess:
                         )
                     reply = conn.recv_bytes()
                 except (EOFError, OSError) as exc:
+                    if time.monotonic() >= deadline:
+                        self._stop(kill=True)
+                        raise TrainingTimeoutError(
+                            f"the training worker took no request within {timeout:.1f} s"
+                            " (not reading); it was killed"
+                        ) from exc
                     code = self._stop(kill=False)  # it closed the pipe: let it finish exiting
                     if code == 0 and attempt == 0:
                         continue  # it had just exited for idleness: start another, once
@@ -215,3 +230,10 @@ def _child_env(threads: int) -> dict[str, str]:
     env["PYTHONPATH"] = root if not path else os.pathsep.join((root, path))
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
+
+
+def _kill(process: subprocess.Popen[bytes] | None) -> None:
+    """Kill `process` if it still runs (the send watchdog)."""
+    if process is not None and process.poll() is None:
+        with contextlib.suppress(OSError):
+            process.kill()

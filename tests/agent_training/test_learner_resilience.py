@@ -16,7 +16,7 @@ from agent import blob_fetch
 from agent.learning import Learner, TaskFailedError
 from agent.trust import ManifestTrust
 from protocols.errors import DecodeError
-from protocols.messages import TrainTask
+from protocols.messages import Ack, TrainTask
 from protocols.mqtt import PublishError
 from protocols.signing import generate_private_key, public_key, sign_manifest
 from tests.agent_inference.conftest import make_bundles, put
@@ -110,3 +110,56 @@ def test_an_update_over_the_brokers_limit_fails_its_task_instead_of_being_resent
         assert learner.outbox.depth() == 0
     finally:
         learner.stop()
+
+
+class _SlowLinkTransport:
+    """Hands out publish handles that stay 'queued' until `deliver` (a slow uplink)."""
+
+    connected = True
+
+    def __init__(self) -> None:
+        self.copies: list[str] = []
+        self.delivered = False
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        self.copies.append(topic)
+        transport = self
+
+        class Handle:
+            def done(self) -> bool:
+                return transport.delivered
+
+        return Handle()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        pass
+
+
+def test_an_update_still_queued_in_the_client_is_not_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire = _SlowLinkTransport()
+    learner = Learner("dev-1", tmp_path, tmp_path / "data", wire, 1 << 20,  # type: ignore[arg-type]
+                      ManifestTrust((), tmp_path))  # fmt: skip
+    try:
+        learner.outbox.put("u1", "fedge/v1/dev/dev-1/update", b"update")
+        now = [time.time()]
+        due = learner.outbox.due
+        monkeypatch.setattr(learner.outbox, "due", lambda after, skip=(): due(0, now[0], skip))
+        learner._resend_due()
+        assert len(wire.copies) == 1
+        for _ in range(5):  # due again and again, but the first copy has not left yet
+            now[0] += 60
+            learner._resend_due()
+        assert len(wire.copies) == 1
+        wire.delivered = True  # taken by the broker, still not acknowledged: sent again
+        now[0] += 60
+        learner._resend_due()
+        assert len(wire.copies) == 2
+        learner.on_update_ack(Ack("u1", True, now[0]))
+        now[0] += 60
+        learner._resend_due()
+        assert len(wire.copies) == 2
+        assert learner._copies == {}
+    finally:
+        learner.outbox.close()  # (the learner thread was never started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,6 +110,30 @@ def test_a_stuck_request_times_out_and_the_child_is_killed(digits: Digits) -> No
         assert time.monotonic() - started < 10
         assert _gone(pid, within=10)
         assert not trainer.alive
+        assert trainer.train(_request(digits), timeout=START_S)["metrics"]["steps"] > 0
+
+
+def test_a_child_that_stops_reading_times_out_instead_of_blocking_the_send(
+    digits: Digits,
+) -> None:
+    # A frozen child (here: stopped) never drains the pipe; a request larger than the
+    # pipe's buffer used to block the sender for good, whatever the timeout.
+    with TrainerProcess(idle_timeout_s=300) as trainer:
+        trainer.start(timeout=START_S)
+        pid = trainer.pid
+        assert pid is not None
+        big = np.tile(digits.x_train, (8, 1))  # megabytes: more than any pipe buffer
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            with pytest.raises(TrainingTimeoutError, match="killed"):
+                trainer.train(_request(digits, features=big, labels=np.tile(digits.y_train, 8)),
+                              timeout=2.0)  # fmt: skip
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() - started < 10
+        assert _gone(pid, within=10)
         assert trainer.train(_request(digits), timeout=START_S)["metrics"]["steps"] > 0
 
 

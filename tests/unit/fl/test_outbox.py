@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,83 @@ def test_re_putting_a_stored_key_near_the_cap_loses_nothing(box: Outbox) -> None
     assert box.put("k2", "t", b"2" * 400)  # a retry of the same update: a no-op
     assert keys(box.due(0)) == ["k1", "k2"]
     assert box.dropped == 0
+
+
+def test_resends_back_off_to_the_cap(path: Path) -> None:
+    box = Outbox(path, max_bytes=1000, max_resend_s=50)
+    try:
+        box.put("k", "t", b"1")
+        now = time.time()
+        sends = []
+        for second in range(0, 400):  # a coordinator away for minutes: asked every second
+            if box.due(10, now=now + second):
+                sends.append(second)
+        # after 10 s, then 20, 40, then every 50 at most (jitter: up to a tenth sooner)
+        gaps = [b - a for a, b in itertools.pairwise(sends)]
+        assert sends[0] == 0
+        assert 9 <= gaps[0] <= 10
+        assert 18 <= gaps[1] <= 20
+        assert 36 <= gaps[2] <= 40
+        assert all(45 <= gap <= 50 for gap in gaps[3:]), gaps
+        assert len(sends) <= 12  # not 40 (one every 10 s)
+    finally:
+        box.close()
+
+
+def test_due_leaves_out_skipped_keys_unmarked(box: Outbox) -> None:
+    box.put("a", "t", b"1")
+    box.put("b", "t", b"2")
+    now = time.time()
+    assert keys(box.due(10, now=now, skip={"a"})) == ["b"]
+    assert keys(box.due(10, now=now)) == ["a"]  # still never sent: due at once
+
+
+def test_drops_are_logged_and_their_count_survives_a_restart(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = Outbox(path, max_bytes=1000)
+    with caplog.at_level("WARNING", logger="agent.outbox"):
+        for n in range(4):
+            box.put(f"k{n}", "t", bytes(300))
+        box.put("huge", "t", bytes(2000))
+    box.close()
+    assert "dropped 1 unacknowledged message(s) (the oldest, to make room): k0" in caplog.text
+    assert "huge" in caplog.text
+    again = Outbox(path, max_bytes=1000)
+    try:
+        assert again.dropped == 2
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("damage", ["header", "garbage"])
+def test_a_damaged_database_is_set_aside_and_a_new_one_started(
+    path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = Outbox(path)
+    first.put("k1", "t", b"x" * 5000)
+    first.close()
+    raw = bytearray(path.read_bytes())
+    if damage == "header":
+        raw[:16] = bytes(16)
+    else:
+        raw[:] = b"not a database at all" * 100
+    path.write_bytes(bytes(raw))
+    with caplog.at_level("ERROR", logger="agent.outbox"):
+        box = Outbox(path)
+    try:
+        assert box.set_aside is not None
+        assert box.set_aside.read_bytes() == bytes(raw)  # kept for a person to look at
+        assert box.set_aside.name.startswith("outbox.db.corrupt-")
+        assert "is damaged" in caplog.text
+        assert box.depth() == 0
+        assert box.put("k2", "t", b"y")
+        assert keys(box.due(0)) == ["k2"]
+    finally:
+        box.close()
+    reopened = Outbox(path)
+    try:
+        assert reopened.set_aside is None
+        assert reopened.depth() == 1
+    finally:
+        reopened.close()
