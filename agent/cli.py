@@ -5,14 +5,21 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from agent.errors import AgentError
 from protocols import __version__
-from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
-from protocols.logs import setup_logging
+from protocols.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    as_toml,
+    check_broker_files,
+    split_host_port,
+)
+from protocols.logs import fatal, setup_logging
 
 EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
@@ -127,9 +134,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     if args.offload is not None:
         flags["offload"] = args.offload
     if args.broker:
-        host, _, port = args.broker.rpartition(":") if ":" in args.broker else (args.broker, "", "")
+        host, port = split_host_port(args.broker, "--broker")
         mqtt["host"] = host
-        if port:
+        if port is not None:
             mqtt["port"] = port
     if args.keepalive is not None:
         mqtt["keepalive"] = args.keepalive
@@ -147,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(_flags(args), os.environ, args.config)
         if not args.print_config:
             check_broker_files(config.mqtt)
+            from protocols.mqtt import check_tls_files  # (paho: not for --print-config)
+
+            check_tls_files(config.mqtt)
     except ConfigError as exc:
-        print(f"fedge-agent: invalid configuration: {exc}", file=sys.stderr)
+        fatal(f"fedge-agent: invalid configuration: {exc}")
         return EXIT_CONFIG
     if args.print_config:
         sys.stdout.write(as_toml(config))
@@ -158,8 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         agent = Agent(config)
-    except AgentError as exc:  # state on disk the operator must fix (a bad pinned key file)
-        print(f"fedge-agent: cannot start: {exc}", file=sys.stderr)
+    except AgentError as exc:  # state on disk a person must fix (a bad pinned key file)
+        fatal(f"fedge-agent: cannot start: {exc}")
+        return EXIT_CONFIG
+    except (OSError, sqlite3.Error) as exc:  # a data directory it cannot create or write
+        why = f"{exc.strerror}: {exc.filename}" if isinstance(exc, OSError) else str(exc)
+        fatal(f"fedge-agent: cannot start: {why} (data_dir is {config.data_dir})")
         return EXIT_CONFIG
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.request_stop())

@@ -14,8 +14,14 @@ from typing import Any
 
 from cloud_coordinator.strategies.catalog import STRATEGY_NAMES
 from protocols import __version__
-from protocols.config import EXIT_CONFIG, ConfigError, as_toml, check_broker_files
-from protocols.logs import setup_logging
+from protocols.config import (
+    EXIT_CONFIG,
+    ConfigError,
+    as_toml,
+    check_broker_files,
+    split_host_port,
+)
+from protocols.logs import fatal, setup_logging
 
 EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
@@ -53,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     devices = sub.add_parser("devices", help="print the fleet as a table")
     _common(devices)
     devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    devices.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
+    devices.add_argument(
+        "--watch", type=_positive_seconds, metavar="S", help="refresh every S seconds"
+    )
     rejections = sub.add_parser("rejections", help="print counts of rejected messages")
     _common(rejections)
     rejections.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -62,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the public key devices pin to check model signatures",
         description="Print the base64 Ed25519 public key of the coordinator's model-signing"
         " key (made on the coordinator's first start). Give it to agents as"
-        " `trust.model_keys` in agent.toml, FEDGE_TRUST_MODEL_KEYS, or --model-key.",
+        " `model_keys` in agent.toml, FEDGE_MODEL_KEYS, or --model-key.",
     )
     _common(key)
     demo = sub.add_parser(
@@ -72,9 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "separate processes, run a federated job on a skewed split of a data set, and compare "
         "it with centralized training. Ends with a one-line JSON summary.",
     )
-    demo.add_argument("--agents", type=int, default=10, help="agent processes (default 10)")
     demo.add_argument(
-        "--rounds", type=int, default=20, help="rounds; 0 = presence only (default 20)"
+        "--agents", type=_at_least(1), default=10, help="agent processes (default 10)"
+    )
+    demo.add_argument(
+        "--rounds", type=_at_least(0), default=20, help="rounds; 0 = presence only (default 20)"
     )
     demo.add_argument(
         "--template", default="digits_mlp", help="model template (default digits_mlp)"
@@ -141,12 +151,38 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, key, None):
             flags[key] = getattr(args, key)
     if getattr(args, "broker", None):
-        host, sep, port = args.broker.rpartition(":")
-        flags["mqtt"] = {"host": host, "port": port} if sep else {"host": args.broker}
+        host, port = split_host_port(args.broker, "--broker")
+        flags["mqtt"] = {"host": host} if port is None else {"host": host, "port": port}
     if getattr(args, "http", None):
-        host, _, port = args.http.rpartition(":")
-        flags["http_host"], flags["http_port"] = host or "127.0.0.1", port
+        text = args.http if not args.http.startswith(":") else "127.0.0.1" + args.http
+        host, port = split_host_port(text, "--http", lowest_port=0)
+        flags["http_host"] = host
+        if port is not None:
+            flags["http_port"] = port
     return flags
+
+
+def _at_least(lowest: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be 0.1-86400 seconds, got {text}")
+    return value
 
 
 def _serve(args: argparse.Namespace, config: Any) -> int:
@@ -159,11 +195,15 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
 
     try:
         coordinator = Coordinator(config)
-    except AggregationError as exc:
-        print(
-            f"fedge-coordinator: invalid configuration: aggregation_device: {exc}", file=sys.stderr
+    except AggregationError as exc:  # no GPU (yet: a driver still loading): systemd retries
+        fatal(f"fedge-coordinator: cannot start: aggregation_device: {exc}")
+        return 1
+    except OSError as exc:  # the HTTP API's address: in use, or not this host's
+        fatal(
+            f"fedge-coordinator: cannot listen on {config.http_host}:{config.http_port} (http):"
+            f" {exc.strerror or exc}"
         )
-        return EXIT_CONFIG
+        return 1
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: coordinator.request_stop())
     return coordinator.run()
@@ -211,6 +251,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: str = args.command
     if command == "demo":
         from cloud_coordinator.demo import DemoOptions, run_demo
+        from cloud_coordinator.local_fleet import check_workdir
+        from cloud_coordinator.templates import template_names
+
+        if args.template not in template_names():
+            fatal(f"fedge-coordinator demo: unknown --template {args.template!r};"
+                  f" choose one of {', '.join(template_names())}")  # fmt: skip
+            return 2
+        try:
+            check_workdir(Path(args.workdir))
+            if args.broker:
+                split_host_port(args.broker, "--broker")
+        except (ValueError, ConfigError) as exc:
+            fatal(f"fedge-coordinator demo: {exc}")
+            return 2
 
         options = DemoOptions(
             agents=args.agents,
@@ -235,8 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(_flags(args), os.environ, args.config)
         if command == "serve" and not args.print_config:
             check_broker_files(config.mqtt)
+            from protocols.mqtt import check_tls_files  # (paho: not for the other commands)
+
+            check_tls_files(config.mqtt)
     except ConfigError as exc:
-        print(f"fedge-coordinator: invalid configuration: {exc}", file=sys.stderr)
+        fatal(f"fedge-coordinator: invalid configuration: {exc}")
         return EXIT_CONFIG
     try:
         if command == "serve":
@@ -251,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return _rejections(args, config.db_path)
     except StoreError as exc:
-        print(f"fedge-coordinator: {exc}", file=sys.stderr)
+        fatal(f"fedge-coordinator: {exc}")
         return 1
     except KeyboardInterrupt:
         return 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from cloud_coordinator.broker import BrokerKind, LocalBroker, free_port
 from cloud_coordinator.config import DB_NAME
+from protocols.config import split_host_port
 
 
 def _spawn(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -42,6 +43,23 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+#: Written into a demo's work directory: the next demo may empty it (nothing else is).
+MARKER = ".fedge-demo"
+#: The empty config file the demo's processes read.
+NO_CONFIG = "no-config.toml"
+
+
+def check_workdir(workdir: Path) -> None:
+    """ValueError unless `workdir` is new, empty, or an earlier demo's (it is emptied)."""
+    if workdir.is_file() or (
+        workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file()
+    ):
+        raise ValueError(
+            f"--workdir {workdir} holds other files, and the demo empties its directory;"
+            " give it a new or empty directory"
+        )
 
 
 class LocalFleet:
@@ -70,7 +88,11 @@ class LocalFleet:
         self.broker: LocalBroker | None = None
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
-        self.env = dict(os.environ, FEDGE_LOG_FORMAT="text", PYTHONUNBUFFERED="1")
+        # The fleet's processes read no config file and no FEDGE_* setting of this shell
+        # (an installed /etc/fedge/agent.toml names TLS files the demo has none of).
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGE_")}
+        self.env.update(FEDGE_CONFIG=str(self.workdir / NO_CONFIG), FEDGE_LOG_FORMAT="text",
+                        PYTHONUNBUFFERED="1")  # fmt: skip
 
     @property
     def db(self) -> Path:
@@ -79,12 +101,19 @@ class LocalFleet:
 
     def start_broker(self) -> str:
         """Use the configured broker or start one; return a description."""
+        check_workdir(self.workdir)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.logs.mkdir(parents=True)
+        (self.workdir / MARKER).write_text(
+            "state of a `fedge-coordinator demo`: emptied by the next\n"
+        )
+        (self.workdir / NO_CONFIG).write_text("# the demo's processes use their defaults\n")
         addr = self.broker_addr or os.environ.get("FEDGE_MQTT_HOST")
         if addr:
-            host, sep, port = addr.rpartition(":")
-            host, port = (host, port) if sep else (addr, os.environ.get("FEDGE_MQTT_PORT", "1883"))
+            host, given = split_host_port(addr, "--broker")  # ConfigError: a bad address
+            port = str(given or os.environ.get("FEDGE_MQTT_PORT", "1883"))
+            # a broker of one's own: its other settings (protocol, TLS, login) come along
+            self.env.update({k: v for k, v in os.environ.items() if k.startswith("FEDGE_MQTT_")})
             self.env.update(FEDGE_MQTT_HOST=host, FEDGE_MQTT_PORT=port)
             return f"using the configured broker at {host}:{port}"
         self.broker = LocalBroker(self.workdir / "broker", self.embedded)

@@ -85,6 +85,10 @@ def load(
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+            ) from exc
         layers.append(parse_toml(text, str(path)))
     env = {k: v for k, v in environ.items() if k != "FEDGE_CONFIG"}
     layers.append(env_layer(cls, env))
@@ -227,7 +231,8 @@ def _toml_string(text: str) -> str:
 
 
 def check_broker_files(broker: BrokerConfig) -> None:
-    """ConfigError unless every TLS file the broker settings name exists and is readable."""
+    """ConfigError unless every TLS file the broker settings name exists and is readable
+    (`protocols.mqtt.check_tls_files` checks what they hold)."""
     for key in ("tls_ca", "tls_cert", "tls_key"):
         path = getattr(broker, key)
         if path is None:
@@ -237,6 +242,31 @@ def check_broker_files(broker: BrokerConfig) -> None:
                 pass
         except OSError as exc:
             raise ConfigError(f"mqtt.{key}: cannot read {path}: {exc.strerror}") from exc
+
+
+def split_host_port(text: str, what: str, lowest_port: int = 1) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address as (host, port or None);
+    ConfigError for anything else (a URL, an empty host, a port below `lowest_port`)."""
+    text = text.strip()
+    if "/" in text:
+        raise ConfigError(f"{what}: give host:port, not a URL ({text!r})")
+    host, port = text, ""
+    if text.startswith("["):
+        host, close, rest = text[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{what}: {text!r} is not [address]:port")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not host or "[" in host or "]" in host:
+        raise ConfigError(f"{what}: no host in {text!r}")
+    if port == "" and text.endswith(":"):
+        raise ConfigError(f"{what}: no port after the ':' in {text!r}")
+    if not port:
+        return host, None
+    if not port.isdigit() or not lowest_port <= int(port) < 65536:
+        raise ConfigError(f"{what}: port {port!r} is not {lowest_port}-65535")
+    return host, int(port)
 
 
 def as_toml(config: object, indent: str = "") -> str:
@@ -260,6 +290,11 @@ def as_toml(config: object, indent: str = "") -> str:
     return "\n".join(plain) + "\n" + "".join(sections)
 
 
+#: Bounds of ``mqtt.max_payload_bytes``: room for a model chunk, and MQTT's packet limit.
+MIN_PAYLOAD_BYTES = 64 * 1024
+MAX_PAYLOAD_BYTES = 256 * 1024 * 1024 - 1
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BrokerConfig:
     """The ``[mqtt]`` section both daemons share: where the broker is and how to log in."""
@@ -277,8 +312,15 @@ class BrokerConfig:
     max_payload_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if not self.host.strip() or any(c in self.host for c in "/[] "):
+            raise ValueError(f"mqtt.host must be a host name or address, got {self.host!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"mqtt.port must be 1-65535, got {self.port}")
+        if not MIN_PAYLOAD_BYTES <= self.max_payload_bytes <= MAX_PAYLOAD_BYTES:
+            raise ValueError(
+                f"mqtt.max_payload_bytes must be {MIN_PAYLOAD_BYTES}-{MAX_PAYLOAD_BYTES}"
+                f" (MQTT's limit), got {self.max_payload_bytes}"
+            )
         if not 1 <= self.keepalive <= 65535:
             raise ValueError(f"mqtt.keepalive must be 1-65535 seconds, got {self.keepalive}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -43,6 +43,12 @@ def stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
+def fatal(message: str) -> None:
+    """Print why a command stops to stderr, at journald's error priority under systemd."""
+    prefix = "<3>" if stderr_is_journal() else ""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
 def setup_logging(level: str = "info", fmt: LogFormat = "auto", name: str = "fedge") -> None:
     """Send log records to stderr at `level`, formatted for a terminal or for journald."""
     handler = logging.StreamHandler(sys.stderr)

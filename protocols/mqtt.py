@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,9 +34,52 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from protocols.config import BrokerConfig
+from protocols.config import BrokerConfig, ConfigError
 
 log = logging.getLogger(__name__)
+#: While the broker cannot be reached, a warning saying why at most this often.
+FAILURE_LOG_EVERY_S = 60.0
+
+
+def check_tls_files(broker: BrokerConfig) -> None:
+    """ConfigError unless the TLS files named hold what they should: CA certificates (PEM),
+    and a client certificate with its private key."""
+    if broker.tls_ca is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=broker.tls_ca)
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"mqtt.tls_ca: {broker.tls_ca} holds no usable CA certificate (PEM): "
+            f"{getattr(exc, 'reason', None) or exc}"
+        ) from exc
+    if broker.tls_cert is not None and broker.tls_key is not None:
+        try:
+            context.load_cert_chain(broker.tls_cert, broker.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"mqtt.tls_cert/mqtt.tls_key: {broker.tls_cert} and {broker.tls_key} are not"
+                f" a certificate and its private key (PEM): {getattr(exc, 'reason', None) or exc}"
+            ) from exc
+
+
+def _connect_failure(exc: BaseException) -> str:
+    """Why a connection attempt failed, and what to check, in a few words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the broker's certificate is not trusted ({exc.verify_message}):"
+                " check mqtt.tls_ca and mqtt.tls_check_hostname")  # fmt: skip
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}): check the broker's TLS listener"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name ({exc.strerror}): check mqtt.host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused: is the broker running, and is mqtt.port its port?"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "timed out: the broker's host does not answer (address, firewall)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
 
 
 class MqttError(Exception):
@@ -154,6 +199,8 @@ class MqttClient:
         self._connected = threading.Event()
         self._lock = threading.Lock()
         self._last_error = ""
+        self._failures = 0  # connection attempts failed since the last success
+        self._failure_logged_at = -math.inf
         self._stopping = False
         self._client = self._make_client()
 
@@ -302,6 +349,7 @@ class MqttClient:
             )
             return
         self._last_error = ""
+        self._failures, self._failure_logged_at = 0, -math.inf  # the next failure is logged
         self._jitter_backoff(client)  # the next outage starts from a new random delay
         with self._lock:  # a subscribe() after this copy sees the session up and sends itself
             subs = list(self._subscriptions.items())
@@ -317,8 +365,19 @@ class MqttClient:
         self._notify(True)
 
     def _handle_connect_fail(self, client: paho.Client, _u: Any) -> None:
-        self._last_error = "connection attempt failed"
-        log.debug("MQTT connection attempt to %s:%s failed", self.settings.host, self.settings.port)
+        # paho calls this from inside its `except OSError`: the exception says why
+        cause = sys.exc_info()[1]
+        why = _connect_failure(cause) if cause is not None else "connection attempt failed"
+        self._last_error = why
+        now = time.monotonic()
+        self._failures += 1
+        if now - self._failure_logged_at < FAILURE_LOG_EVERY_S:
+            log.debug("MQTT connection to %s:%s failed: %s", self.settings.host,
+                      self.settings.port, why)  # fmt: skip
+            return
+        self._failure_logged_at = now
+        log.warning("MQTT cannot connect to %s:%s (%d attempt(s) so far): %s; retrying",
+                    self.settings.host, self.settings.port, self._failures, why)  # fmt: skip
 
     def _handle_disconnect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         was_connected = self._connected.is_set()

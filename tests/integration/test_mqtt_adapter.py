@@ -155,6 +155,26 @@ def test_tls_rejects_unknown_ca_and_missing_client_cert(
             client.stop(timeout=1)
 
 
+# paho leaves the socket of a failed TLS handshake to the garbage collector
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_broker_certificate_this_side_does_not_trust_is_named_as_the_cause(
+    mosquitto: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = TestCA(tmp_path / "other-ca")
+    config = BrokerConfig(host=mosquitto.host, port=mosquitto.tls_port, tls_ca=str(other.ca_file))
+    client = _client(config, "wrong-ca")
+    with caplog.at_level("WARNING", logger="protocols.mqtt"):
+        client.start()
+        try:
+            with pytest.raises(ConnectError, match="certificate is not trusted"):
+                client.wait_connected(3)
+        finally:
+            client.stop(timeout=1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"cannot connect to {mosquitto.host}:{mosquitto.tls_port}" in w
+               and "check mqtt.tls_ca" in w for w in warnings), warnings  # fmt: skip
+
+
 def test_stop_keeps_its_timeout_when_the_broker_goes_silent_mid_upload(
     mosquitto: Mosquitto,
 ) -> None:

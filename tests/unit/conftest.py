@@ -1,7 +1,9 @@
-"""Fixtures of the unit tier: a registry file in tmp_path, and a store for contract tests."""
+"""Fixtures of the unit tier: a registry file in tmp_path, a store for contract tests, and
+a clean environment for command-line processes."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,3 +36,17 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Inspectabl
     reg = Registry(tmp_path / "contract" / "coordinator.db")
     yield reg
     reg.close()
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The caller's environment without FEDGE_* or systemd variables, HOME and XDG in tmp."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FEDGE_", "XDG_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
+    }
+    clean["HOME"] = str(tmp_path / "home")
+    clean["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    clean["XDG_DATA_HOME"] = str(tmp_path / "share")
+    return clean

@@ -163,10 +163,10 @@ def test_coordinator_env_is_converted(empty_file: str) -> None:
         FEDGE_HTTP_PORT="9000",
         FEDGE_HTTP_HOST="0.0.0.0",
         FEDGE_COORDINATOR_ID="eu-1",
-        FEDGE_MQTT_MAX_PAYLOAD_BYTES="1024",
+        FEDGE_MQTT_MAX_PAYLOAD_BYTES="65536",
     )
     assert (config.http_host, config.http_port, config.coordinator_id) == ("0.0.0.0", 9000, "eu-1")
-    assert config.mqtt.max_payload_bytes == 1024
+    assert config.mqtt.max_payload_bytes == 65536
 
 
 @pytest.mark.parametrize("port", ["0", "1", "65535"])

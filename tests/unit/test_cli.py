@@ -16,20 +16,6 @@ from protocols.config import EXIT_CONFIG
 from tests.unit import builders
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    """The caller's environment without FEDGE_* or systemd variables, HOME and XDG in tmp."""
-    clean = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("FEDGE_", "XDG_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
-    }
-    clean["HOME"] = str(tmp_path / "home")
-    clean["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    clean["XDG_DATA_HOME"] = str(tmp_path / "share")
-    return clean
-
-
 def run(
     module: str, *args: str, env: dict[str, str], cwd: Path
 ) -> subprocess.CompletedProcess[str]:
@@ -62,7 +48,7 @@ def test_agent_invalid_env_value_exits_78_naming_the_setting(
 def test_agent_invalid_flag_value_exits_78(env: dict[str, str], tmp_path: Path) -> None:
     result = run("agent", "--broker", "broker.lan:http", env=env, cwd=tmp_path)
     assert result.returncode == 78
-    assert "mqtt.port (from command line)" in result.stderr
+    assert "--broker: port 'http' is not 1-65535" in result.stderr
 
 
 def test_agent_missing_config_file_exits_78(env: dict[str, str], tmp_path: Path) -> None:

@@ -371,7 +371,7 @@ def test_as_toml_round_trips_every_kind_of_value() -> None:
                     "tls_cert": "/etc/ssl/c.pem",
                     "tls_key": "/etc/ssl/k.pem",
                     "tls_check_hostname": False,
-                    "max_payload_bytes": 1,
+                    "max_payload_bytes": 65536,
                 },
             },
         )
