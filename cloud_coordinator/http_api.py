@@ -2,7 +2,7 @@
 
 GET /healthz          liveness and broker connection
 GET /metrics          Prometheus text: devices online, messages accepted and rejected
-GET /v1/devices       the fleet as JSON
+GET /v1/devices       the fleet as JSON (?limit=N&after=ID: one page, and `next`)
 GET /v1/rejections    rejection counts by channel and reason
 GET /v1/signing-key   the public key model manifests are signed with (devices pin it)
 GET /v1/jobs          training jobs in brief
@@ -16,22 +16,27 @@ POST /v1/rollouts/{id}/promote, /rollback   decide a canary by hand
 No authentication: keep it on loopback or behind a proxy that adds some. Requests from
 web pages (a cross-site Origin or Sec-Fetch-Site, or a Host that is neither a local name,
 an IP address nor `http_host`: DNS rebinding) are refused with 403; a malformed
-Content-Length is 400, an unexpected error a logged 500.
+Content-Length is 400, another method than GET or POST 405, an unexpected error a logged
+500. Bodies are JSON without NaN or Infinity (a non-finite number a device reported is
+null). A connection idle for `IDLE_TIMEOUT_S` is closed, and at most `MAX_CONNECTIONS` are
+served at once (the next get 503).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from cloud_coordinator.errors import StoreError
-from cloud_coordinator.registry import read_devices, read_rejections
+from cloud_coordinator.registry import count_devices, read_devices, read_rejections
 from cloud_coordinator.signing_key import read_public_key
 from protocols import __version__, web_origin
 from protocols.signing import key_text
@@ -81,14 +86,13 @@ class ApiState:
 
 
 def _metrics(state: ApiState) -> str:
-    devices = read_devices(state.db_path)
+    online, total = count_devices(state.db_path)
     rejections = read_rejections(state.db_path)
-    online = sum(d.online for d in devices)
     lines = [
         "# HELP fedge_devices Devices known to the registry, by state.",
         "# TYPE fedge_devices gauge",
         f'fedge_devices{{state="online"}} {online}',
-        f'fedge_devices{{state="offline"}} {len(devices) - online}',
+        f'fedge_devices{{state="offline"}} {total - online}',
         "# HELP fedge_mqtt_connected 1 while the coordinator is connected to the broker.",
         "# TYPE fedge_mqtt_connected gauge",
         f"fedge_mqtt_connected {int(state.mqtt_connected())}",
@@ -126,7 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def _json(self, status: int, value: object) -> None:
-        self._send(status, json.dumps(value).encode(), "application/json")
+        try:
+            body = json.dumps(value, allow_nan=False)
+        except ValueError:  # a NaN or Infinity somewhere (from a device): null in JSON
+            body = json.dumps(_finite(value), allow_nan=False)
+        self._send(status, body.encode(), "application/json")
 
     def _from_web_page(self) -> bool:
         """Answer 403 and return True if this request comes from a web page."""
@@ -153,9 +161,41 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             self._post()
+        except TimeoutError:  # the body never came: the connection is closed
+            self.close_connection = True
         except Exception as exc:
             log.exception("http: POST %s failed", self.path)
             self._json(500, {"error": f"internal error ({type(exc).__name__}); see the log"})
+
+    def _devices(self) -> None:
+        """The fleet, or with ``?limit=N[&after=ID]`` one page of it and where the next
+        begins (``next``: the id to pass as ``after``; null on the last page)."""
+        query = parse_qs(urlsplit(self.path).query)
+        raw_limit, after = query.get("limit", [""])[0], query.get("after", [""])[0]
+        if raw_limit and (not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_PAGE):
+            self._json(400, {"error": f"limit must be 1-{MAX_PAGE}, got {raw_limit[:20]!r}"})
+            return
+        limit = int(raw_limit) if raw_limit else None
+        devices = read_devices(self.state.db_path, None if limit is None else limit + 1, after)
+        more = limit is not None and len(devices) > limit
+        page = devices[:limit] if limit is not None else devices
+        body: dict[str, Any] = {"devices": [d.as_json() for d in page]}
+        if limit is not None:
+            body["next"] = page[-1].device_id if more else None
+        self._json(200, body)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        body = json.dumps({"error": f"{self.command} is not allowed; use GET or POST"}).encode()
+        self.send_response(405)
+        self.send_header("Allow", "GET, POST")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815 (http.server's names)
 
     def _get(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -165,8 +205,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/metrics":
                 self._send(200, _metrics(self.state).encode(), "text/plain; version=0.0.4")
             elif path == "/v1/devices":
-                devices = read_devices(self.state.db_path)
-                self._json(200, {"devices": [d.as_json() for d in devices]})
+                self._devices()
             elif path == "/v1/jobs" and self.state.jobs is not None:
                 self._json(200, {"jobs": self.state.jobs.jobs_json()})
             elif path.startswith("/v1/jobs/") and self.state.jobs is not None:
@@ -234,20 +273,73 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(201 if path in ("/v1/jobs", "/v1/rollouts") else 200, action(body))
         except KeyError as exc:
             self._json(404, {"error": f"no rollout {exc.args[0]!r}"})
-        except ValueError as exc:
-            self._json(400, {"error": str(exc)})
+        except ValueError as exc:  # (409 for a rollout that conflicts with one deciding)
+            self._json(getattr(exc, "http_status", 400), {"error": str(exc)})
         except OverflowError as exc:  # a JSON number too large for its field
             self._json(400, {"error": f"a number is out of range: {exc}"})
         except StoreError as exc:
             self._json(503, {"error": str(exc)})
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+#: Devices one page of ``/v1/devices`` holds at most.
+MAX_PAGE = 10_000
+#: Seconds a connection may sit idle (or a request body take to arrive) before it is closed.
+IDLE_TIMEOUT_S = 30.0
+#: Connections served at once; one more is answered 503 and closed.
+MAX_CONNECTIONS = 64
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+         b"Connection: close\r\nContent-Length: 40\r\n\r\n"
+         b'{"error": "too many connections; retry"}')  # fmt: skip
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most `MAX_CONNECTIONS` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class ApiServer:
     """Serves the API on a background thread until `stop`."""
 
     def __init__(self, host: str, port: int, state: ApiState) -> None:
-        handler = type("Handler", (_Handler,), {"state": state})
-        self._server = ThreadingHTTPServer((host, port), handler)
+        handler = type("Handler", (_Handler,), {"state": state, "timeout": IDLE_TIMEOUT_S})
+        self._server = _BoundedServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="http-api", daemon=True

@@ -196,8 +196,13 @@ class Registry:
         return _rejections(self._db)
 
 
-def _devices(db: sqlite3.Connection) -> list[DeviceRecord]:
-    rows = db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+def _devices(
+    db: sqlite3.Connection, limit: int | None = None, after: str = ""
+) -> list[DeviceRecord]:
+    rows = db.execute(
+        "SELECT * FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?",
+        (after, -1 if limit is None else limit),
+    ).fetchall()
     return [
         DeviceRecord(
             device_id=row["device_id"],
@@ -229,11 +234,26 @@ def _read(path: Path) -> sqlite3.Connection:
     return _connect(path, readonly=True)
 
 
-def read_devices(path: Path) -> list[DeviceRecord]:
-    """All devices in the registry at `path`, read without locking out the writer."""
+def read_devices(path: Path, limit: int | None = None, after: str = "") -> list[DeviceRecord]:
+    """Devices in the registry at `path` by id, read without locking out the writer: all,
+    or at most `limit` of those whose id sorts after `after` (a page)."""
     db = _read(path)
     try:
-        return _devices(db)
+        return _devices(db, limit, after)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    finally:
+        db.close()
+
+
+def count_devices(path: Path) -> tuple[int, int]:
+    """(online, all) devices in the registry at `path`, counted without reading them."""
+    db = _read(path)
+    try:
+        online, total = db.execute(
+            "SELECT COALESCE(SUM(online != 0), 0), COUNT(*) FROM devices"
+        ).fetchone()
+        return int(online), int(total)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     finally:

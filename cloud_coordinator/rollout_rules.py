@@ -73,6 +73,12 @@ def next_rollout_state(state: RolloutState, event: RolloutEvent) -> RolloutState
 COUNTERS = ("requests", "errors", "load_failures", "latency_ms_sum", "confidence_sum")
 
 
+def _product(a: float, b: float) -> float:
+    """a * b, or 0.0 where two finite (but absurd) reports multiply past float's range."""
+    value = a * b
+    return value if math.isfinite(value) else 0.0
+
+
 def counters(extra: Mapping[str, object]) -> dict[str, float]:
     """A device's cumulative inference counters from its telemetry (``extra.*`` keys)."""
 
@@ -86,8 +92,8 @@ def counters(extra: Mapping[str, object]) -> dict[str, float]:
         "requests": ok + errors,
         "errors": errors,
         "load_failures": get("model_load_failures"),
-        "latency_ms_sum": get("inference_latency_mean_ms") * ok,
-        "confidence_sum": get("inference_confidence_mean") * get("inference_rows"),
+        "latency_ms_sum": _product(get("inference_latency_mean_ms"), ok),
+        "confidence_sum": _product(get("inference_confidence_mean"), get("inference_rows")),
         "confidence_count": get("inference_rows"),
         "latency_count": ok,
     }

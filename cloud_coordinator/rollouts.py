@@ -60,6 +60,14 @@ CREATE TABLE IF NOT EXISTS rollouts (
 class RolloutError(ValueError):
     """A rollout cannot be made or changed as asked; the message says why."""
 
+    http_status = 400
+
+
+class RolloutConflictError(RolloutError):
+    """Another rollout of the model is still deciding on some of the same devices."""
+
+    http_status = 409
+
 
 @dataclass(slots=True)
 class Rollout:
@@ -178,6 +186,38 @@ class RolloutManager:
         count = 0 if fraction == 0 else min(len(targets), max(1, share))
         ranked = sorted(targets, key=lambda d: zlib.crc32(f"{version}/{d}".encode()))
         records = {d.device_id: d for d in self.devices()}
+        with self._lock:  # (held until it is stored: two at once cannot both pass the check)
+            self._refuse_overlap(model, targets)
+            return self._start(model, version, group, fraction, rule, targets, ranked, count,
+                               records)  # fmt: skip
+
+    def _refuse_overlap(self, model: str, targets: list[str]) -> None:
+        """RolloutConflictError if a rollout of `model` still in canary shares a device: the
+        older one would judge devices now serving the newer version, and roll them back."""
+        for other in self._rollouts.values():
+            if other.model != model or other.state != RolloutState.CANARY.value:
+                continue
+            shared = set(other.canary + other.rest) & set(targets)
+            if shared:
+                raise RolloutConflictError(
+                    f"rollout {other.rollout_id} of {model} {other.version} is still in canary"
+                    f" on {len(shared)} of these devices; promote or roll it back first"
+                    f" (POST /v1/rollouts/{other.rollout_id}/promote or /rollback)"
+                )
+
+    def _start(
+        self,
+        model: str,
+        version: str,
+        group: str,
+        fraction: float,
+        rule: Rule,
+        targets: list[str],
+        ranked: list[str],
+        count: int,
+        records: Mapping[str, DeviceRecord],
+    ) -> dict[str, Any]:
+        """Deploy a checked rollout to its canary (or, with none, to all) and store it."""
         rollout = Rollout(
             rollout_id=uuid.uuid4().hex[:12], model=model, version=version, group=group,
             canary_fraction=float(fraction), canary=sorted(ranked[:count]),
@@ -187,12 +227,12 @@ class RolloutManager:
             baseline={d: counters(records[d].telemetry or {}) for d in targets},
             rule=asdict(rule), created=self.clock(),
         )  # fmt: skip
-        self._deploy(rollout, rollout.canary or rollout.rest)
-        if not rollout.canary:
+        if rollout.canary:
+            self._deploy(rollout, rollout.canary)
+        else:  # (promoting sends it to the rest: everyone, once)
             self._decide(rollout, RolloutEvent.PROMOTE, "no canary asked for: sent to all")
-        with self._lock:
-            self._rollouts[rollout.rollout_id] = rollout
-            self.store.put(rollout)
+        self._rollouts[rollout.rollout_id] = rollout
+        self.store.put(rollout)
         log.info("rollout %s: %s %s to %d devices, canary %s", rollout.rollout_id, model,
                  version, len(targets), rollout.canary)  # fmt: skip
         return rollout.as_json()
@@ -280,6 +320,9 @@ class RolloutManager:
 
     def tick(self) -> None:
         """Judge every canary once."""
+        with self._lock:
+            if not any(r.state == RolloutState.CANARY.value for r in self._rollouts.values()):
+                return  # nothing to judge: the registry is not read
         records = {d.device_id: d for d in self.devices()}
         with self._lock:
             for rollout in self._rollouts.values():

@@ -8,6 +8,7 @@ HTTP server answers from read-only connections. `run` blocks until `request_stop
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 for _noisy in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 QUEUE_LIMIT = 100_000
+#: Seconds the training candidates read from the registry are reused.
+CANDIDATES_TTL_S = 1.0
 
 
 class Coordinator:
@@ -46,6 +49,7 @@ class Coordinator:
         self._inbox: queue.Queue[InboundMessage | None] = queue.Queue(QUEUE_LIMIT)
         self._stop = threading.Event()
         self.dropped = 0
+        self._candidates_cache: tuple[float, list[Candidate]] = (-math.inf, [])
         self.mqtt = MqttClient(
             settings_from_config(
                 config.mqtt, client_id=f"fedge-coordinator-{config.coordinator_id}"
@@ -86,12 +90,20 @@ class Coordinator:
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
 
     def _candidates(self) -> list[Candidate]:
-        # A device that reported it cannot train (agent --no-train) is never selected.
-        return [
+        # A device that reported it cannot train (agent --no-train) is never selected. The
+        # registry is read at most once a second (a job waiting for its quorum asks on every
+        # tick, 50 times a second: the whole fleet parsed each time).
+        now = time.monotonic()
+        cached_at, cached = self._candidates_cache
+        if now - cached_at < CANDIDATES_TTL_S:
+            return list(cached)
+        fresh = [
             Candidate(d.device_id, d.online)
             for d in read_devices(self.config.db_path)
             if (d.telemetry or {}).get("extra.train", 1.0) != 0
         ]
+        self._candidates_cache = (now, fresh)
+        return list(fresh)
 
     def _enqueue(self, message: InboundMessage) -> None:
         try:

@@ -4,6 +4,7 @@ real SQLite store, with telemetry played by hand and a fake clock."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,12 @@ from cloud_coordinator.rollout_rules import (
     judge,
     next_rollout_state,
 )
-from cloud_coordinator.rollouts import RolloutError, RolloutManager, RolloutStore
+from cloud_coordinator.rollouts import (
+    RolloutConflictError,
+    RolloutError,
+    RolloutManager,
+    RolloutStore,
+)
 from cloud_coordinator.templates import get_template
 from protocols.messages import Ack, ModelManifest, decode_as
 from tests.unit.fl.test_job_runner import FakePublisher
@@ -325,3 +331,41 @@ def state_of(world: World, rollout: dict[str, Any]) -> str:
     found = world.manager.rollout_json(rollout["rollout_id"])
     assert found is not None
     return str(found["state"])
+
+
+def test_no_canary_sends_each_device_its_manifest_once(world: World) -> None:
+    world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0})
+    topics = [p.topic for p in world.publisher.sent]
+    assert len(topics) == len(set(topics)) == 6
+
+
+def test_a_second_rollout_on_devices_still_in_canary_is_refused(world: World) -> None:
+    first = world.manager.create({"model": "m", "version": "v2", "group": "lab"})
+    sent = len(world.publisher.sent)
+    with pytest.raises(RolloutConflictError, match=f"rollout {first['rollout_id']} of m v2"):
+        world.manager.create({"model": "m", "version": "v1"})  # the whole fleet: overlaps
+    assert len(world.publisher.sent) == sent  # nothing sent for the refused one
+    other = world.manager.create({"model": "m", "version": "v1", "group": "field"})
+    assert other["state"] == "canary"  # other devices: fine
+    world.manager.steer(first["rollout_id"], "rollback")
+    assert world.manager.create({"model": "m", "version": "v2", "group": "lab"})["state"]
+
+
+def test_nothing_in_canary_means_the_registry_is_not_read(world: World) -> None:
+    reads = []
+    devices = world.fleet.devices
+    world.manager.devices = lambda: reads.append(1) or devices()  # type: ignore[method-assign]
+    world.manager.tick()
+    assert reads == []
+    world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0})  # decided
+    reads.clear()
+    world.manager.tick()
+    assert reads == []
+
+
+def test_absurd_but_finite_telemetry_makes_no_infinite_counters() -> None:
+    extra = {"extra.inference_ok": 1e300, "extra.inference_latency_mean_ms": 1e300,
+             "extra.inference_confidence_mean": 1e300, "extra.inference_rows": 1e300}  # fmt: skip
+    got = counters(extra)
+    assert all(math.isfinite(v) for v in got.values())
+    assert got["latency_ms_sum"] == 0.0
