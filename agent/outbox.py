@@ -205,6 +205,12 @@ class Outbox:
                 (time.time(), key),
             )
 
+    def hurry(self) -> None:
+        """Forget the back-off: the coordinator was just heard from, so a message waiting
+        (perhaps minutes) for its next send goes at the next `due` (then 10 s, 20 s, ...)."""
+        with self._lock:
+            self._db.execute("UPDATE outbox SET last_sent = 0, attempts = 0 WHERE attempts > 0")
+
     def reset_sent(self) -> None:
         """Mark everything unsent: after this agent's reconnect, resend at once (the number
         of attempts, and so the wait after this send, is kept)."""

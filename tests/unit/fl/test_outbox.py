@@ -235,3 +235,19 @@ def test_a_damaged_database_is_set_aside_and_a_new_one_started(
         assert reopened.depth() == 1
     finally:
         reopened.close()
+
+
+def test_hurry_forgets_the_back_off(path: Path) -> None:
+    box = Outbox(path, max_bytes=1000, max_resend_s=600)
+    try:
+        box.put("k", "t", b"1")
+        now = time.time()
+        for second in range(0, 2000, 5):  # backed off to its 10-minute cap
+            box.due(10, now=now + second)
+        assert box.due(10, now=now + 2005) == []
+        box.hurry()  # an ack or a task: the coordinator is back
+        assert keys(box.due(10, now=now + 2005)) == ["k"]
+        assert box.due(10, now=now + 2010) == []
+        assert keys(box.due(10, now=now + 2016)) == ["k"]  # 10 s, as for a new message
+    finally:
+        box.close()
