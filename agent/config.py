@@ -110,6 +110,11 @@ class AgentConfig:
             raise ValueError(f"offload_threshold must be 0-1, got {self.offload_threshold}")
         if not 1 <= self.offload_timeout_ms <= 60_000:
             raise ValueError(f"offload_timeout_ms must be 1-60000, got {self.offload_timeout_ms}")
+        if self.offload and self.mqtt.protocol != "5":
+            raise ValueError(
+                "offload needs mqtt.protocol = \"5\" (MQTT 5 request/response); with 3.1.1"
+                " every offloaded prediction would wait out offload_timeout_ms"
+            )
         if not 1 <= self.low_confidence_max_rows <= 10_000_000:
             raise ValueError(
                 f"low_confidence_max_rows must be 1-10000000, got {self.low_confidence_max_rows}"
@@ -158,7 +163,13 @@ def parse_listen(value: str, data_dir: str) -> ListenAddress:
     """`inference_listen` parsed: ``""`` (``<data_dir>/inference.sock``), ``unix:PATH``, or
     ``HOST:PORT`` on loopback; ValueError otherwise."""
     if not value:
-        return ListenAddress(path=str(Path(data_dir) / SOCKET_NAME))
+        path = str(Path(data_dir) / SOCKET_NAME)
+        if len(path.encode()) > 107:
+            raise ValueError(
+                f"inference_listen: the default socket {path} is longer than the 107 bytes a"
+                " Unix socket path may have; set inference_listen = \"unix:/shorter/path\""
+            )
+        return ListenAddress(path=path)
     if value.startswith("unix:"):
         path = value[len("unix:") :]
         if not path.startswith("/") or len(path.encode()) > 107:

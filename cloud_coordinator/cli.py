@@ -242,10 +242,26 @@ def _rejections(args: argparse.Namespace, db: Path) -> int:
     return 0
 
 
+def _named_command(words: list[str]) -> str | None:
+    """The command `words` name (or a help/version flag), skipping the values of the
+    options allowed before it: ``--data-dir serve`` names none."""
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in ("-h", "--help", "--version"):
+            return word
+        elif word in ("--config", "--data-dir"):
+            skip = True
+        elif not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedge-coordinator``; returns the exit status."""
     words = list(sys.argv[1:] if argv is None else argv)
-    if not any(w in COMMANDS or w in ("-h", "--help", "--version") for w in words):
+    if _named_command(words) is None:
         words.insert(0, "serve")
     args = _parser().parse_args(words)
     command: str = args.command

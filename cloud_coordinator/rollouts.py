@@ -315,7 +315,8 @@ class RolloutManager:
         with self._lock:
             for rollout in self._rollouts.values():
                 ours = (rollout.model, rollout.version) == (model, version)
-                if ours and device_id in rollout.canary:
+                deciding = rollout.state == RolloutState.CANARY.value  # (decided: kept as is)
+                if ours and deciding and device_id in rollout.canary:
                     rollout.load_failures[device_id] = ack.reason or "load failed"
 
     def tick(self) -> None:

@@ -197,3 +197,25 @@ def test_the_demo_fleet_reads_no_config_file_and_no_fedge_settings(
     check_workdir(tmp_path / "w")  # an earlier demo's: may be emptied
     with pytest.raises(ValueError, match="holds other files"):
         check_workdir(tmp_path / "w" / MARKER)  # a file
+
+
+def test_a_data_dir_named_like_a_command_is_a_data_dir(env: dict[str, str], tmp_path: Path) -> None:
+    result = run(
+        "cloud_coordinator", "--data-dir", "serve", "--print-config", env=env, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert 'data_dir = "serve"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"FEDGE_OFFLOAD": "true", "FEDGE_MQTT_PROTOCOL": "3.1.1"}, "offload needs mqtt.protocol"),
+     ({"FEDGE_DATA_DIR": "/tmp/" + "d" * 120}, "longer than the 107 bytes")],
+)  # fmt: skip
+def test_agent_settings_that_cannot_work_exit_78(
+    settings: dict[str, str], message: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    env.update(settings)
+    result = run("agent", "--print-config", env=env, cwd=tmp_path)
+    assert result.returncode == 78, result.stderr
+    assert message in result.stderr

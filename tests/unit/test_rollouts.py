@@ -369,3 +369,15 @@ def test_absurd_but_finite_telemetry_makes_no_infinite_counters() -> None:
     got = counters(extra)
     assert all(math.isfinite(v) for v in got.values())
     assert got["latency_ms_sum"] == 0.0
+
+
+def test_a_failed_load_reported_after_the_decision_changes_nothing(world: World) -> None:
+    r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0.1})
+    (canary,) = r["canary"]
+    world.manager.steer(r["rollout_id"], "promote")
+    world.manager.on_ack(canary, Ack("deploy/m/v2", False, 0.0, "late failure"))
+    after = world.manager.rollout_json(r["rollout_id"])
+    assert after is not None
+    assert after["load_failures"] == {}  # what the store holds too: nothing unsaved
+    world.restart()
+    assert world.manager.rollout_json(r["rollout_id"]) == after
