@@ -112,7 +112,7 @@ class AgentConfig:
             raise ValueError(f"offload_timeout_ms must be 1-60000, got {self.offload_timeout_ms}")
         if self.offload and self.mqtt.protocol != "5":
             raise ValueError(
-                "offload needs mqtt.protocol = \"5\" (MQTT 5 request/response); with 3.1.1"
+                'offload needs mqtt.protocol = "5" (MQTT 5 request/response); with 3.1.1'
                 " every offloaded prediction would wait out offload_timeout_ms"
             )
         if not 1 <= self.low_confidence_max_rows <= 10_000_000:
@@ -167,7 +167,7 @@ def parse_listen(value: str, data_dir: str) -> ListenAddress:
         if len(path.encode()) > 107:
             raise ValueError(
                 f"inference_listen: the default socket {path} is longer than the 107 bytes a"
-                " Unix socket path may have; set inference_listen = \"unix:/shorter/path\""
+                ' Unix socket path may have; set inference_listen = "unix:/shorter/path"'
             )
         return ListenAddress(path=path)
     if value.startswith("unix:"):

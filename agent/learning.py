@@ -153,7 +153,7 @@ class Learner:
     def on_task(self, task: TrainTask) -> None:
         """Queue a task (its model topic is subscribed at once so the manifest arrives)."""
         self._watch_model(task.model_name)
-        self.outbox.hurry()  # the coordinator is there: what waits for it goes now
+        self.outbox.hurry(RESEND_AFTER_S)  # the coordinator is there: what waits for it goes now
         self._tasks.put(task)
 
     def watch(self, name: str) -> None:
@@ -221,7 +221,9 @@ class Learner:
         """Forget an update the coordinator has acknowledged (or refused for good)."""
         self.outbox.ack(ack.ref)
         self._copies.pop(ack.ref, None)
-        self.outbox.hurry()  # the coordinator is there: the rest need not wait out a back-off
+        self.outbox.hurry(
+            RESEND_AFTER_S
+        )  # the coordinator is there: the rest need not wait out a back-off
         if not ack.ok:
             log.warning("coordinator refused update %s: %s", ack.ref, ack.reason)
 

@@ -205,11 +205,17 @@ class Outbox:
                 (time.time(), key),
             )
 
-    def hurry(self) -> None:
+    def hurry(self, resend_after_s: float, now: float | None = None) -> None:
         """Forget the back-off: the coordinator was just heard from, so a message waiting
-        (perhaps minutes) for its next send goes at the next `due` (then 10 s, 20 s, ...)."""
+        (perhaps minutes) for its next send goes at the next `due` (then 10 s, 20 s, ...);
+        one sent within `resend_after_s` is left alone (its copy may be on its way)."""
+        now = time.time() if now is None else now
         with self._lock:
-            self._db.execute("UPDATE outbox SET last_sent = 0, attempts = 0 WHERE attempts > 0")
+            self._db.execute(
+                "UPDATE outbox SET last_sent = 0, attempts = 0 WHERE attempts > 0"
+                " AND last_sent <= ?",
+                (now - resend_after_s,),
+            )
 
     def reset_sent(self) -> None:
         """Mark everything unsent: after this agent's reconnect, resend at once (the number

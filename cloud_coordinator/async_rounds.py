@@ -177,13 +177,19 @@ class AsyncDriver:
         assert record is not None
         active.open_collection(round_no, record.started, 0.0)
         active.state = RoundState.COLLECTING
-        for k in range(max(1, round_no - spec.max_staleness), round_no + 1):
-            earlier = self.store.round(spec.job_id, k)
-            active.tasked[k] = set(earlier.selected) if earlier is not None else set()
+        self.remember_tasked(active, round_no)
         active.selected = tuple(sorted(active.tasked[round_no]))
         self._replay(active, round_no)
         log.info("job %s: resumed version buffer %d with %d stored updates",
                  spec.job_id, round_no, len(active.received))  # fmt: skip
+
+    def remember_tasked(self, active: ActiveJob, round_no: int) -> None:
+        """After a restart: which devices buffers up to `round_no` tasked (from the store),
+        as far back as an update may still be accepted (`max_staleness`)."""
+        spec = active.spec
+        for k in range(max(1, round_no - spec.max_staleness), round_no + 1):
+            earlier = self.store.round(spec.job_id, k)
+            active.tasked[k] = set(earlier.selected) if earlier is not None else set()
 
     def _replay(self, active: ActiveJob, round_no: int) -> None:
         """Fold the updates stored for buffer `round_no` (after a restart, or stored ahead)."""

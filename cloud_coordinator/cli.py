@@ -154,7 +154,9 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
         host, port = split_host_port(args.broker, "--broker")
         flags["mqtt"] = {"host": host} if port is None else {"host": host, "port": port}
     if getattr(args, "http", None):
-        text = args.http if not args.http.startswith(":") else "127.0.0.1" + args.http
+        text = args.http
+        if text.isdigit() or (text.startswith(":") and text.count(":") == 1):
+            text = "127.0.0.1:" + text.lstrip(":")  # `9000`, `:9000`: the loopback address
         host, port = split_host_port(text, "--http", lowest_port=0)
         flags["http_host"] = host
         if port is not None:
@@ -276,8 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         try:
             check_workdir(Path(args.workdir))
-            if args.broker:
-                split_host_port(args.broker, "--broker")
+            if args.broker or os.environ.get("FEDGE_MQTT_HOST"):
+                split_host_port(args.broker or os.environ["FEDGE_MQTT_HOST"], "--broker")
         except (ValueError, ConfigError) as exc:
             fatal(f"fedge-coordinator demo: {exc}")
             return 2

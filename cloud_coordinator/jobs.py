@@ -72,6 +72,7 @@ class JobRunner:
         self.async_driver = AsyncDriver(store, candidates, self._busy, self._send_task)
         self._active: dict[str, ActiveJob] = {}
         self._lock = threading.RLock()
+        self._creating = threading.Lock()  # one job creation at a time
         self._ticker = Ticker("jobs", TICK_S, self.tick)
         self._picked_last: dict[str, tuple[str, ...]] = {}
 
@@ -94,21 +95,27 @@ class JobRunner:
     def create(self, spec: JobSpec) -> JobRecord:
         """Validate `spec`, publish its initial model version and start it."""
         template = get_template(spec.template)  # ValueError lists the valid names
-        if self.store.job(spec.job_id) is not None:
-            raise JobSpecError(f"a job named {spec.job_id!r} already exists")
-        version = version_id(spec.job_id, 0)
-        backbone = baseline.server_backbone(template, spec.data_seed)
-        bundle, _ = bundles.initial_bundle(
-            template, spec.model, version, spec.seed, backbone=backbone
-        )
-        holdout = datasets.server_data(template, spec.data_seed).holdout
-        accuracy, loss = self.versions.scored(bundle, holdout)
-        bundle = self.versions.finished(bundle, holdout, accuracy, spec.int8_variant)
-        metrics = {"accuracy": accuracy, "loss": loss}
-        self.models.put(bundle, job_id=spec.job_id, round=0, devices=(), metrics=metrics)
-        self.versions.publish_manifest(bundle)
-        if not self.store.create_job(spec, version):
-            raise JobSpecError(f"a job named {spec.job_id!r} already exists")
+        with self._creating:  # two requests for one job id: the second is told it exists
+            if self.store.job(spec.job_id) is not None:
+                raise JobSpecError(f"a job named {spec.job_id!r} already exists")
+            version = version_id(spec.job_id, 0)
+            backbone = baseline.server_backbone(template, spec.data_seed)
+            bundle, _ = bundles.initial_bundle(
+                template, spec.model, version, spec.seed, backbone=backbone
+            )
+            holdout = datasets.server_data(template, spec.data_seed).holdout
+            accuracy, loss = self.versions.scored(bundle, holdout)
+            orphan = self.versions.registered(spec.model, version)
+            if orphan is not None:  # registered by a create that stopped before its job row
+                bundle = self._adopt(spec, bundle, orphan)
+                accuracy, loss = self.versions.scored(bundle, holdout)
+            else:
+                bundle = self.versions.finished(bundle, holdout, accuracy, spec.int8_variant)
+                metrics = {"accuracy": accuracy, "loss": loss}
+                self.models.put(bundle, job_id=spec.job_id, round=0, devices=(), metrics=metrics)
+            if not self.store.create_job(spec, version):
+                raise JobSpecError(f"a job named {spec.job_id!r} already exists")
+            self.versions.publish_manifest(bundle)  # (once the job exists)
         record = self.store.job(spec.job_id)
         assert record is not None
         with self._lock:
@@ -116,6 +123,25 @@ class JobRunner:
         log.info("job %s started: %s, %s %s, %d versions, initial accuracy %.3f", spec.job_id,
                  spec.template, spec.mode, spec.strategy, spec.rounds, accuracy)  # fmt: skip
         return record
+
+    def _adopt(
+        self, spec: JobSpec, fresh: bundles.Bundle, orphan: bundles.Bundle
+    ) -> bundles.Bundle:
+        """The initial version a create of the same job id registered before it stopped
+        (versions are never remade under a name devices may have seen), if it is of the
+        same model shape; JobSpecError if it is of another."""
+        record = self.models.record(spec.model, orphan.manifest.version)
+        same = (fresh.manifest.inputs, fresh.manifest.outputs, fresh.manifest.head_layers) == (
+            orphan.manifest.inputs, orphan.manifest.outputs, orphan.manifest.head_layers,
+        )  # fmt: skip
+        if record.job_id != spec.job_id or not same:
+            raise JobSpecError(
+                f"{spec.model} {orphan.manifest.version} is registered already, for another"
+                f" model than this job's; choose another job_id"
+            )
+        log.warning("job %s: reusing %s, registered by an earlier request that did not"
+                    " finish creating the job", spec.job_id, orphan.manifest.version)  # fmt: skip
+        return orphan
 
     def create_json(self, body: object) -> dict[str, object]:
         """Start a job from a JSON spec and return it; ValueError naming what is wrong."""
@@ -135,6 +161,9 @@ class JobRunner:
                 self.async_driver.resume(active, current.round)
             else:
                 self._resume_sync(active, current.round)
+        elif current is not None and active.is_async:  # stopped between two buffers: the
+            # devices tasked in recent ones may still send, and are accepted as before
+            self.async_driver.remember_tasked(active, current.round)
         with self._lock:
             self._active[record.spec.job_id] = active
 

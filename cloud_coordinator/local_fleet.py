@@ -52,10 +52,10 @@ NO_CONFIG = "no-config.toml"
 
 
 def check_workdir(workdir: Path) -> None:
-    """ValueError unless `workdir` is new, empty, or an earlier demo's (it is emptied)."""
-    if workdir.is_file() or (
-        workdir.is_dir() and any(workdir.iterdir()) and not (workdir / MARKER).is_file()
-    ):
+    """ValueError unless `workdir` is new, empty, or an earlier demo's (it is emptied; one
+    from before the marker file is known by its coordinator log)."""
+    ours = (workdir / MARKER).is_file() or (workdir / "logs" / "coordinator.log").is_file()
+    if workdir.is_file() or (workdir.is_dir() and any(workdir.iterdir()) and not ours):
         raise ValueError(
             f"--workdir {workdir} holds other files, and the demo empties its directory;"
             " give it a new or empty directory"

@@ -22,6 +22,7 @@ from cloud_coordinator.job_state import ActiveJob, version_id
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.strategies.server_opt import STEP_KEY, ServerOptimiser
+from cloud_coordinator.update_tensors import AggregationError
 from cloud_coordinator.variants import choose_serving
 from protocols.messages import encode
 from protocols.model_format import MODEL_FILE, pack_tensors, unpack_tensors
@@ -92,14 +93,18 @@ class VersionMaker:
         self.publisher.publish(topic, encode(bundle.manifest), qos=1, retain=True)
 
     def server_step(self, active: ActiveJob, delta: Head) -> tuple[Head, bytes | None]:
-        """The new head from the aggregated `delta`, and the optimiser state after it."""
+        """The new head from the aggregated `delta`, and the optimiser state after it;
+        AggregationError (``non_finite``) if the head would hold a NaN or Inf."""
         optimiser: ServerOptimiser | None = active.new_optimiser()
         if optimiser is None:
-            head = {name: (active.head[name] + delta[name]).astype(np.float32) for name in delta}
+            with np.errstate(over="ignore", invalid="ignore"):  # (checked just below)
+                head = {n: (active.head[n] + delta[n]).astype(np.float32) for n in delta}
+            _check_finite(head)
             return head, None
         if active.optimiser_state is not None:
             optimiser.load_state(_unpack_state(active.optimiser_state))
         head = optimiser.step(active.head, delta)
+        _check_finite(head)
         return head, _pack_state(optimiser.state())
 
     def make(self, active: ActiveJob) -> dict[str, object]:
@@ -160,3 +165,14 @@ class VersionMaker:
                  accuracy, len(active.received) if not active.is_async else
                  active.aggregate.count, active.uplink / 1e3, metrics["wall_s"])  # fmt: skip
         return metrics
+
+
+def _check_finite(head: Head) -> None:
+    """AggregationError unless every parameter of `head` is finite (huge but finite updates
+    can still overflow float32 when added): such a version is never registered."""
+    for name, values in head.items():
+        if not np.isfinite(values).all():
+            raise AggregationError(
+                f"the new {name!r} would hold NaN or Inf (updates too large): round retried",
+                reason="non_finite",
+            )

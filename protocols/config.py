@@ -290,8 +290,8 @@ def as_toml(config: object, indent: str = "") -> str:
     return "\n".join(plain) + "\n" + "".join(sections)
 
 
-#: Bounds of ``mqtt.max_payload_bytes``: room for a model chunk, and MQTT's packet limit.
-MIN_PAYLOAD_BYTES = 64 * 1024
+#: Bounds of ``mqtt.max_payload_bytes``: room for a 1 KiB model chunk, and MQTT's limit.
+MIN_PAYLOAD_BYTES = 2048
 MAX_PAYLOAD_BYTES = 256 * 1024 * 1024 - 1
 
 

@@ -63,8 +63,8 @@ def test_an_ipv6_broker_reaches_the_config(env: dict[str, str], tmp_path: Path) 
 @pytest.mark.parametrize(
     ("variable", "value", "match"),
     [("FEDGE_MQTT_HOST", "", "mqtt.host must be a host name"),
-     ("FEDGE_MQTT_MAX_PAYLOAD_BYTES", "0", "mqtt.max_payload_bytes must be 65536-"),
-     ("FEDGE_MQTT_MAX_PAYLOAD_BYTES", "-5", "mqtt.max_payload_bytes must be 65536-")],
+     ("FEDGE_MQTT_MAX_PAYLOAD_BYTES", "0", "mqtt.max_payload_bytes must be 2048-"),
+     ("FEDGE_MQTT_MAX_PAYLOAD_BYTES", "-5", "mqtt.max_payload_bytes must be 2048-")],
 )  # fmt: skip
 def test_broker_settings_out_of_range_exit_78(
     variable: str,
@@ -219,3 +219,24 @@ def test_agent_settings_that_cannot_work_exit_78(
     result = run("agent", "--print-config", env=env, cwd=tmp_path)
     assert result.returncode == 78, result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("http", "host", "port"),
+    [("9000", "127.0.0.1", 9000), (":9000", "127.0.0.1", 9000), ("0.0.0.0:0", "0.0.0.0", 0),
+     ("[::1]:9000", "::1", 9000), ("::1", "::1", 8780), ("localhost", "localhost", 8780)],
+)  # fmt: skip
+def test_http_addresses(
+    http: str, host: str, port: int, env: dict[str, str], tmp_path: Path
+) -> None:
+    result = run("cloud_coordinator", "--http", http, "--print-config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f'http_host = "{host}"' in result.stdout
+    assert f"http_port = {port}" in result.stdout
+
+
+def test_a_small_broker_payload_cap_still_works(env: dict[str, str], tmp_path: Path) -> None:
+    env["FEDGE_MQTT_MAX_PAYLOAD_BYTES"] = "32768"
+    result = run("agent", "--print-config", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "max_payload_bytes = 32768" in result.stdout

@@ -245,8 +245,9 @@ def test_hurry_forgets_the_back_off(path: Path) -> None:
         for second in range(0, 2000, 5):  # backed off to its 10-minute cap
             box.due(10, now=now + second)
         assert box.due(10, now=now + 2005) == []
-        box.hurry()  # an ack or a task: the coordinator is back
+        box.hurry(10, now=now + 2005)  # an ack or a task: the coordinator is back
         assert keys(box.due(10, now=now + 2005)) == ["k"]
+        box.hurry(10, now=now + 2006)  # another, a second later: that copy is left alone
         assert box.due(10, now=now + 2010) == []
         assert keys(box.due(10, now=now + 2016)) == ["k"]  # 10 s, as for a new message
     finally:

@@ -1,0 +1,158 @@
+"""The job runner across stops at awkward moments, and updates too large to add: a stop
+between two async buffers, a create stopped before its job row, two creates of one id,
+and a version whose head would overflow to Inf (real runner, store and registry)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_coordinator.job_spec import JobSpec, JobSpecError
+from cloud_coordinator.job_store import JobStore
+from cloud_coordinator.jobs import JobRunner
+from cloud_coordinator.model_registry import ModelRegistry
+from tests.unit.fl.test_async_jobs import JOB as ASYNC_JOB
+from tests.unit.fl.test_async_jobs import Fleet, fleet, seed_root
+from tests.unit.fl.test_job_runner import (
+    JOB,
+    V0,
+    V1,
+    FakePublisher,
+    World,
+    collecting,
+    deltas,
+    make_update,
+    seed,
+    world,
+)
+
+__all__ = ["collecting", "fleet", "seed", "seed_root", "world"]  # (the fixtures)
+
+
+class _Stop(BaseException):
+    """A process killed at this point."""
+
+
+def test_a_stop_between_two_async_buffers_keeps_the_tasked_devices(fleet: Fleet) -> None:
+    fleet.runner.tick()
+    a, b, c = sorted(fleet.publisher.tasks())
+    fleet.send(a, 1, deltas(1))
+    fleet.send(b, 1, deltas(2))  # buffer 1 full: finished at the next tick
+
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise _Stop
+
+    fleet.runner.async_driver.open_buffer = stopped  # type: ignore[method-assign]
+    with pytest.raises(_Stop):
+        fleet.runner.tick()  # buffer 1 saved as done; buffer 2 never opened
+    record = fleet.store.round(ASYNC_JOB.job_id, 1)
+    assert record is not None
+    assert record.state == "done"
+    fleet.close()
+    fleet.open()  # the restart
+    fleet.runner.tick()
+    fleet.send(c, 1, deltas(3))  # tasked in buffer 1, trained on v0: one version stale
+    assert fleet.last_ack(c) == (True, False, "")
+
+
+def _spec(job_id: str) -> JobSpec:
+    return JobSpec(job_id=job_id, template="digits_mlp", model_name=f"{job_id}-digits",
+                   rounds=2, devices_per_round=2, seed=1)  # fmt: skip
+
+
+def _runner(root: Path) -> tuple[JobRunner, JobStore, ModelRegistry, FakePublisher]:
+    store, models, publisher = (
+        JobStore(root / "jobs.db"),
+        ModelRegistry(root / "models"),
+        FakePublisher(),
+    )
+    return JobRunner(store, models, publisher, list, device="cpu"), store, models, publisher
+
+
+def test_a_create_stopped_before_its_job_row_can_be_made_again(tmp_path: Path) -> None:
+    runner, store, models, publisher = _runner(tmp_path)
+    create_job = store.create_job
+
+    def stopped(*args: object, **kwargs: object) -> bool:
+        raise _Stop
+
+    store.create_job = stopped  # type: ignore[method-assign]
+    with pytest.raises(_Stop):
+        runner.create(_spec("j1"))
+    assert publisher.sent == []  # nothing announced for a job that does not exist
+    store.create_job = create_job  # type: ignore[method-assign]
+    store.close()
+    models.close()
+
+    runner, store, models, publisher = _runner(tmp_path)  # the restart, and the retry
+    try:
+        registered = models.manifest("j1-digits", "j1.r0")
+        record = runner.create(_spec("j1"))
+        assert record.current_version == "j1.r0"
+        assert models.manifest("j1-digits", "j1.r0") == registered  # reused, not remade
+        assert [p.topic for p in publisher.sent] == ["fedge/v1/model/j1-digits/manifest"]
+        other = JobSpec(job_id="j1", template="digits_cnn", model_name="j1-digits", seed=1)
+        with pytest.raises(JobSpecError, match="already exists"):
+            runner.create(other)
+    finally:
+        store.close()
+        models.close()
+
+
+def test_an_orphan_version_of_another_model_shape_is_not_adopted(tmp_path: Path) -> None:
+    runner, store, models, _ = _runner(tmp_path)
+    store.create_job = lambda *a, **k: (_ for _ in ()).throw(_Stop())  # type: ignore[method-assign]
+    with pytest.raises(_Stop):
+        runner.create(_spec("j2"))
+    store.close()
+    models.close()
+    runner, store, models, _ = _runner(tmp_path)
+    try:
+        other = JobSpec(job_id="j2", template="digits_cnn", model_name="j2-digits", seed=1)
+        with pytest.raises(JobSpecError, match="choose another job_id"):
+            runner.create(other)
+    finally:
+        store.close()
+        models.close()
+
+
+def test_two_creates_of_one_job_id_make_one_job_and_one_clear_refusal(tmp_path: Path) -> None:
+    runner, store, models, _ = _runner(tmp_path)
+    outcomes: list[str] = []
+
+    def create() -> None:
+        try:
+            runner.create(_spec("j3"))
+            outcomes.append("created")
+        except JobSpecError as exc:
+            outcomes.append(f"refused: {exc}")
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert sorted(outcomes) == ["created", "refused: a job named 'j3' already exists"]
+    finally:
+        store.close()
+        models.close()
+
+
+def test_updates_that_would_overflow_the_head_fail_the_round_and_register_nothing(
+    collecting: World,
+) -> None:
+    w = collecting
+    huge = {k: np.full_like(v, 3.0e38) for k, v in deltas(0).items()}
+    for device in w.selected():
+        w.send(make_update(device, huge, num_samples=1))
+    w.runner.tick()
+    record = w.store.round(JOB.job_id, 1)
+    assert record is not None
+    assert record.state == "failed"
+    assert [v.version for v in w.models.versions(JOB.model)] == [V0]  # no Inf model
+    assert not any(p.topic.endswith("/manifest") and p.retain for p in w.publisher.sent
+                   if V1 in repr(p.payload))  # fmt: skip
