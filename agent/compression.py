@@ -146,6 +146,14 @@ class Compressor:
         """The residual kept for each tensor name (a copy of the mapping, not of the arrays)."""
         return dict(self._residuals)
 
+    def snapshot(self) -> dict[str, FloatArray]:
+        """A copy of every residual (arrays included), for `restore`."""
+        return {name: value.copy() for name, value in self._residuals.items()}
+
+    def restore(self, residuals: Mapping[str, FloatArray]) -> None:
+        """Put back residuals from `snapshot` (what was compressed was never sent)."""
+        self._residuals = {name: value.copy() for name, value in residuals.items()}
+
     def reset(self) -> None:
         """Forget every residual (a new job, or a head of a new shape), and save that."""
         self._residuals.clear()

@@ -146,8 +146,13 @@ class FeedbackLog:
             self._x, self._y = read_feedback(self.path)
 
     def append(self, x: npt.NDArray[Any], label: int) -> int:
-        """Add one row; return the number of rows now kept. FeedbackError if shapes differ."""
+        """Add one row; return the number of rows now kept (0: `max_rows` is 0, none kept).
+        FeedbackError if the row holds NaN or Inf (training could never read it again)."""
         row = np.asarray(x, dtype=np.float32)[None, ...]
+        if not np.isfinite(row).all():
+            raise FeedbackError("that prediction's input holds NaN or Inf: not kept", "invalid")
+        if self.max_rows <= 0:
+            return 0
         with self._lock:
             self._load()
             if self._x is None or self._y is None or self._x.shape[1:] != row.shape[1:]:
@@ -155,7 +160,7 @@ class FeedbackLog:
                     # A new model with another input shape: its feedback starts afresh.
                     self._x = self._y = None
                 xs, ys = row, np.asarray([label], dtype=np.int64)
-            else:
+            else:  # (max_rows > 0: the slices keep the newest max_rows)
                 xs = np.concatenate([self._x, row])[-self.max_rows :]
                 ys = np.concatenate([self._y, np.asarray([label], np.int64)])[-self.max_rows :]
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ class InferenceMetrics:
             self._load_failures[reason] += 1
 
     def feedback(self, outcome: str) -> None:
-        """A feedback request (`outcome`: stored, unknown_id, invalid)."""
+        """A feedback request (`outcome`: stored, not_kept (max rows 0), unknown_id, invalid)."""
         with self._lock:
             self._feedback[outcome] += 1
 

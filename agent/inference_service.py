@@ -147,7 +147,11 @@ class InferenceService:
                 elif done is None:
                     self.install(manifest)
                 else:
-                    ok = self.install(manifest)
+                    try:
+                        ok = self.install(manifest)
+                    except Exception as exc:  # answered all the same, then logged below
+                        done.deploy_finished(manifest, False, f"internal error: {exc}")
+                        raise
                     failure = self.runtime.last_failure
                     reason = "" if ok else f"{failure.get('reason')}: {failure.get('message')}"
                     done.deploy_finished(manifest, ok, reason)
@@ -181,6 +185,7 @@ class InferenceService:
             log.warning("previous version %s not kept for rollback: %s", manifest.version, exc)
             return
         self.runtime.keep_standby(manifest, data)
+        self._point_store()  # (it may be served now: what a restart serves then)
 
     def _point_store(self) -> None:
         serving, standby = self.runtime.serving, self.runtime.standby
@@ -243,8 +248,8 @@ class InferenceService:
         except FeedbackError as exc:
             self.metrics.feedback(exc.reason)
             raise
-        self.metrics.feedback("stored")
-        return {"stored": True, "rows": rows, "label_index": index}
+        self.metrics.feedback("stored" if rows else "not_kept")
+        return {"stored": rows > 0, "rows": rows, "label_index": index}
 
     def _labels(self, model: str, version: str) -> tuple[str, ...]:
         for served in (self.runtime.serving, self.runtime.standby):

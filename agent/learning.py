@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 RESEND_AFTER_S = 10.0
 #: Seconds a copy still queued in the MQTT client holds back its resend at most.
 QUEUED_HOLD_S = 3600.0
+#: Backbone features kept in memory (the train and validation sets of the last two rounds).
+FEATURE_CACHE_ENTRIES = 4
+#: Jobs whose error-feedback residuals are kept (in memory and in files), the newest.
+KEPT_JOBS = 4
 
 
 class Transport(Protocol):
@@ -336,18 +340,35 @@ class Learner:
         """The job's compressor: error-feedback residuals belong to one job, never the next."""
         if job_id not in self._compressors:
             self._residual_dir.mkdir(parents=True, exist_ok=True)
-            self._compressors[job_id] = Compressor(self._residual_dir / f"{job_id}.npz")
+            # saved by `_train` once the update is in the outbox, never before
+            self._compressors[job_id] = Compressor(self._residual_dir / f"{job_id}.npz",
+                                                   autosave=False)  # fmt: skip
+            while len(self._compressors) > KEPT_JOBS:  # the oldest job's: long finished
+                del self._compressors[next(iter(self._compressors))]
+            self._prune_residual_files(self._residual_dir / f"{job_id}.npz")
         return self._compressors[job_id]
+
+    def _prune_residual_files(self, current: Path) -> None:
+        """Delete the residual files of other jobs than the `KEPT_JOBS` - 1 most recently
+        written (`current`'s is kept: a job this device trains again)."""
+        others = [p for p in self._residual_dir.glob("*.npz") if p != current]
+        others.sort(key=lambda p: p.stat().st_mtime)
+        for old in others[: max(0, len(others) - (KEPT_JOBS - 1))]:
+            old.unlink(missing_ok=True)
 
     def _features(self, manifest: ModelManifest, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         names = {f.name: f.sha256 for f in manifest.files}
         if BACKBONE_FILE not in names:
             return x.reshape(len(x), -1).astype(np.float32)
         key = names[BACKBONE_FILE] + hashlib.blake2b(x.tobytes(), digest_size=16).hexdigest()
-        if key not in self._feature_cache:
+        cached = self._feature_cache.pop(key, None)
+        if cached is None:
             backbone = OnnxModel.from_bytes(self.store.read_blob(names[BACKBONE_FILE]))
-            self._feature_cache[key] = backbone.run(x).reshape(len(x), -1)
-        return self._feature_cache[key]
+            cached = backbone.run(x).reshape(len(x), -1)
+        self._feature_cache[key] = cached  # (the newest last)
+        while len(self._feature_cache) > FEATURE_CACHE_ENTRIES:
+            del self._feature_cache[next(iter(self._feature_cache))]
+        return cached
 
     def _train(self, task: TrainTask) -> None:
         started = time.time()
@@ -381,6 +402,34 @@ class Learner:
         if clip > 0:
             delta, _ = clip_by_norm(delta, clip)
         compressor = self._compressor(task.job_id)
+        before = compressor.snapshot()  # put back unless the update reaches the outbox
+        try:
+            key, topic, payload, update = self._queue_update(
+                task, manifest, data.y_train, delta, result, compressor
+            )
+        except BaseException:
+            compressor.restore(before)
+            raise
+        compressor.save()
+        if self.transport.connected:
+            self.outbox.mark_sent(key)
+            self._publish_copy(key, topic, payload)
+        log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
+                 task.task_id, update.num_samples, manifest.version, time.time() - started,
+                 len(payload), task.compression)  # fmt: skip
+
+    def _queue_update(
+        self,
+        task: TrainTask,
+        manifest: ModelManifest,
+        labels: np.ndarray[Any, Any],
+        delta: dict[str, np.ndarray[Any, Any]],
+        result: dict[str, Any],
+        compressor: Compressor,
+    ) -> tuple[str, str, bytes, ModelUpdate]:
+        """Compress `delta` into an update and store it in the outbox; (key, topic,
+        payload, update). TaskFailedError if it could never be sent."""
+        hp = task.hyperparams
         tensors = compressor.compress(
             delta, task.compression, topk_fraction=float(hp.get("topk_fraction", 0.01))
         )
@@ -392,7 +441,7 @@ class Learner:
             round=task.round,
             base_version=manifest.version,  # newer than the task's when base = "latest"
             seq=int(time.time() * 1000) % (1 << 31),
-            num_samples=len(data.y_train),
+            num_samples=len(labels),
             tensors=tensors,
             metrics=metrics,
         )
@@ -406,10 +455,4 @@ class Learner:
         key = update.ack_ref
         topic = device_topic(self.device_id, DeviceChannel.UPDATE)
         self.outbox.put(key, topic, payload)
-        compressor.save()
-        if self.transport.connected:
-            self.outbox.mark_sent(key)
-            self._publish_copy(key, topic, payload)
-        log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
-                 task.task_id, update.num_samples, manifest.version, time.time() - started,
-                 len(payload), task.compression)  # fmt: skip
+        return key, topic, payload, update

@@ -199,7 +199,8 @@ class OnnxModel:
                 raise InputError(
                     f"input {self.input_name!r} must be {self.input_dtype}, got {batch.dtype}"
                 )
-            batch = batch.astype(self.input_dtype)
+            with np.errstate(over="ignore", invalid="ignore"):  # out of range: Inf, refused
+                batch = batch.astype(self.input_dtype)  # with its answers (serving.py)
         shape = self.input_shape
         if batch.ndim != len(shape) or any(
             (want is not None and got != want) or got < 1

@@ -69,6 +69,9 @@ def next_state(state: VersionState, event: VersionEvent) -> VersionState:
         ) from None
 
 
+_SETTLED = frozenset((S.FAILED, S.ROLLED_BACK, S.RETIRED))
+
+
 class VersionLog:
     """The state of every version seen since start (a bounded record, newest last)."""
 
@@ -77,11 +80,16 @@ class VersionLog:
         self._keep = keep
 
     def begin(self, version: str) -> None:
-        """Record that `version` starts loading (again, if it was seen before)."""
+        """Record that `version` starts loading (again, if it was seen before). Past `keep`
+        records, the oldest settled ones (failed, rolled back, retired) are forgotten; the
+        serving, standby and loading versions never are."""
         self._states.pop(version, None)
         self._states[version] = S.LOADING
-        while len(self._states) > self._keep:
-            del self._states[next(iter(self._states))]
+        excess = len(self._states) - self._keep
+        if excess > 0:
+            settled = [v for v, state in self._states.items() if state in _SETTLED]
+            for old in settled[:excess]:
+                del self._states[old]
 
     def apply(self, version: str, event: VersionEvent) -> VersionState:
         """Apply `event` to `version`; IllegalTransitionError if not allowed or unknown."""

@@ -155,7 +155,8 @@ class InferenceRuntime:
             return None
 
     def keep_standby(self, manifest: ModelManifest, model_bytes: bytes) -> bool:
-        """Load `manifest` as the standby (after a restart) if there is none; False if it fails."""
+        """Load `manifest` as the standby (after a restart) if there is none; False if it
+        fails. With nothing served (the current version failed to load), it is served."""
         with self._swap_lock:
             serving = self._serving
             if self._standby is not None or (serving and serving.version == manifest.version):
@@ -163,6 +164,14 @@ class InferenceRuntime:
             served = self._load_or_fail(manifest, model_bytes)
             if served is None:
                 return False
+            if self._serving is None:  # better the previous version than none
+                self._serving = served
+                self.versions.apply(served.version, VersionEvent.READY)
+                self.metrics.model_loaded(swapped=True)
+                self._publish_models()
+                log.warning("model %s: serving the previous version %s (the current one"
+                            " failed to load)", manifest.name, manifest.version)  # fmt: skip
+                return True
             self._standby = served
             self.versions.apply(served.version, VersionEvent.KEPT)
             self._publish_models()
@@ -237,9 +246,10 @@ class InferenceRuntime:
                 except ORT_ERRORS as exc:
                     self.metrics.count_request("error")
                     raise InferenceError(f"inference failed on input {x.shape}: {exc}") from exc
-                pid = self.recent.keep(kept, served.name, served.version)
                 conf, cls = run.extra
                 confidences = conf.tolist()
+                self._check_answered(confidences)
+                pid = self.recent.keep(kept, served.name, served.version)
                 self.metrics.observe(perf_counter() - start, confidences, conf)
                 return new_predictions(pid, served.name, served.version, cls.tolist(),
                                        confidences, served.labels, False)  # fmt: skip
@@ -292,21 +302,24 @@ class InferenceRuntime:
         except InferenceError:
             self.metrics.count_request("error")
             raise
-        pid = self.recent.keep(batch, served.name, served.version)
         if run is not None and run.extra:  # the session computed the answers already
             conf, cls = run.extra
             confidences = conf.tolist()
+            self._check_answered(confidences)
+            pid = self.recent.keep(batch, served.name, served.version)
             self.metrics.observe(perf_counter() - start, confidences, conf)
             return new_predictions(pid, served.name, served.version, cls.tolist(), confidences,
                                    served.labels, single)  # fmt: skip
         if len(out) != 1:
-            return self._batch_answer(out, pid, served, start)
+            return self._batch_answer(out, batch, served, start)
         row: list[float] = out.tolist()[0] if out.ndim == 2 else out.reshape(-1).tolist()
+        self._check_answered(row)
         top = max(row)
         if -600.0 < top < 600.0:  # exp cannot overflow (nor the sum of any number of classes)
             confidence = exp(top) / sum(map(exp, row))
         else:
             confidence = 1.0 / math.fsum([exp(v - top) for v in row])
+        pid = self.recent.keep(batch, served.name, served.version)
         self.metrics.observe_one(perf_counter() - start, confidence)
         return new_predictions(pid, served.name, served.version, [row.index(top)], [confidence],
                                served.labels, single)  # fmt: skip
@@ -366,8 +379,16 @@ class InferenceRuntime:
             raise InputError(f"input is not a numeric array: {exc}") from exc
         return batch, single
 
+    def _check_answered(self, values: list[float]) -> None:
+        """InputError (counted) unless every value is finite: an input holding NaN or Inf
+        (or too large for float32) makes the model's answers NaN or infinite."""
+        total = sum(values)
+        if total - total != 0.0:  # (NaN or Inf; one C call over the whole list)
+            self.metrics.count_request("invalid")
+            raise InputError("the input holds NaN or Inf (or values too large for float32)")
+
     def _batch_answer(
-        self, out: npt.NDArray[Any], pid: str, served: ServedModel, start: float
+        self, out: npt.NDArray[Any], batch: npt.NDArray[Any], served: ServedModel, start: float
     ) -> Predictions:
         logits = out if out.ndim == 2 else out.reshape(len(out), -1)
         if logits.dtype.kind != "f":
@@ -384,6 +405,9 @@ class InferenceRuntime:
         else:
             sums = shifted.sum(axis=1)
         conf = np.reciprocal(sums, out=sums)
+        confidences = conf.tolist()
+        self._check_answered(confidences)
+        pid = self.recent.keep(batch, served.name, served.version)
         self.metrics.observe_batch(perf_counter() - start, conf)
-        return new_predictions(pid, served.name, served.version, classes.tolist(), conf.tolist(),
+        return new_predictions(pid, served.name, served.version, classes.tolist(), confidences,
                                served.labels, False)  # fmt: skip

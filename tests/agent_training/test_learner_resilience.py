@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import blob_fetch
+from agent import blob_fetch, learning
 from agent.learning import Learner, TaskFailedError
 from agent.trust import ManifestTrust
 from protocols.errors import DecodeError
@@ -163,3 +163,47 @@ def test_an_update_still_queued_in_the_client_is_not_sent_again(
         assert learner._copies == {}
     finally:
         learner.outbox.close()  # (the learner thread was never started)
+
+
+def test_a_task_whose_update_is_not_queued_leaves_the_residuals_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """Error feedback: what top-k leaves out is carried to the next round. It used to be
+    saved before the update was known to fit, so a task failing after compression lost it."""
+    bundles = make_bundles()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.npz", slice(0, 60)), ("val.npz", slice(60, 80))):
+        np.savez(data / name, x=bundles.pixels[rows], y=bundles.labels[rows])
+    learner = Learner("dev-1", tmp_path, data, _FlakyTransport(), 200,  # type: ignore[arg-type]
+                      ManifestTrust((), tmp_path, allow_unsigned=True))  # fmt: skip
+    learner.start()
+    try:
+        put(learner.store, bundles.v1)
+        task = TrainTask("t1", "job-1", 1, bundles.v1.manifest.name, bundles.v1.manifest.version,
+                         time.time() + 60, "topk", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
+        with pytest.raises(TaskFailedError, match="over the broker's limit of 200"):
+            learner._train(task)
+        assert learner._compressors["job-1"].residuals == {}
+        assert not (tmp_path / "residuals" / "job-1.npz").exists()
+    finally:
+        learner.stop()
+
+
+def test_feature_cache_and_job_residuals_are_bounded(tmp_path: Path) -> None:
+    bundles = make_bundles()
+    learner = Learner("dev-1", tmp_path, tmp_path / "data", _FlakyTransport(), 1 << 20,  # type: ignore[arg-type]
+                      ManifestTrust((), tmp_path, allow_unsigned=True))  # fmt: skip
+    try:
+        put(learner.store, bundles.v1)
+        for n in range(10):  # new feedback each round: new training data each time
+            learner._features(bundles.v1.manifest, bundles.pixels[n : n + 20])
+        assert len(learner._feature_cache) <= learning.FEATURE_CACHE_ENTRIES
+        for n in range(10):
+            learner._compressor(f"job-{n}").save()
+        assert len(learner._compressors) == learning.KEPT_JOBS
+        kept = sorted(p.name for p in (tmp_path / "residuals").glob("*.npz"))
+        assert len(kept) <= learning.KEPT_JOBS
+        assert "job-9.npz" in kept
+    finally:
+        learner.outbox.close()

@@ -1,0 +1,76 @@
+"""The serving side after many failed versions and after a restart whose current version
+is broken: a good version is still swapped in and acknowledged, and the previous version
+is served rather than nothing (the real service, real ONNX models, a real store)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from agent.inference_service import InferenceService
+from agent.model_store import ModelStore
+from agent.rollout import VersionEvent, VersionLog, VersionState
+from cloud_coordinator.bundles import Bundle
+from protocols.signing import sign_manifest
+from tests.agent_inference.conftest import Bundles, agent_config, broken, put
+from tests.agent_inference.test_deployer import KEY, _boot, _serving
+
+
+def test_the_version_log_never_forgets_what_is_served() -> None:
+    log = VersionLog(keep=3)
+    log.begin("v1")
+    log.apply("v1", VersionEvent.READY)
+    for n in range(10):
+        log.begin(f"bad{n}")
+        log.apply(f"bad{n}", VersionEvent.FAIL)
+    assert log.state("v1") is VersionState.SERVING
+    assert len(log.as_dict()) == 3  # v1 and the two newest failures
+
+
+def _signed(bundle: Bundle) -> Bundle:
+    return dataclasses.replace(bundle, manifest=sign_manifest(bundle.manifest, KEY))
+
+
+def test_a_good_version_after_many_failed_ones_is_served_and_acknowledged(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    put(store, _signed(bundles.v1))
+    service, deployer, front = _boot(tmp_path)
+    try:
+        for n in range(20):  # more than the version log keeps
+            bad = _signed(broken(bundles.v1, f"bad{n}", b"not an onnx model"))
+            put(store, bad, activate=False)
+            deployer.on_deploy(bad.manifest)
+            assert service.wait_idle(60)
+        assert _serving(service) == "v1"
+        assert [a.ok for a in front.acks] == [False] * 20
+        good = _signed(bundles.v2)
+        put(store, good, activate=False)
+        deployer.on_deploy(good.manifest)
+        assert service.wait_idle(60)
+        assert _serving(service) == "v2"
+        assert (front.acks[-1].ref, front.acks[-1].ok) == ("deploy/digits-mlp/v2", True)
+        assert service.rollback()["version"] == "v1"
+    finally:
+        service.stop()
+
+
+def test_a_restart_whose_current_version_is_broken_serves_the_previous(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    put(store, bundles.v1)
+    put(store, broken(bundles.v2, "v2", b"not an onnx model"))  # current v2, previous v1
+    service = InferenceService(agent_config(tmp_path), store, tmp_path / "data")
+    service.start()
+    try:
+        assert service.wait_idle(60)
+        assert _serving(service) == "v1"
+        assert service.health()[0]
+        assert len(service.predict(bundles.pixels[0]).classes) == 1
+        current = store.current("digits-mlp")
+        assert current is not None
+        assert current.version == "v1"  # what the next restart serves straight away
+    finally:
+        service.stop()
