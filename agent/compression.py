@@ -305,3 +305,30 @@ def _load_residuals(path: Path) -> dict[str, FloatArray]:
         raise CompressionError(
             f"cannot read residuals from {path}: {exc} (delete it to start over)"
         ) from exc
+
+
+class JobCompressors:
+    """One `Compressor` per job, its residuals in ``<directory>/<job>.npz``: those of the
+    `keep` most recent jobs are kept (in memory and on disk), older ones dropped."""
+
+    def __init__(self, directory: Path, keep: int = 4) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._by_job: dict[str, Compressor] = {}
+
+    def get(self, job_id: str) -> Compressor:
+        """The job's compressor (residuals saved by the caller, never by `compress`)."""
+        if job_id not in self._by_job:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"{job_id}.npz"
+            self._by_job[job_id] = Compressor(path, autosave=False)
+            while len(self._by_job) > self.keep:  # the oldest job's: long finished
+                del self._by_job[next(iter(self._by_job))]
+            others = [p for p in self.directory.glob("*.npz") if p != path]
+            others.sort(key=lambda p: p.stat().st_mtime)
+            for old in others[: max(0, len(others) - (self.keep - 1))]:
+                old.unlink(missing_ok=True)
+        return self._by_job[job_id]
+
+    def __len__(self) -> int:
+        return len(self._by_job)

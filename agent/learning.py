@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from agent.blob_fetch import BlobFetches
-from agent.compression import Compressor, clip_by_norm
+from agent.compression import Compressor, JobCompressors, clip_by_norm
 from agent.errors import AgentError
 from agent.lineage import newest_descendant, wants_latest
 from agent.local_data import load_local_data
@@ -28,6 +28,7 @@ from agent.onnx_runtime import OnnxModel
 from agent.outbox import Outbox
 from agent.trainer import TrainerProcess
 from agent.trust import ManifestTrust
+from agent.update_sender import UpdateSender
 from protocols.errors import DecodeError
 from protocols.messages import (
     Ack,
@@ -41,10 +42,6 @@ from protocols.model_format import BACKBONE_FILE, HEAD_FILE, unpack_tensors
 from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
 
 log = logging.getLogger(__name__)
-#: Seconds before an unacknowledged update is first sent again (then twice as long, ...).
-RESEND_AFTER_S = 10.0
-#: Seconds a copy still queued in the MQTT client holds back its resend at most.
-QUEUED_HOLD_S = 3600.0
 #: Backbone features kept in memory (the train and validation sets of the last two rounds).
 FEATURE_CACHE_ENTRIES = 4
 #: Jobs whose error-feedback residuals are kept (in memory and in files), the newest.
@@ -107,10 +104,8 @@ class Learner:
         self.trust = trust
         self.blob_listener: BlobListener | None = None
         self.outbox = Outbox(data_dir / "outbox.db")
-        # outbox key -> (publish handle of its latest copy, when it was published)
-        self._copies: dict[str, tuple[object, float]] = {}
-        self._residual_dir = data_dir / "residuals"
-        self._compressors: dict[str, Compressor] = {}
+        self.sender = UpdateSender(self.outbox, transport)
+        self.compressors = JobCompressors(data_dir / "residuals", KEPT_JOBS)
         self.trainer = TrainerProcess(threads=train_threads, nice=train_nice)
         self.tasks_done = 0
         self.tasks_failed = 0
@@ -157,7 +152,7 @@ class Learner:
     def on_task(self, task: TrainTask) -> None:
         """Queue a task (its model topic is subscribed at once so the manifest arrives)."""
         self._watch_model(task.model_name)
-        self.outbox.hurry(RESEND_AFTER_S)  # the coordinator is there: what waits for it goes now
+        self.sender.heard_from_coordinator()
         self._tasks.put(task)
 
     def watch(self, name: str) -> None:
@@ -223,11 +218,7 @@ class Learner:
 
     def on_update_ack(self, ack: Ack) -> None:
         """Forget an update the coordinator has acknowledged (or refused for good)."""
-        self.outbox.ack(ack.ref)
-        self._copies.pop(ack.ref, None)
-        self.outbox.hurry(
-            RESEND_AFTER_S
-        )  # the coordinator is there: the rest need not wait out a back-off
+        self.sender.acked(ack.ref)
         if not ack.ok:
             log.warning("coordinator refused update %s: %s", ack.ref, ack.reason)
 
@@ -294,7 +285,7 @@ class Learner:
             except queue.Empty:
                 task = None
             try:
-                self._resend_due()
+                self.sender.resend_due()
                 self.fetches.send_due()  # blobs asked for outside a task are re-requested too
             except Exception:  # (a full outgoing queue, say): retried on the next pass
                 log.exception("re-sending updates or blob requests failed")
@@ -312,49 +303,6 @@ class Learner:
                 log.exception("task %s failed unexpectedly", task.task_id)
             finally:
                 self._busy = False
-
-    def _resend_due(self) -> None:
-        if not self.transport.connected:
-            return
-        for pending in self.outbox.due(RESEND_AFTER_S, skip=self._still_queued()):
-            self._publish_copy(pending.key, pending.topic, pending.payload)
-
-    def _publish_copy(self, key: str, topic: str, payload: bytes) -> None:
-        self._copies[key] = (self.transport.publish(topic, payload, qos=1), time.monotonic())
-
-    def _still_queued(self) -> set[str]:
-        """Outbox keys whose last copy the MQTT client still holds, not yet taken by the
-        broker (it sends them itself, after a reconnect too): not sent again meanwhile, so
-        a slow or broken link does not pile up copies of the same update."""
-        queued = set()
-        now = time.monotonic()
-        for key, (handle, sent) in list(self._copies.items()):
-            done = getattr(handle, "done", None)
-            if callable(done) and not done() and now - sent < QUEUED_HOLD_S:
-                queued.add(key)
-            else:
-                self._copies.pop(key, None)
-        return queued
-
-    def _compressor(self, job_id: str) -> Compressor:
-        """The job's compressor: error-feedback residuals belong to one job, never the next."""
-        if job_id not in self._compressors:
-            self._residual_dir.mkdir(parents=True, exist_ok=True)
-            # saved by `_train` once the update is in the outbox, never before
-            self._compressors[job_id] = Compressor(self._residual_dir / f"{job_id}.npz",
-                                                   autosave=False)  # fmt: skip
-            while len(self._compressors) > KEPT_JOBS:  # the oldest job's: long finished
-                del self._compressors[next(iter(self._compressors))]
-            self._prune_residual_files(self._residual_dir / f"{job_id}.npz")
-        return self._compressors[job_id]
-
-    def _prune_residual_files(self, current: Path) -> None:
-        """Delete the residual files of other jobs than the `KEPT_JOBS` - 1 most recently
-        written (`current`'s is kept: a job this device trains again)."""
-        others = [p for p in self._residual_dir.glob("*.npz") if p != current]
-        others.sort(key=lambda p: p.stat().st_mtime)
-        for old in others[: max(0, len(others) - (KEPT_JOBS - 1))]:
-            old.unlink(missing_ok=True)
 
     def _features(self, manifest: ModelManifest, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         names = {f.name: f.sha256 for f in manifest.files}
@@ -401,7 +349,7 @@ class Learner:
         clip = float(hp.get("clip_norm", 0.0))
         if clip > 0:
             delta, _ = clip_by_norm(delta, clip)
-        compressor = self._compressor(task.job_id)
+        compressor = self.compressors.get(task.job_id)
         before = compressor.snapshot()  # put back unless the update reaches the outbox
         try:
             key, topic, payload, update = self._queue_update(
@@ -411,9 +359,7 @@ class Learner:
             compressor.restore(before)
             raise
         compressor.save()
-        if self.transport.connected:
-            self.outbox.mark_sent(key)
-            self._publish_copy(key, topic, payload)
+        self.sender.send(key, topic, payload)
         log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
                  task.task_id, update.num_samples, manifest.version, time.time() - started,
                  len(payload), task.compression)  # fmt: skip

@@ -146,21 +146,21 @@ def test_an_update_still_queued_in_the_client_is_not_sent_again(
         now = [time.time()]
         due = learner.outbox.due
         monkeypatch.setattr(learner.outbox, "due", lambda after, skip=(): due(0, now[0], skip))
-        learner._resend_due()
+        learner.sender.resend_due()
         assert len(wire.copies) == 1
         for _ in range(5):  # due again and again, but the first copy has not left yet
             now[0] += 60
-            learner._resend_due()
+            learner.sender.resend_due()
         assert len(wire.copies) == 1
         wire.delivered = True  # taken by the broker, still not acknowledged: sent again
         now[0] += 60
-        learner._resend_due()
+        learner.sender.resend_due()
         assert len(wire.copies) == 2
         learner.on_update_ack(Ack("u1", True, now[0]))
         now[0] += 60
-        learner._resend_due()
+        learner.sender.resend_due()
         assert len(wire.copies) == 2
-        assert learner._copies == {}
+        assert learner.sender.copies == {}
     finally:
         learner.outbox.close()  # (the learner thread was never started)
 
@@ -184,7 +184,7 @@ def test_a_task_whose_update_is_not_queued_leaves_the_residuals_as_they_were(
                          time.time() + 60, "topk", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
         with pytest.raises(TaskFailedError, match="over the broker's limit of 200"):
             learner._train(task)
-        assert learner._compressors["job-1"].residuals == {}
+        assert learner.compressors.get("job-1").residuals == {}
         assert not (tmp_path / "residuals" / "job-1.npz").exists()
     finally:
         learner.stop()
@@ -200,8 +200,8 @@ def test_feature_cache_and_job_residuals_are_bounded(tmp_path: Path) -> None:
             learner._features(bundles.v1.manifest, bundles.pixels[n : n + 20])
         assert len(learner._feature_cache) <= learning.FEATURE_CACHE_ENTRIES
         for n in range(10):
-            learner._compressor(f"job-{n}").save()
-        assert len(learner._compressors) == learning.KEPT_JOBS
+            learner.compressors.get(f"job-{n}").save()
+        assert len(learner.compressors) == learning.KEPT_JOBS
         kept = sorted(p.name for p in (tmp_path / "residuals").glob("*.npz"))
         assert len(kept) <= learning.KEPT_JOBS
         assert "job-9.npz" in kept
