@@ -4,6 +4,7 @@ and a version whose head would overflow to Inf (real runner, store and registry)
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from pathlib import Path
 
@@ -71,48 +72,44 @@ def _runner(root: Path) -> tuple[JobRunner, JobStore, ModelRegistry, FakePublish
     return JobRunner(store, models, publisher, list, device="cpu"), store, models, publisher
 
 
-def test_a_create_stopped_before_its_job_row_can_be_made_again(tmp_path: Path) -> None:
-    runner, store, models, publisher = _runner(tmp_path)
-    create_job = store.create_job
+def _stopped_create(root: Path, job_id: str) -> None:
+    """A create of `job_id` killed just before its job row was written."""
+    runner, store, models, publisher = _runner(root)
 
     def stopped(*args: object, **kwargs: object) -> bool:
         raise _Stop
 
     store.create_job = stopped  # type: ignore[method-assign]
-    with pytest.raises(_Stop):
-        runner.create(_spec("j1"))
-    assert publisher.sent == []  # nothing announced for a job that does not exist
-    store.create_job = create_job  # type: ignore[method-assign]
-    store.close()
-    models.close()
-
-    runner, store, models, publisher = _runner(tmp_path)  # the restart, and the retry
     try:
-        registered = models.manifest("j1-digits", "j1.r0")
-        record = runner.create(_spec("j1"))
-        assert record.current_version == "j1.r0"
-        assert models.manifest("j1-digits", "j1.r0") == registered  # reused, not remade
-        assert [p.topic for p in publisher.sent] == ["fedge/v1/model/j1-digits/manifest"]
-        other = JobSpec(job_id="j1", template="digits_cnn", model_name="j1-digits", seed=1)
-        with pytest.raises(JobSpecError, match="already exists"):
-            runner.create(other)
+        with pytest.raises(_Stop):
+            runner.create(_spec(job_id))
+        assert publisher.sent == []  # nothing announced for a job that does not exist
     finally:
         store.close()
         models.close()
 
 
-def test_an_orphan_version_of_another_model_shape_is_not_adopted(tmp_path: Path) -> None:
-    runner, store, models, _ = _runner(tmp_path)
-    store.create_job = lambda *a, **k: (_ for _ in ()).throw(_Stop())  # type: ignore[method-assign]
-    with pytest.raises(_Stop):
-        runner.create(_spec("j2"))
-    store.close()
-    models.close()
-    runner, store, models, _ = _runner(tmp_path)
+@pytest.mark.parametrize(
+    ("template", "outcome"), [("digits_mlp", "created"), ("digits_cnn", "choose another job_id")]
+)
+def test_a_create_stopped_before_its_job_row_can_be_made_again(
+    tmp_path: Path, template: str, outcome: str
+) -> None:
+    _stopped_create(tmp_path, "j1")
+    runner, store, models, publisher = _runner(tmp_path)  # the restart, and the retry
     try:
-        other = JobSpec(job_id="j2", template="digits_cnn", model_name="j2-digits", seed=1)
-        with pytest.raises(JobSpecError, match="choose another job_id"):
-            runner.create(other)
+        registered = models.manifest("j1-digits", "j1.r0")
+        spec = dataclasses.replace(_spec("j1"), template=template)
+        if outcome != "created":  # another model shape under the same name: not adopted
+            with pytest.raises(JobSpecError, match=outcome):
+                runner.create(spec)
+            return
+        record = runner.create(spec)
+        assert record.current_version == "j1.r0"
+        assert models.manifest("j1-digits", "j1.r0") == registered  # reused, not remade
+        assert [p.topic for p in publisher.sent] == ["fedge/v1/model/j1-digits/manifest"]
+        with pytest.raises(JobSpecError, match="already exists"):
+            runner.create(spec)
     finally:
         store.close()
         models.close()
