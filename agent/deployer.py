@@ -132,6 +132,8 @@ class Deployer:
             deployment = self._current
             if deployment is None or deployment.manifest != manifest:
                 return
+            if deployment.state is not DeployState.LOADING:  # the load an earlier deployment
+                return  # of this version queued (A, B, A again): the latest is loaded anew
             event = DeployEvent.LOADED if ok else DeployEvent.LOAD_FAILED
             deployment.state = next_deploy_state(deployment.state, event)
             deployment.reason = reason

@@ -39,6 +39,7 @@ from protocols.messages import (
     encode,
 )
 from protocols.model_format import BACKBONE_FILE, HEAD_FILE, unpack_tensors
+from protocols.mqtt import MqttError
 from protocols.topics import DeviceChannel, ModelChannel, device_topic, model_topic
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,11 @@ class Learner:
             compressor.restore(before)
             raise
         compressor.save()
-        self.sender.send(key, topic, payload)
+        try:
+            self.sender.send(key, topic, payload)
+        except MqttError as exc:  # queued all the same: the task is done, the copy goes later
+            log.warning("task %s: update queued but not sent yet (%s); it will be re-sent",
+                        task.task_id, exc)  # fmt: skip
         log.info("task %s: trained %d samples from %s in %.2fs, sent %d bytes (%s)",
                  task.task_id, update.num_samples, manifest.version, time.time() - started,
                  len(payload), task.compression)  # fmt: skip

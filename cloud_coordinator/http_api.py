@@ -16,7 +16,8 @@ POST /v1/rollouts/{id}/promote, /rollback   decide a canary by hand
 No authentication: keep it on loopback or behind a proxy that adds some. Requests from
 web pages (a cross-site Origin or Sec-Fetch-Site, or a Host that is neither a local name,
 an IP address nor `http_host`: DNS rebinding) are refused with 403; a malformed
-Content-Length is 400, another method than GET or POST 405, an unexpected error a logged
+Content-Length is 400, HEAD answers as GET without the body, another method than GET, HEAD
+or POST 405, an unexpected error a logged
 500. Bodies are JSON without NaN or Infinity (a non-finite number a device reported is
 null). A connection idle for `IDLE_TIMEOUT_S` is closed, and at most `MAX_CONNECTIONS` are
 served at once (the next get 503).
@@ -127,7 +128,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # (HEAD: GET's answer without its body)
+            self.wfile.write(body)
 
     def _json(self, status: int, value: object) -> None:
         try:
@@ -186,16 +188,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True
-        body = json.dumps({"error": f"{self.command} is not allowed; use GET or POST"}).encode()
+        body = json.dumps(
+            {"error": f"{self.command} is not allowed; use GET, HEAD or POST"}
+        ).encode()
         self.send_response(405)
-        self.send_header("Allow", "GET, POST")
+        self.send_header("Allow", "GET, HEAD, POST")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_allowed  # noqa: N815 (http.server's names)
+    do_HEAD = do_GET  # noqa: N815 (http.server's names)
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815 (http.server's names)
 
     def _get(self) -> None:
         path = self.path.split("?", 1)[0]

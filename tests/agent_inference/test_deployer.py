@@ -152,3 +152,30 @@ def test_a_local_rollback_is_not_undone_by_the_retained_deploy(
         assert (front.acks[-1].ok, front.acks[-1].reason) == (False, BLOCKED)
     finally:
         service.stop()
+
+
+def test_a_load_finishing_for_an_earlier_deployment_of_the_version_is_ignored(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    """A, then B, then A again while A's first load is still queued: that load's end must
+    not be taken for the new A deployment (it is still fetching), nor crash the loader."""
+    store = ModelStore(tmp_path / "models")
+    fakes = _Fakes()
+    deployer = Deployer("dev-1", store, ManifestTrust((public_key(KEY),), tmp_path),
+                        fakes, fakes, fakes)  # fmt: skip
+    a, b = (sign_manifest(x.manifest, KEY) for x in (bundles.v1, bundles.v2))
+    deployer.on_deploy(a)
+    for name, data in bundles.v1.files.items():
+        store.put_blob(next(f.sha256 for f in a.files if f.name == name), data)
+    deployer.blob_stored()
+    assert fakes.loads == [a]  # A is loading
+    deployer.on_deploy(b)  # B: its blobs not here yet
+    deployer.on_deploy(a)  # A again: a new deployment, fetching
+    deployer.deploy_finished(a, True, "")  # the first load of A ends: not this deployment's
+    assert deployer.state is DeployState.FETCHING
+    assert fakes.acks == []
+    deployer.blob_stored()
+    assert fakes.loads == [a, a]
+    deployer.deploy_finished(a, True, "")  # its own load
+    assert deployer.state is DeployState.SERVED
+    assert [(x.ref, x.ok) for x in fakes.acks] == [("deploy/digits-mlp/v1", True)]

@@ -207,3 +207,31 @@ def test_feature_cache_and_job_residuals_are_bounded(tmp_path: Path) -> None:
         assert "job-9.npz" in kept
     finally:
         learner.outbox.close()
+
+
+class _FullQueueTransport(_FlakyTransport):
+    """Refuses every update: the client's outgoing queue is full."""
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        if topic.endswith("/update"):
+            raise PublishError("outgoing queue full (10000 messages)")
+        return super().publish(topic, payload, qos, retain)
+
+
+def test_an_update_queued_but_not_yet_sendable_is_a_task_done(tmp_path: Path) -> None:
+    bundles = make_bundles()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train.npz", slice(0, 60)), ("val.npz", slice(60, 80))):
+        np.savez(data / name, x=bundles.pixels[rows], y=bundles.labels[rows])
+    learner = Learner("dev-1", tmp_path, data, _FullQueueTransport(), 1 << 20,  # type: ignore[arg-type]
+                      ManifestTrust((), tmp_path, allow_unsigned=True))  # fmt: skip
+    learner.start()
+    try:
+        put(learner.store, bundles.v1)
+        task = TrainTask("t1", "job-1", 1, bundles.v1.manifest.name, bundles.v1.manifest.version,
+                         time.time() + 60, "f32", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
+        learner._train(task)  # no TaskFailedError: the update waits in the outbox
+        assert learner.outbox.depth() == 1
+    finally:
+        learner.stop()

@@ -78,16 +78,21 @@ def test_a_conflicting_rollout_is_409(server: ApiServer) -> None:
     assert "still in canary" in _strict(body)["error"]
 
 
-@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"])
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS"])
 def test_other_methods_are_405_json(server: ApiServer, method: str) -> None:
     status, headers, body = _request(server.port, method, "/v1/devices")
     assert status == 405
-    assert headers["allow"] == "GET, POST"
+    assert headers["allow"] == "GET, HEAD, POST"
     assert headers["content-type"] == "application/json"
-    if method == "HEAD":
-        assert body == b""
-    else:
-        assert f"{method} is not allowed" in _strict(body)["error"]
+    assert f"{method} is not allowed" in _strict(body)["error"]
+
+
+def test_head_answers_as_get_without_the_body(server: ApiServer) -> None:
+    status, headers, body = _request(server.port, "HEAD", "/healthz")
+    _, get_headers, get_body = _request(server.port, "GET", "/healthz")
+    assert (status, body) == (200, b"")
+    assert headers["content-length"] == get_headers["content-length"] == str(len(get_body))
+    assert _request(server.port, "HEAD", "/nope")[0] == 404
 
 
 def test_the_fleet_comes_in_pages(server: ApiServer) -> None:
