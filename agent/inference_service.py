@@ -99,9 +99,14 @@ class InferenceService:
         self.server.start()
 
     def stop(self) -> None:
-        """Close the API and stop the loader thread."""
+        """Close the API and stop the loader thread (kept candidate rows are written)."""
         if self.server is not None:
             self.server.stop()
+        if self.offloader is not None and self.offloader.candidates is not None:
+            try:
+                self.offloader.candidates.flush()
+            except OSError as exc:
+                log.warning("low-confidence inputs not written: %s", exc)
         self._queue.put(None)
         if self._loader.is_alive():
             self._loader.join(timeout=10)

@@ -37,7 +37,12 @@ from protocols.topics import DeviceChannel, device_topic
 
 log = logging.getLogger(__name__)
 CANDIDATES_FILE = "candidates.npz"
-OUTCOMES = ("answered", "timeout", "error")
+OUTCOMES = ("answered", "timeout", "error", "skipped")
+#: Offload requests waiting for the cloud at once; past that, rows are answered locally.
+MAX_IN_FLIGHT = 8
+#: Candidate rows written to the file together (or after `FLUSH_S` seconds).
+FLUSH_ROWS = 64
+FLUSH_S = 5.0
 
 
 class Requester(Protocol):
@@ -81,12 +86,18 @@ class _Waiter:
 
 
 class CandidateLog:
-    """Unlabelled low-confidence inputs in ``candidates.npz`` (bounded, thread-safe)."""
+    """Unlabelled low-confidence inputs in ``candidates.npz`` (bounded, thread-safe).
+
+    Rows are written to the file in batches (every `FLUSH_ROWS` rows or `FLUSH_S` seconds,
+    and at `flush`), not one fsync'd rewrite per prediction: a crash loses at most the
+    rows not yet written, candidates being best-effort training data."""
 
     def __init__(self, path: Path, max_rows: int) -> None:
         self.path = path
         self.max_rows = max_rows
         self._lock = threading.Lock()
+        self._pending = 0  # rows kept in memory since the last write
+        self._written_at = time.monotonic()
         self._x: npt.NDArray[np.float32] | None = None
         if path.is_file():
             try:
@@ -104,15 +115,31 @@ class CandidateLog:
                 xs = rows[-self.max_rows :]
             else:
                 xs = np.concatenate([old, rows])[-self.max_rows :]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, x=xs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
             self._x = xs
+            self._pending += len(rows)
+            due = self._pending >= FLUSH_ROWS or time.monotonic() - self._written_at >= FLUSH_S
+            if due:
+                self._write()
             return len(xs)
+
+    def flush(self) -> None:
+        """Write the rows kept in memory (at stop)."""
+        with self._lock:
+            if self._pending:
+                self._write()
+
+    def _write(self) -> None:
+        """Write every kept row atomically (the caller holds the lock)."""
+        assert self._x is not None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, x=self._x)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._pending = 0
+        self._written_at = time.monotonic()
 
 
 class Offloader:
@@ -153,7 +180,7 @@ class Offloader:
             if rows is not None:
                 self._keep(rows)
                 response = self._ask(answer.model, rows)
-                logits = self._logits(response, len(low))
+                logits = self._logits(response, len(low), len(answer.label_names))
                 if logits is not None and response is not None:
                     cloud_version = response.model_version
                     for i, row in zip(low, logits.tolist(), strict=True):
@@ -178,6 +205,9 @@ class Offloader:
 
     def _ask(self, model: str, rows: npt.NDArray[Any]) -> InferenceResponse | None:
         with self._lock:
+            if len(self._pending) >= MAX_IN_FLIGHT:  # the cloud is slow or away: local now
+                self.counts["skipped"] += 1
+                return None
             self._ids += 1
             request_id = f"{self._prefix}-{self._ids}"
             waiter = self._pending[request_id] = _Waiter()
@@ -201,13 +231,26 @@ class Offloader:
             return None
         return waiter.response
 
-    def _logits(self, response: InferenceResponse | None, n: int) -> npt.NDArray[Any] | None:
+    def _logits(
+        self, response: InferenceResponse | None, n: int, classes: int
+    ) -> npt.NDArray[Any] | None:
+        """The cloud's logits as (n, classes) (`classes` 0: any number, at least one), or
+        None (counted an error) for an answer of another shape or with NaN/Inf."""
         if response is None:
             return None
         try:
             if response.error or len(response.outputs) != 1:
                 raise DecodeError(response.error or "no output", reason="cloud_error")
-            logits = np.asarray(decode_tensor(response.outputs[0]), np.float64).reshape(n, -1)
+            logits = np.asarray(decode_tensor(response.outputs[0]), np.float64)
+            if logits.ndim != 2 or len(logits) != n or logits.shape[1] < 1:
+                raise DecodeError(
+                    f"logits of shape {logits.shape} for {n} rows", reason="cloud_error"
+                )
+            if classes and logits.shape[1] != classes:
+                raise DecodeError(
+                    f"{logits.shape[1]} classes in the cloud's answer, {classes} here",
+                    reason="cloud_error",
+                )
             if not np.all(np.isfinite(logits)):
                 raise DecodeError("non-finite logits", reason="cloud_error")
         except (DecodeError, ValueError) as exc:

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
 QUEUE_LIMIT = 64
+#: Requests one device may have waiting at once (the rest are answered "busy" at once).
+PER_DEVICE_QUEUED = 4
+#: Seconds past a request's deadline (the device's clock) it is still served: clock skew.
+SKEW_TOLERANCE_S = 5.0
 
 
 class Responder(Protocol):
@@ -72,6 +76,7 @@ class CloudInference:
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUE_LIMIT)
+        self._queued: Counter[str] = Counter()  # requests waiting, by device
         self._sessions: dict[tuple[str, str], ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="cloud-inference", daemon=True)
@@ -99,11 +104,28 @@ class CloudInference:
         if len(request.inputs) != 1:
             raise DecodeError("a request carries exactly one input tensor", reason="bad_field")
         job = _Job(device_id, request, correlation)
+        with self._lock:  # one device may not fill the queue the whole fleet shares
+            mine = self._queued[device_id]
+            if mine < PER_DEVICE_QUEUED:
+                self._queued[device_id] = mine + 1
+        if mine >= PER_DEVICE_QUEUED:
+            self._count("busy")
+            self._answer(job, error="busy: this device has requests waiting; answer locally")
+            return
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            self._done(device_id)
             self._count("busy")
             self._answer(job, error="busy: the cloud model is saturated; answer locally")
+
+    def _done(self, device_id: str) -> None:
+        with self._lock:
+            left = self._queued[device_id] - 1
+            if left > 0:
+                self._queued[device_id] = left
+            else:
+                del self._queued[device_id]
 
     def _count(self, outcome: str) -> None:
         with self._lock:
@@ -111,6 +133,7 @@ class CloudInference:
 
     def _work(self) -> None:
         while (job := self._queue.get()) is not None:
+            self._done(job.device_id)
             try:
                 self._serve(job)
             except Exception:  # the supervisor of the worker: log, answer, keep serving
@@ -120,9 +143,12 @@ class CloudInference:
 
     def _serve(self, job: _Job) -> None:
         request = job.request
-        if self.clock() >= request.deadline:
+        # The deadline is the device's clock: past it by more than a clock's likely skew,
+        # the device has answered locally long ago (said, so it need not wait)
+        if self.clock() >= request.deadline + SKEW_TOLERANCE_S:
             self._count("expired")
-            return  # the device has answered locally already
+            self._answer(job, error="expired: the request's deadline passed; answer locally")
+            return
         record = self.models.latest(request.model_name)
         if record is None:
             self._count("unknown_model")

@@ -69,6 +69,7 @@ class ActiveJob:
         self.selected: tuple[str, ...] = ()
         self.received: set[str] = set()
         self.deadline = 0.0
+        self.resumed = False  # a round resumed at start: its grace counts from the broker
         self.started = 0.0
         self.uplink = 0
         self.device_val: list[tuple[float, int]] = []

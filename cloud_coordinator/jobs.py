@@ -45,6 +45,8 @@ from protocols.topics import DeviceChannel, device_topic
 
 log = logging.getLogger(__name__)
 TICK_S = 0.02
+#: Seconds a round resumed after a restart keeps collecting once the broker is reached.
+RESUME_GRACE_S = 10.0
 
 __all__ = ["TICK_S", "JobRunner", "update_key", "version_id"]
 
@@ -167,10 +169,21 @@ class JobRunner:
         with self._lock:
             self._active[record.spec.job_id] = active
 
+    def connected(self) -> None:
+        """The broker connection is up: a round resumed at start gets `RESUME_GRACE_S` from
+        now, not from the start (the updates queued for this coordinator arrive now)."""
+        with self._lock:
+            for active in self._active.values():
+                if active.resumed and active.state is RoundState.COLLECTING:
+                    active.deadline = max(active.deadline, time.time() + RESUME_GRACE_S)
+                active.resumed = False
+
     def _resume_sync(self, active: ActiveJob, round_no: int) -> None:
         current = self.store.round(active.spec.job_id, round_no)
         assert current is not None
-        active.open_collection(round_no, current.started, max(current.deadline, time.time() + 5))
+        grace = time.time() + RESUME_GRACE_S
+        active.open_collection(round_no, current.started, max(current.deadline, grace))
+        active.resumed = True
         active.selected = current.selected
         active.state = RoundState.COLLECTING
         assert active.aggregate is not None

@@ -55,6 +55,7 @@ class Coordinator:
                 config.mqtt, client_id=f"fedge-coordinator-{config.coordinator_id}"
             ),
             on_message=self._enqueue,
+            on_connection=self._on_connection,
         )
         if config.aggregation_threads:
             set_threads(config.aggregation_threads)
@@ -88,6 +89,10 @@ class Coordinator:
         )
         self.api = ApiServer(config.http_host, config.http_port, state)
         self._worker = threading.Thread(target=self._drain, name="ingest", daemon=True)
+
+    def _on_connection(self, up: bool) -> None:
+        if up:  # (paho's thread: the runner's lock keeps it apart from its ticker)
+            self.runner.connected()
 
     def _candidates(self) -> list[Candidate]:
         # A device that reported it cannot train (agent --no-train) is never selected. The
