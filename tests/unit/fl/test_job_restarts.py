@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cloud_coordinator import jobs
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.jobs import JobRunner
@@ -154,3 +155,23 @@ def test_a_head_that_would_overflow_is_refused_before_it_is_registered(
     head, _ = collecting.runner.versions.server_step(active, small)  # finite: fine
     assert all(np.isfinite(v).all() for v in head.values())
     assert [v.version for v in collecting.models.versions(JOB.model)] == [V0]
+
+
+def test_a_resumed_round_keeps_collecting_for_a_while_once_the_broker_is_reached(
+    collecting: World,
+) -> None:
+    """The updates sent while the coordinator was down wait at the broker; they arrive
+    when it connects, which may be a while after it started."""
+    w = collecting
+    record = w.store.round(JOB.job_id, 1)
+    assert record is not None
+    w.clock.now = record.deadline + 60  # down for a minute past the round's deadline
+    w.restart()
+    active = w.runner._active[JOB.job_id]
+    w.clock.now += 30  # the broker took 30 s to reach
+    assert active.deadline < w.clock.now  # what the start gave is used up
+    w.runner.connected()
+    assert active.deadline >= w.clock.now + jobs.RESUME_GRACE_S
+    w.runner.connected()  # a later reconnect: no more grace
+    w.clock.now += 1
+    assert active.deadline < w.clock.now + jobs.RESUME_GRACE_S
