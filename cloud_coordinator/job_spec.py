@@ -121,6 +121,14 @@ class JobSpec:
                 f"strategy {self.strategy!r} needs at least {needed} updates per version,"
                 f" but a version is made from {self.updates_per_version}",
             )
+        keep, byzantine = getattr(strategy, "keep", 0), getattr(strategy, "byzantine", 0)
+        if keep and keep > self.updates_per_version - byzantine:
+            raise bad(
+                "strategy_params",
+                f"keep {keep} is more than the {self.updates_per_version - byzantine} updates"
+                f" left of {self.updates_per_version} without {byzantine} bad ones: it would"
+                " always keep a bad one (0 keeps n - byzantine)",
+            )
 
     @property
     def model(self) -> str:

@@ -113,9 +113,20 @@ class VersionMaker:
         Raises AggregationError, StoreError or ValueError; the caller decides to retry."""
         spec = active.spec
         assert active.aggregate is not None
+        version = version_id(spec.job_id, active.round_no)
+        recorded = self.store.round(spec.job_id, active.round_no)
+        registered = self.registered(spec.model, version)
+        if recorded is not None and recorded.state == "done" and registered is not None:
+            # Recorded before announcing it failed: announce only. Stepping again would
+            # apply this round's delta to the server optimiser's state a second time.
+            active.bundle, active.head, active.version = (
+                registered, registered.head_state(), version,
+            )  # fmt: skip
+            active.optimiser_state = self.store.optimiser_state(spec.job_id)
+            self.publish_manifest(registered)
+            return dict(recorded.metrics)
         delta = active.aggregate.result()
         head, optimiser_state = self.server_step(active, delta)
-        version = version_id(spec.job_id, active.round_no)
         bundle = self.registered(spec.model, version)  # made before a crash, from these updates
         accuracy = loss = 0.0
         if bundle is None:

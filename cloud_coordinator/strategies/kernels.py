@@ -127,8 +127,14 @@ def trimmed_mean(rows: torch.Tensor, trim_per_side: int, device: torch.device) -
 
 
 def pairwise_sq_distances(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """n x n squared L2 distances between rows (Gram form, float32, >= 0, zero diagonal)."""
+    """n x n squared L2 distances between rows (Gram form, float32, >= 0, zero diagonal).
+
+    The rows are centred on their coordinate-wise median first: distances do not change,
+    but the Gram form's cancellation (|a|² + |b|² - 2a·b, each term of the size of |a|²)
+    would drown small distances between updates that share a large common part. The
+    median, unlike the mean, is not dragged away by an outlier (the rows Krum exists for)."""
     rows = _on(rows, device)
+    rows = rows - rows.median(dim=0, keepdim=True).values
     gram = rows @ rows.T
     sq = gram.diagonal()
     dist = (sq[:, None] + sq[None, :]).sub_(gram, alpha=2)

@@ -237,3 +237,21 @@ def test_trimmed_mean_property(device_name: str, matrix: F32, fraction: float) -
     assert np.all(out >= kept[0] - 1e-6 * scale)
     assert np.all(out <= kept[-1] + 1e-6 * scale)
     np.testing.assert_allclose(out, kept.mean(axis=0), rtol=1e-5, atol=1e-6 * scale.max())
+
+
+def test_krum_distances_survive_a_large_shared_part(device: torch.device) -> None:
+    """Updates sharing a drift of 2.0 per coordinate: |a|² is 8e4, the distances 1e-3 to
+    1e-2. Without centring, float32's Gram form rounded them to noise and Krum picked
+    the farther (bad) updates."""
+    d, f = 20_000, 2
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        common = np.full(d, 2.0, np.float32)
+        honest = [common + 1e-4 * rng.standard_normal(d).astype(np.float32) for _ in range(7)]
+        bad = [common + 1e-3 * rng.standard_normal(d).astype(np.float32) for _ in range(f)]
+        rows = torch.from_numpy(np.stack(honest + bad)).to(device)
+        x = np.stack(honest + bad).astype(np.float64)
+        exact = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+        got = _host(kernels.pairwise_sq_distances(rows, device))
+        np.testing.assert_allclose(got, exact, rtol=1e-3, atol=1e-6)
+        assert all(i < 7 for i in kernels.krum_select(rows, f, 7, device))

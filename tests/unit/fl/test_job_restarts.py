@@ -16,7 +16,10 @@ from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
 from cloud_coordinator.jobs import JobRunner
 from cloud_coordinator.model_registry import ModelRegistry
+from cloud_coordinator.selection import Candidate
 from cloud_coordinator.update_tensors import AggregationError
+from protocols.messages import ModelUpdate, encode
+from protocols.tensors import encode_dense
 from tests.unit.fl.test_async_jobs import JOB as ASYNC_JOB
 from tests.unit.fl.test_async_jobs import Fleet, fleet, seed_root
 from tests.unit.fl.test_job_runner import (
@@ -175,3 +178,44 @@ def test_a_resumed_round_keeps_collecting_for_a_while_once_the_broker_is_reached
     w.runner.connected()  # a later reconnect: no more grace
     w.clock.now += 1
     assert active.deadline < w.clock.now + jobs.RESUME_GRACE_S
+
+
+class _AnnouncesFailOnce(FakePublisher):
+    """The broker refuses the first retained manifest after `fail` is set."""
+
+    fail = False
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
+        if self.fail and retain and topic.endswith("/manifest"):
+            self.fail = False
+            raise RuntimeError("broker hiccup")
+        return super().publish(topic, payload, qos, retain)
+
+
+def test_a_round_announced_again_does_not_step_the_server_optimiser_twice(
+    tmp_path: Path,
+) -> None:
+    spec = JobSpec(job_id="adam-job", model_name="adam-digits", rounds=3, devices_per_round=3,
+                   strategy="fedadam", strategy_params={"server_lr": 0.05}, seed=1)  # fmt: skip
+    store, models, publisher = (
+        JobStore(tmp_path / "jobs.db"), ModelRegistry(tmp_path / "models"), _AnnouncesFailOnce(),
+    )  # fmt: skip
+    online = [Candidate(d, online=True) for d in ("dev-a", "dev-b", "dev-c")]
+    runner = JobRunner(store, models, publisher, lambda: online, device="cpu")
+    try:
+        runner.create(spec)
+        runner.tick()
+        for i, device in enumerate(("dev-a", "dev-b", "dev-c")):
+            tensors = tuple(encode_dense(k, v) for k, v in deltas(i, 0.05).items())
+            update = ModelUpdate(device, spec.job_id, 1, "adam-job.r0", 1, 10, tensors)
+            runner.on_update(device, encode(update), 1 << 24)
+        publisher.fail = True
+        runner.tick()  # recorded, then the announcement fails
+        state = store.optimiser_state(spec.job_id)
+        assert state is not None
+        runner.tick()  # announced again
+        assert store.optimiser_state(spec.job_id) == state  # not stepped a second time
+        assert sum(p.topic.endswith("/manifest") for p in publisher.sent) == 2  # r0, r1
+    finally:
+        store.close()
+        models.close()

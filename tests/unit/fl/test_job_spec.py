@@ -270,3 +270,15 @@ def test_strategy_params_from_json() -> None:
     for bad in ({"byzantine": "2"}, {"byzantine": True}, [1]):
         with pytest.raises(JobSpecError, match="strategy"):
             JobSpec.from_json({**body, "strategy_params": bad})
+
+
+def test_multi_krum_cannot_keep_more_than_the_good_updates() -> None:
+    with pytest.raises(JobSpecError, match="keep 50 is more than the 4 updates"):
+        JobSpec(job_id="j", strategy="multi_krum", devices_per_round=10, quorum=5,
+                strategy_params={"byzantine": 1, "keep": 50})  # fmt: skip
+    with pytest.raises(JobSpecError, match="keep 5 is more than the 4"):
+        JobSpec(job_id="j", strategy="multi_krum", devices_per_round=10, quorum=5,
+                strategy_params={"byzantine": 1, "keep": 5})  # fmt: skip
+    spec = JobSpec(job_id="j", strategy="multi_krum", devices_per_round=10, quorum=5,
+                   strategy_params={"byzantine": 1, "keep": 4})  # fmt: skip
+    assert spec.updates_per_version == 5
