@@ -30,7 +30,9 @@ def _cpu_times() -> tuple[int, int] | None:
     first = _read("/proc/stat").split("\n", 1)[0].split()
     if len(first) < 5 or first[0] != "cpu":
         return None
-    values = [int(v) for v in first[1:]]
+    # user nice system idle iowait irq softirq steal: guest and guest_nice (the 9th and
+    # 10th) are counted inside user and nice already; summed again they understate use
+    values = [int(v) for v in first[1:9]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return sum(values), idle
 

@@ -26,8 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -35,10 +34,29 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from protocols.config import BrokerConfig, ConfigError
+from protocols.mqtt_types import (
+    ConnectError,
+    InboundMessage,
+    MqttError,
+    MqttSettings,
+    NotConnectedError,
+    PublishError,
+    TlsSettings,
+    Will,
+    settings_from_config,
+)
+
+__all__ = [
+    "ConnectError", "InboundMessage", "MqttClient", "MqttError", "MqttSettings",
+    "NotConnectedError", "PublishError", "PublishHandle", "TlsSettings", "Will",
+    "check_tls_files", "settings_from_config",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 #: While the broker cannot be reached, a warning saying why at most this often.
 FAILURE_LOG_EVERY_S = 60.0
+#: A session that lasts this long resets the reconnect back-off; shorter ones double it.
+STABLE_S = 10.0
 
 
 def check_tls_files(broker: BrokerConfig) -> None:
@@ -80,77 +98,6 @@ def _connect_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return f"{type(exc).__name__}: {exc}"
-
-
-class MqttError(Exception):
-    """Base of the MQTT adapter's errors."""
-
-
-class ConnectError(MqttError):
-    """No connection to the broker (refused, unreachable, or not in time)."""
-
-
-class PublishError(MqttError):
-    """A message could not be queued for publishing."""
-
-
-class NotConnectedError(PublishError):
-    """A QoS 0 message was published while offline; it was dropped."""
-
-
-@dataclass(frozen=True, slots=True)
-class TlsSettings:
-    """TLS for the broker connection; `cert_file` and `key_file` turn on mutual TLS."""
-
-    ca_file: str
-    cert_file: str | None = None
-    key_file: str | None = None
-    check_hostname: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    """The message the broker publishes for us if we vanish without disconnecting."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class MqttSettings:
-    """How to reach the broker and behave on the wire."""
-
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    keepalive: int = 30
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: str | None = None
-    password: str | None = None
-    tls: TlsSettings | None = None
-    persistent_session: bool = True
-    session_expiry_s: int = 3600
-    max_inflight: int = 20
-    max_queued: int = 10_000
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    connect_timeout_s: float = 5.0
-    will: Will | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InboundMessage:
-    """A message received from the broker."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    received_at: float = field(default_factory=time.monotonic)
-    response_topic: str = ""  # MQTT 5 request/response: where the sender wants the answer
-    correlation: bytes = b""  # ... and what to echo back with it
 
 
 class PublishHandle:
@@ -201,6 +148,9 @@ class MqttClient:
         self._last_error = ""
         self._failures = 0  # connection attempts failed since the last success
         self._failure_logged_at = -math.inf
+        self._up_since = -math.inf  # when the current session began
+        self._short_sessions = 0  # sessions in a row that ended within STABLE_S
+        self._takeover_logged_at = -math.inf
         self._stopping = False
         self._client = self._make_client()
 
@@ -350,7 +300,7 @@ class MqttClient:
             return
         self._last_error = ""
         self._failures, self._failure_logged_at = 0, -math.inf  # the next failure is logged
-        self._jitter_backoff(client)  # the next outage starts from a new random delay
+        self._up_since = time.monotonic()  # (the back-off is reset once it proves stable)
         with self._lock:  # a subscribe() after this copy sees the session up and sends itself
             subs = list(self._subscriptions.items())
             self._connected.set()
@@ -386,8 +336,32 @@ class MqttClient:
             self._last_error = f"disconnected: {rc}"
             if was_connected:
                 log.warning("MQTT connection lost (%s); reconnecting", rc)
+                self._pace_reconnect(client)
         if was_connected:
             self._notify(False)
+
+    def _pace_reconnect(self, client: paho.Client) -> None:
+        """After a session that lasted, reconnect from a new random delay; after one that
+        ended within `STABLE_S` (another client taking the same id over, say), keep doubling
+        the delay, and say so when it keeps happening."""
+        now = time.monotonic()
+        if now - self._up_since >= STABLE_S:
+            self._short_sessions = 0
+            self._jitter_backoff(client)
+            return
+        self._short_sessions += 1
+        s = self.settings
+        delay = min(s.reconnect_max_s, s.reconnect_min_s * 2.0**self._short_sessions)
+        delay *= random.uniform(0.75, 1.25)
+        client.reconnect_delay_set(delay, max(delay, s.reconnect_max_s))  # type: ignore[arg-type]
+        if self._short_sessions >= 3 and now - self._takeover_logged_at >= FAILURE_LOG_EVERY_S:
+            self._takeover_logged_at = now
+            log.error(
+                "MQTT sessions to %s:%s keep ending within seconds (%d in a row): another"
+                " client using the id %r takes them over? (two devices with one device_id);"
+                " waiting %.0f s before the next try", s.host, s.port, self._short_sessions,
+                s.client_id, delay,
+            )  # fmt: skip
 
     def _handle_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -411,27 +385,3 @@ class MqttClient:
             self._on_connection(up)
         except Exception:
             log.exception("connection handler failed")
-
-
-def settings_from_config(
-    broker: BrokerConfig,
-    client_id: str,
-    will: Will | None = None,
-    persistent_session: bool = True,
-) -> MqttSettings:
-    """The adapter's settings for `broker`, as one client (`client_id`) with an optional Will."""
-    tls = None
-    if broker.tls_ca is not None:
-        tls = TlsSettings(broker.tls_ca, broker.tls_cert, broker.tls_key, broker.tls_check_hostname)
-    return MqttSettings(
-        host=broker.host,
-        port=broker.port,
-        client_id=client_id,
-        keepalive=broker.keepalive,
-        protocol=broker.protocol,
-        username=broker.username,
-        password=broker.password,
-        tls=tls,
-        persistent_session=persistent_session,
-        will=will,
-    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -194,3 +195,35 @@ def test_stop_keeps_its_timeout_when_the_broker_goes_silent_mid_upload(
         assert not stopper.is_alive()
     finally:
         os.kill(mosquitto.process.pid, signal.SIGCONT)
+
+
+def _note(up: bool, ups: list[float]) -> None:
+    if up:
+        ups.append(time.monotonic())
+
+
+# paho leaves the socket pair of each reconnect to the garbage collector: collected here
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_two_clients_with_one_id_back_off_and_say_why(
+    mosquitto: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker drops the older session each time the other connects. Each used to be
+    back within half a second, so the pair swapped about twice a second for ever."""
+    ups: list[float] = []
+    clients = []
+    for _ in range(2):
+        settings = settings_from_config(mosquitto.broker_config(), "dev-twin")
+        clients.append(MqttClient(settings, Inbox(), on_connection=lambda up: _note(up, ups)))
+    with caplog.at_level("ERROR", logger="protocols.mqtt"):
+        for client in clients:
+            client.start()
+        try:
+            time.sleep(12)
+        finally:
+            for client in clients:
+                client.stop(timeout=2)
+            clients.clear()
+            gc.collect()  # (within this test, whose warnings filter covers them)
+    assert len(ups) <= 12, len(ups)  # it was about 50 in 12 s
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("'dev-twin' takes them over" in e for e in errors), errors
