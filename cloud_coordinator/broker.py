@@ -118,7 +118,11 @@ class LocalBroker:
             conf.write_text(amqtt_config(self.port, self.host))
             cmd = [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
         with open(log_path, "wb") as log_file:
-            self._process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
+            # its own session: a Ctrl-C in the terminal must not kill it before the agents
+            # and the coordinator have said goodbye through it (the demo stops it last)
+            self._process = subprocess.Popen(
+                cmd, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
         if not wait_for_port(self.host, self.port, timeout, self._process):
             self.stop()
             raise RuntimeError(f"{self.kind} did not start on port {self.port}; see {log_path}")

@@ -121,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
         help="broker to start when none is configured (auto: mosquitto if installed)",
     )  # fmt: skip
     demo.add_argument(
-        "--workdir", default="fedge-demo", help="state and logs (default ./fedge-demo)"
+        "--workdir",
+        default="fedge-demo",
+        help="state and logs (default ./fedge-demo; an earlier demo's there is replaced)",
     )
     return p
 

@@ -167,7 +167,8 @@ def run_demo(options: DemoOptions) -> int:
                        options.seed, options.broker, options.embedded)  # fmt: skip
     start = time.monotonic()
     print(f"Fedge demo: a broker, a coordinator and {options.agents} agents, each its own process.")
-    print(f"State and logs in {fleet.workdir}. Press Ctrl-C to stop.\n", flush=True)
+    print(f"State and logs in {fleet.workdir} (an earlier demo's there is replaced)."
+          " Ctrl-C stops it early.\n", flush=True)  # fmt: skip
 
     def interrupt(_sig: int, _frame: FrameType | None) -> None:
         raise _InterruptedError

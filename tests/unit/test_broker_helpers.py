@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml  # type: ignore[import-untyped]
 from cloud_coordinator.broker import (
     LocalBroker,
     amqtt_config,
+    find_mosquitto,
     free_port,
     mosquitto_config,
     wait_for_port,
@@ -62,3 +64,17 @@ def test_local_broker_protocol_follows_its_kind(tmp_path: Path, kind: str, proto
     assert (broker.kind, broker.port, broker.protocol) == (kind, 18832, protocol)
     broker.stop()  # never started: a no-op
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto is not installed")
+def test_the_demo_broker_runs_in_its_own_session(tmp_path: Path) -> None:
+    """A Ctrl-C in the terminal reaches the terminal's process group: the broker, outside
+    it, lives until the demo has stopped the agents and the coordinator through it."""
+    broker = LocalBroker(tmp_path, kind="mosquitto", port=free_port())
+    broker.start()
+    try:
+        process = broker._process
+        assert process is not None
+        assert os.getsid(process.pid) == process.pid != os.getsid(0)
+    finally:
+        broker.stop()
