@@ -318,17 +318,22 @@ class JobCompressors:
 
     def get(self, job_id: str) -> Compressor:
         """The job's compressor (residuals saved by the caller, never by `compress`)."""
-        if job_id not in self._by_job:
+        compressor = self._by_job.pop(job_id, None)  # (re-inserted: the newest last)
+        if compressor is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path = self.directory / f"{job_id}.npz"
-            self._by_job[job_id] = Compressor(path, autosave=False)
-            while len(self._by_job) > self.keep:  # the oldest job's: long finished
-                del self._by_job[next(iter(self._by_job))]
-            others = [p for p in self.directory.glob("*.npz") if p != path]
-            others.sort(key=lambda p: p.stat().st_mtime)
-            for old in others[: max(0, len(others) - (self.keep - 1))]:
-                old.unlink(missing_ok=True)
-        return self._by_job[job_id]
+            compressor = Compressor(self.directory / f"{job_id}.npz", autosave=False)
+        self._by_job[job_id] = compressor
+        while len(self._by_job) > self.keep:  # the least recently trained job's
+            gone = self._by_job.pop(next(iter(self._by_job)))
+            if gone.residual_path is not None:
+                gone.residual_path.unlink(missing_ok=True)
+        # files of jobs not in memory (from before a restart): the newest of them kept
+        kept = {c.residual_path for c in self._by_job.values()}
+        others = [p for p in self.directory.glob("*.npz") if p not in kept]
+        others.sort(key=lambda p: p.stat().st_mtime)
+        for old in others[: max(0, len(others) - (self.keep - len(self._by_job)))]:
+            old.unlink(missing_ok=True)
+        return compressor
 
     def __len__(self) -> int:
         return len(self._by_job)

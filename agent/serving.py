@@ -264,6 +264,10 @@ class InferenceRuntime:
         if served is None or (type(x) is np.ndarray and x.ndim == served.rank):
             return None  # (a batch: `predict` checks it)
         batch, single = self._checked(served, x)
+        if single and batch.dtype.kind == "f" and not np.isfinite(batch).all():
+            # refused alone, before it joins a micro-batch it would fail for everyone
+            self.metrics.count_request("invalid")
+            raise InputError("the input holds NaN or Inf (or values too large for float32)")
         return batch if single else None
 
     def predict_rows(self, rows: npt.NDArray[Any], start: float) -> Predictions:

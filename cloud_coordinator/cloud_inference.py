@@ -29,6 +29,7 @@ from cloud_coordinator.model_registry import ModelRegistry
 from protocols.errors import DecodeError
 from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
 from protocols.model_format import MODEL_FILE
+from protocols.mqtt_types import MqttError
 from protocols.tensors import decode_tensor, encode_dense
 from protocols.topics import DeviceChannel, device_topic
 
@@ -189,7 +190,10 @@ class CloudInference:
     ) -> None:
         outputs = () if logits is None else (encode_dense(LOGITS_NAME, logits),)
         response = InferenceResponse(job.request.request_id, version, outputs, error)
-        self.responder.publish(
-            device_topic(job.device_id, DeviceChannel.INFER_RESPONSE), encode(response),
-            qos=0, correlation=job.correlation,
-        )  # fmt: skip
+        try:
+            self.responder.publish(
+                device_topic(job.device_id, DeviceChannel.INFER_RESPONSE), encode(response),
+                qos=0, correlation=job.correlation,
+            )  # fmt: skip
+        except MqttError as exc:  # offline: the device answers locally; the worker goes on
+            log.debug("answer to %s not sent: %s", job.device_id, exc)

@@ -13,6 +13,7 @@ version buffer) carries on where it stopped.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -175,14 +176,16 @@ class JobRunner:
         with self._lock:
             for active in self._active.values():
                 if active.resumed and active.state is RoundState.COLLECTING:
-                    active.deadline = max(active.deadline, time.time() + RESUME_GRACE_S)
+                    record = self.store.round(active.spec.job_id, active.round_no)
+                    stored = record.deadline if record is not None else 0.0
+                    active.deadline = max(stored, time.time() + RESUME_GRACE_S)
                 active.resumed = False
 
     def _resume_sync(self, active: ActiveJob, round_no: int) -> None:
         current = self.store.round(active.spec.job_id, round_no)
         assert current is not None
-        grace = time.time() + RESUME_GRACE_S
-        active.open_collection(round_no, current.started, max(current.deadline, grace))
+        # no deadline until the broker is reached: what devices sent meanwhile waits there
+        active.open_collection(round_no, current.started, math.inf)
         active.resumed = True
         active.selected = current.selected
         active.state = RoundState.COLLECTING
@@ -208,7 +211,8 @@ class JobRunner:
             return
         for device_id in active.selected:
             if device_id not in active.received:
-                self._send_task(active, device_id, active.deadline)
+                # (the round has no deadline until the broker is reached: the task gets one)
+                self._send_task(active, device_id, max(current.deadline, time.time() + 5))
 
     # --- rounds ----------------------------------------------------------------------------
     def tick(self) -> None:

@@ -4,6 +4,7 @@ feedback file that training reads (real service, real ONNX model)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 from agent.errors import InputError
 from agent.feedback import FeedbackError, FeedbackLog
 from agent.inference_service import InferenceService
-from tests.agent_inference.conftest import Bundles
+from agent.model_store import ModelStore
+from tests.agent_inference.conftest import Bundles, agent_config, put
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])
@@ -50,3 +52,35 @@ def test_feedback_with_max_rows_zero_keeps_nothing(tmp_path: Path) -> None:
     log = FeedbackLog(tmp_path, max_rows=0)
     assert [log.append(np.ones(64, dtype=np.float32), 1) for _ in range(5)] == [0] * 5
     assert not log.path.exists()
+
+
+def test_with_micro_batching_only_the_bad_request_is_refused(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    config = agent_config(tmp_path, inference_batch_wait_ms=200)
+    store = ModelStore(Path(config.data_dir) / "models")
+    put(store, bundles.v1)
+    service = InferenceService(config, store, tmp_path / "data")
+    service.start()
+    try:
+        assert service.wait_idle(60)
+        good = np.asarray(bundles.pixels[0], np.float32)
+        bad = good.copy()
+        bad[3] = np.nan
+        results: dict[str, object] = {}
+
+        def ask(name: str, x: np.ndarray) -> None:
+            try:
+                results[name] = service.predict(x).classes
+            except InputError as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=ask, args=a) for a in (("good", good), ("bad", bad))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert isinstance(results["bad"], InputError)
+        assert results["good"] == [service.predict(good).classes[0]]
+    finally:
+        service.stop()

@@ -17,6 +17,7 @@ from cloud_coordinator import cloud_inference
 from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.model_registry import ModelRegistry
 from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
+from protocols.mqtt import NotConnectedError
 from protocols.tensors import encode_dense
 from tests.agent_inference.conftest import agent_config
 
@@ -116,3 +117,26 @@ def test_a_request_past_its_deadline_by_more_than_clock_skew_is_answered_expired
     }
     assert answers["a"].startswith("no model")  # served (this registry has no model)
     assert answers["b"].startswith("expired")  # said, so the device need not wait
+
+
+class _Offline(_Wire):
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
+                response_topic: str = "", correlation: bytes = b"") -> object:  # fmt: skip
+        raise NotConnectedError("offline")
+
+
+def test_the_cloud_worker_survives_answers_it_cannot_send(tmp_path: Path) -> None:
+    cloud = CloudInference(ModelRegistry(tmp_path / "models"), _Offline(), clock=lambda: 1e9)
+    cloud.start()
+    try:
+        for n in range(3):  # expired, answered: the broker is away
+            cloud.on_request("noisy", _request(f"x{n}", 0.0), 1 << 20)
+        deadline = time.monotonic() + 10
+        while cloud.counts["expired"] < 3:
+            assert time.monotonic() < deadline, cloud.counts
+            time.sleep(0.01)
+        assert cloud._thread.is_alive()
+        assert cloud.counts["error"] == 0
+        assert cloud._queued["noisy"] == 0  # nothing left counted against the device
+    finally:
+        cloud.stop()

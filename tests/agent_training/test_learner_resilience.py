@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from agent import blob_fetch, learning
+from agent.compression import JobCompressors
 from agent.learning import Learner, TaskFailedError
 from agent.trust import ManifestTrust
 from protocols.errors import DecodeError
@@ -235,3 +236,12 @@ def test_an_update_queued_but_not_yet_sendable_is_a_task_done(tmp_path: Path) ->
         assert learner.outbox.depth() == 1
     finally:
         learner.stop()
+
+
+def test_job_residuals_are_kept_for_the_jobs_trained_most_recently(tmp_path: Path) -> None:
+    compressors = JobCompressors(tmp_path / "residuals", keep=4)
+    for job in ("A", "B", "C", "D", "A", "E"):  # A trains again before E arrives
+        compressors.get(job).save()
+    on_disk = sorted(p.stem for p in (tmp_path / "residuals").glob("*.npz"))
+    assert on_disk == ["A", "C", "D", "E"]  # B, the least recently trained, is gone
+    assert len(compressors) == 4
