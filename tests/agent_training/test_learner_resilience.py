@@ -166,23 +166,31 @@ def test_an_update_still_queued_in_the_client_is_not_sent_again(
         learner.outbox.close()  # (the learner thread was never started)
 
 
-def test_a_task_whose_update_is_not_queued_leaves_the_residuals_as_they_were(
-    tmp_path: Path,
-) -> None:
-    """Error feedback: what top-k leaves out is carried to the next round. It used to be
-    saved before the update was known to fit, so a task failing after compression lost it."""
+def _learner_with_a_task(
+    tmp_path: Path, transport: object, max_payload: int, compression: str
+) -> tuple[Learner, TrainTask]:
+    """A started learner holding v1 and local digits data, and a task to train on it."""
     bundles = make_bundles()
     data = tmp_path / "data"
     data.mkdir()
     for name, rows in (("train.npz", slice(0, 60)), ("val.npz", slice(60, 80))):
         np.savez(data / name, x=bundles.pixels[rows], y=bundles.labels[rows])
-    learner = Learner("dev-1", tmp_path, data, _FlakyTransport(), 200,  # type: ignore[arg-type]
+    learner = Learner("dev-1", tmp_path, data, transport, max_payload,  # type: ignore[arg-type]
                       ManifestTrust((), tmp_path, allow_unsigned=True))  # fmt: skip
     learner.start()
+    put(learner.store, bundles.v1)
+    task = TrainTask("t1", "job-1", 1, bundles.v1.manifest.name, bundles.v1.manifest.version,
+                     time.time() + 60, compression, {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
+    return learner, task
+
+
+def test_a_task_whose_update_is_not_queued_leaves_the_residuals_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """Error feedback: what top-k leaves out is carried to the next round. It used to be
+    saved before the update was known to fit, so a task failing after compression lost it."""
+    learner, task = _learner_with_a_task(tmp_path, _FlakyTransport(), 200, "topk")
     try:
-        put(learner.store, bundles.v1)
-        task = TrainTask("t1", "job-1", 1, bundles.v1.manifest.name, bundles.v1.manifest.version,
-                         time.time() + 60, "topk", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
         with pytest.raises(TaskFailedError, match="over the broker's limit of 200"):
             learner._train(task)
         assert learner.compressors.get("job-1").residuals == {}
@@ -220,18 +228,8 @@ class _FullQueueTransport(_FlakyTransport):
 
 
 def test_an_update_queued_but_not_yet_sendable_is_a_task_done(tmp_path: Path) -> None:
-    bundles = make_bundles()
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, rows in (("train.npz", slice(0, 60)), ("val.npz", slice(60, 80))):
-        np.savez(data / name, x=bundles.pixels[rows], y=bundles.labels[rows])
-    learner = Learner("dev-1", tmp_path, data, _FullQueueTransport(), 1 << 20,  # type: ignore[arg-type]
-                      ManifestTrust((), tmp_path, allow_unsigned=True))  # fmt: skip
-    learner.start()
+    learner, task = _learner_with_a_task(tmp_path, _FullQueueTransport(), 1 << 20, "f32")
     try:
-        put(learner.store, bundles.v1)
-        task = TrainTask("t1", "job-1", 1, bundles.v1.manifest.name, bundles.v1.manifest.version,
-                         time.time() + 60, "f32", {"epochs": 1, "max_seconds": 5.0})  # fmt: skip
         learner._train(task)  # no TaskFailedError: the update waits in the outbox
         assert learner.outbox.depth() == 1
     finally:
