@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.blob_fetch import BlobFetches
+from agent.blob_fetch import BlobFetches, Publisher
 from agent.compression import Compressor, JobCompressors, clip_by_norm
 from agent.errors import AgentError
 from agent.lineage import newest_descendant, wants_latest
@@ -49,15 +49,8 @@ FEATURE_CACHE_ENTRIES = 4
 KEPT_JOBS = 4
 
 
-class Transport(Protocol):
-    """What the learner needs from the MQTT client."""
-
-    @property
-    def connected(self) -> bool:
-        """True while connected."""
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
-        """Queue one message."""
+class Transport(Publisher, Protocol):
+    """What the learner needs from the MQTT client: publishing, and subscriptions."""
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and after reconnects."""

@@ -133,17 +133,22 @@ class InferenceRuntime:
             served = self._load_or_fail(manifest, model_bytes)
             if served is None:
                 return False
-            if current is not None:
-                self.versions.apply(current.version, VersionEvent.SUPERSEDED)
-            if self._standby is not None:
-                self.versions.apply(self._standby.version, VersionEvent.RETIRE)
-            self._standby = current
-            self._serving = served  # the swap: one reference assignment
-            self.versions.apply(served.version, VersionEvent.READY)
-            self.metrics.model_loaded(swapped=True)
-            self._publish_models()
+            self._swap_in(served)
         log.info("model %s: serving version %s", manifest.name, manifest.version)
         return True
+
+    def _swap_in(self, served: ServedModel) -> None:
+        """Serve `served` (loaded and warm); the version it replaces becomes the standby."""
+        current = self._serving
+        if current is not None:
+            self.versions.apply(current.version, VersionEvent.SUPERSEDED)
+        if self._standby is not None:
+            self.versions.apply(self._standby.version, VersionEvent.RETIRE)
+        self._standby = current
+        self._serving = served  # the swap: one reference assignment
+        self.versions.apply(served.version, VersionEvent.READY)
+        self.metrics.model_loaded(swapped=True)
+        self._publish_models()
 
     def _load_or_fail(self, manifest: ModelManifest, model_bytes: bytes) -> ServedModel | None:
         """`load`, its version's lifecycle begun; None (the failure recorded) if it fails."""
@@ -165,10 +170,7 @@ class InferenceRuntime:
             if served is None:
                 return False
             if self._serving is None:  # better the previous version than none
-                self._serving = served
-                self.versions.apply(served.version, VersionEvent.READY)
-                self.metrics.model_loaded(swapped=True)
-                self._publish_models()
+                self._swap_in(served)
                 log.warning("model %s: serving the previous version %s (the current one"
                             " failed to load)", manifest.name, manifest.version)  # fmt: skip
                 return True

@@ -10,8 +10,8 @@ forgets the back-off: what waits goes at once.
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
+from agent.blob_fetch import Publisher  # (`publish` gives a handle: `done()` once sent)
 from agent.outbox import Outbox
 
 #: Seconds before an unacknowledged update is first sent again (then twice as long, ...).
@@ -20,21 +20,10 @@ RESEND_AFTER_S = 10.0
 QUEUED_HOLD_S = 3600.0
 
 
-class Transport(Protocol):
-    """The part of the MQTT client updates need."""
-
-    @property
-    def connected(self) -> bool:
-        """True while connected."""
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> object:
-        """Queue one message; a handle whose ``done()`` says it reached the broker."""
-
-
 class UpdateSender:
     """Sends what the outbox holds (the learner thread sends; acks arrive on MQTT's)."""
 
-    def __init__(self, outbox: Outbox, transport: Transport) -> None:
+    def __init__(self, outbox: Outbox, transport: Publisher) -> None:
         self.outbox = outbox
         self.transport = transport
         # outbox key -> (publish handle of its latest copy, when it was published)

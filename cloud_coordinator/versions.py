@@ -127,7 +127,7 @@ class VersionMaker:
             return dict(recorded.metrics)
         delta = active.aggregate.result()
         head, optimiser_state = self.server_step(active, delta)
-        bundle = self.registered(spec.model, version)  # made before a crash, from these updates
+        bundle = registered  # made before a crash, from these updates (or None)
         accuracy = loss = 0.0
         if bundle is None:
             bundle = bundles.next_bundle(active.bundle, head, version, active.version)
@@ -163,7 +163,7 @@ class VersionMaker:
             k: float(v) for k, v in metrics.items() if isinstance(v, int | float)
             and not isinstance(v, bool)
         }  # fmt: skip
-        if self.registered(spec.model, version) is None:
+        if registered is None:
             self.models.put(bundle, job_id=spec.job_id, round=active.round_no,
                             devices=tuple(sorted(active.received)), metrics=numeric)  # fmt: skip
         self.store.finish_round(spec.job_id, active.round_no, version, metrics, optimiser_state)
