@@ -104,5 +104,5 @@ class VersionLog:
         return self._states.get(version)
 
     def as_dict(self) -> dict[str, str]:
-        """Every recorded version and its state name."""
-        return {v: s.value for v, s in self._states.items()}
+        """Every recorded version and its state name (safe while another thread changes it)."""
+        return {v: s.value for v, s in self._states.copy().items()}

@@ -6,7 +6,7 @@ sklearn digits (raw pixels; the agent applies the manifest's 1/16 scale itself, 
 call gets pre-scaled pixels). The baseline is ``InferenceSession.run`` on a session of the
 version's own ``model.onnx`` bytes made with the agent's session options (1 intra-op
 thread, no spinning): not on the agent's session itself, whose graph has the answer nodes
-appended (`agent.serving.with_answer_outputs`), which a run fetching only the logits would
+appended (`agent.answer_graph.with_answer_outputs`), which a run fetching only the logits would
 still execute. So the ratio is the agent's own cost. Timed, interleaved, medians
 (`bench._timing.interleaved_medians`):
 

@@ -129,6 +129,7 @@ def test_pure_protocol_modules_import_no_io(path: Path) -> None:
 INFERENCE_MODULES = {
     "agent.onnx_runtime": {"torch"},
     "agent.serving": {"torch"},
+    "agent.version_slots": {"torch"},
     "agent.served_model": {"torch"},
     "agent.inference_service": {"torch"},
     "agent.http_api": {"torch", "onnxruntime"},

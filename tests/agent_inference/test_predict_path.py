@@ -257,7 +257,7 @@ def test_without_answer_nodes_the_runtime_answers_itself(
     bundles: Bundles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _runtime(bundles.v1).serving.answers == ANSWER_OUTPUTS  # type: ignore[union-attr]
-    monkeypatch.setattr("agent.serving.with_answer_outputs", lambda data: b"not a model")
+    monkeypatch.setattr("agent.version_slots.with_answer_outputs", lambda data: b"not a model")
     rt = _runtime(bundles.v1)  # the appended model fails to load: the original one serves
     served = rt.serving
     assert served is not None

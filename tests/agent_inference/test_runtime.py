@@ -134,6 +134,44 @@ def test_swap_keeps_the_previous_version_and_rollback_returns_to_it(bundles: Bun
     assert "fedge_agent_model_rollbacks_total 1" in text
 
 
+def test_a_rollback_does_not_wait_for_a_version_loading(bundles: Bundles) -> None:
+    # A rollback comes as an MQTT command, on the client's network thread: were it to wait
+    # for a load (seconds for a large model), the connection's keepalive would lapse.
+    rt = _runtime()
+    _install(rt, bundles.v1)
+    _install(rt, bundles.v2)
+    loading, release = threading.Event(), threading.Event()
+    real_load = rt.load
+
+    def slow_load(manifest: object, model_bytes: bytes) -> object:
+        loading.set()
+        assert release.wait(60)
+        return real_load(manifest, model_bytes)  # type: ignore[arg-type]
+
+    rt.load = slow_load  # type: ignore[assignment,method-assign]
+    v3 = bundles.version(bundles.v1, "v3", 3)
+    installer = threading.Thread(target=_install, args=(rt, v3))
+    installer.start()
+    try:
+        assert loading.wait(60)
+        rolled_back = threading.Event()
+
+        def roll_back() -> None:
+            rt.rollback()
+            rolled_back.set()
+
+        threading.Thread(target=roll_back).start()
+        assert rolled_back.wait(30), "the rollback waited for the load"
+        assert rt.serving is not None
+        assert rt.serving.version == "v1"
+        assert rt.versions.as_dict() == {"v1": "serving", "v2": "rolled_back", "v3": "loading"}
+    finally:
+        release.set()
+        installer.join(60)
+    assert (rt.serving and rt.serving.version, rt.standby and rt.standby.version) == ("v3", "v1")
+    assert rt.predict(bundles.pixels[0]).version == "v3"
+
+
 def test_swaps_under_concurrent_predictions_fail_no_request(bundles: Bundles) -> None:
     rt = _runtime()
     _install(rt, bundles.v1)
