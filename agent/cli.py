@@ -19,7 +19,7 @@ from protocols.config import (
     check_broker_files,
     split_host_port,
 )
-from protocols.logs import fatal, setup_logging
+from protocols.logs import add_log_flags, fatal, setup_logging
 
 EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
@@ -33,6 +33,10 @@ inference API (on unless --no-inference): POST /v1/predict, GET /v1/model, POST 
   (default <data-dir>/inference.sock) or a loopback HOST:PORT. Python: agent.client.
 exit status: 0 clean stop, 78 invalid configuration or state to fix by hand (a bad pinned
   key file), 1 unexpected error.
+examples:
+  fedge-agent --device-id cam-01 --broker mqtt.example.net:8883   (TLS: set [mqtt] tls_ca)
+  fedge-agent --config /etc/fedge/agent.toml --print-config        (what it would run with)
+  fedge-agent --no-train --listen 127.0.0.1:8781 --model digits-mlp
 """
 
 
@@ -47,10 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"fedge-agent {__version__}")
     p.add_argument("--config", metavar="PATH", help="TOML config file")
-    p.add_argument("--device-id", help="this device's id (default: host name)")
-    p.add_argument("--fleet", help="fleet this device belongs to")
-    p.add_argument("--data-dir", help="where the agent keeps its state")
-    p.add_argument("--dataset-dir", help="local training data: train.npz and val.npz")
+    p.add_argument("--device-id", metavar="ID", help="this device's id (default: host name)")
+    p.add_argument("--fleet", metavar="NAME", help="fleet this device belongs to (default: default)")
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the agent keeps its state (default: /var/lib/fedge-agent for root, "
+        "else $XDG_DATA_HOME/fedge-agent, i.e. ~/.local/share/fedge-agent)",
+    )
+    p.add_argument(
+        "--dataset-dir",
+        metavar="DIR",
+        help="local training data: train.npz and val.npz (default: <data-dir>/data)",
+    )
     p.add_argument(
         "--no-train",
         dest="train",
@@ -72,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default: unix:<data-dir>/inference.sock)",
     )
     p.add_argument("--model", metavar="NAME", help="model to serve (default: the first one)")
-    p.add_argument("--inference-threads", type=int, metavar="N", help="onnxruntime threads")
+    p.add_argument(
+        "--inference-threads", type=int, metavar="N", help="onnxruntime threads (default 1)"
+    )
     p.add_argument(
         "--providers",
         metavar="LIST",
@@ -93,11 +108,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="ask the cloud model when a prediction's confidence is below offload_threshold",
     )
-    p.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
-    p.add_argument("--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds")
-    p.add_argument("--telemetry-interval", type=float, metavar="S", help="seconds between reports")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", choices=["auto", "text", "journal"])
+    p.add_argument(
+        "--broker", metavar="HOST[:PORT]", help="MQTT broker address (default 127.0.0.1:1883)"
+    )
+    p.add_argument(
+        "--keepalive", type=int, metavar="S", help="MQTT keepalive in seconds (default 30)"
+    )
+    p.add_argument(
+        "--telemetry-interval", type=float, metavar="S", help="seconds between reports (default 5)"
+    )
+    add_log_flags(p)
     p.add_argument(
         "--print-config", action="store_true", help="print the effective configuration and exit"
     )

@@ -21,22 +21,38 @@ from protocols.config import (
     check_broker_files,
     split_host_port,
 )
-from protocols.logs import fatal, setup_logging
+from protocols.logs import add_log_flags, fatal, setup_logging
 
 EPILOG = """\
 configuration (later wins): defaults < config file < FEDGE_* environment < flags.
 config file: --config, $FEDGE_CONFIG, /etc/fedge/coordinator.toml, ~/.config/fedge/coordinator.toml.
+environment: FEDGE_<KEY> for a top-level key, FEDGE_<SECTION>_<KEY> for one in a section:
+  FEDGE_DATA_DIR, FEDGE_HTTP_HOST, FEDGE_HTTP_PORT, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT,
+  FEDGE_MQTT_TLS_CA, FEDGE_AGGREGATION_DEVICE, ...
 exit status: 0 ok, 1 error, 78 invalid configuration.
+examples:
+  fedge-coordinator demo --agents 3 --rounds 5    (the product tour, broker included)
+  fedge-coordinator serve --broker 127.0.0.1:1883 --http 127.0.0.1:8780
+  fedge-coordinator devices --watch 2             (the fleet, refreshed every 2 s)
+  fedge-coordinator public-key                    (for the agents' model_keys)
 """
 
 
 COMMANDS = ("serve", "devices", "rejections", "public-key", "demo")
+#: `cloud_coordinator.templates.template_names()`, without importing torch for --help.
+DEMO_TEMPLATES = ("digits_cnn", "digits_mlp", "machine_health")
 
 
 def _common(p: argparse.ArgumentParser, default: object = argparse.SUPPRESS) -> None:
     # Accepted before or after the command; the subcommand's copy must not reset the value.
     p.add_argument("--config", metavar="PATH", default=default, help="TOML config file")
-    p.add_argument("--data-dir", default=default, help="where the coordinator keeps its state")
+    p.add_argument(
+        "--data-dir",
+        default=default,
+        metavar="DIR",
+        help="where the coordinator keeps its state (default: /var/lib/fedge-coordinator for"
+        " root, else $XDG_DATA_HOME/fedge-coordinator, i.e. ~/.local/share/fedge-coordinator)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,16 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the coordinator (default)")
     _common(serve)
-    serve.add_argument("--broker", metavar="HOST[:PORT]", help="MQTT broker address")
-    serve.add_argument("--http", metavar="HOST:PORT", help="bind the HTTP API here")
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    serve.add_argument("--log-format", choices=["auto", "text", "journal"])
+    serve.add_argument(
+        "--broker", metavar="HOST[:PORT]", help="MQTT broker address (default 127.0.0.1:1883)"
+    )
+    serve.add_argument(
+        "--http",
+        metavar="[HOST:]PORT",
+        help="bind the HTTP API here (default 127.0.0.1:8780; a bare port binds 127.0.0.1)",
+    )
+    add_log_flags(serve)
     serve.add_argument("--print-config", action="store_true", help="print the effective config")
     devices = sub.add_parser("devices", help="print the fleet as a table")
     _common(devices)
     devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
     devices.add_argument(
-        "--watch", type=_positive_seconds, metavar="S", help="refresh every S seconds"
+        "--watch", type=_positive_seconds, metavar="S", help="refresh every S seconds (0.1-86400)"
     )
     rejections = sub.add_parser("rejections", help="print counts of rejected messages")
     _common(rejections)
@@ -87,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
         "--rounds", type=_at_least(0), default=20, help="rounds; 0 = presence only (default 20)"
     )
     demo.add_argument(
-        "--template", default="digits_mlp", help="model template (default digits_mlp)"
+        "--template",
+        default="digits_mlp",
+        metavar="NAME",
+        help=f"model template: {', '.join(DEMO_TEMPLATES)} (default digits_mlp)",
     )
     demo.add_argument(
         "--compression", default="f32", choices=["f32", "f16", "bf16", "int8", "topk"],

@@ -7,6 +7,7 @@ syslog priority that journald turns into the entry's level, and carries no times
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -62,3 +63,18 @@ def setup_logging(level: str = "info", fmt: LogFormat = "auto", name: str = "fed
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def add_log_flags(parser: argparse.ArgumentParser) -> None:
+    """Add ``--log-level`` and ``--log-format`` (each daemon's config keys) to `parser`."""
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe records logged (default info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "text", "journal"],
+        help="text: time, level, logger; journal: each line prefixed with its syslog priority"
+        " for journald; auto: journal when stderr is the journal (default auto)",
+    )
