@@ -2,7 +2,8 @@
 
 A device publishes an `InferenceRequest` on ``dev/{id}/infer/req`` (MQTT 5: with a Response
 Topic and Correlation Data). The ingest thread checks it and queues it; a worker answers
-with the newest registered fp32 ``model.onnx`` of the named model, on the device's own
+with the newest registered fp32 ``model.onnx`` of the named model (skipping versions whose
+latest rollout was rolled back: the canary found them unhealthy), on the device's own
 ``dev/{id}/infer/resp`` (echoing the correlation data), before the request's deadline or
 not at all. A request whose deadline has passed when a worker gets to it is dropped and
 counted (``expired``); a full queue answers ``busy`` at once, so the device falls back to
@@ -17,7 +18,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from cloud_coordinator.bundles import LOGITS_NAME, run_logits, session
 from cloud_coordinator.errors import StoreError
-from cloud_coordinator.model_registry import ModelRegistry
+from cloud_coordinator.model_registry import ModelRegistry, VersionRecord
 from protocols.errors import DecodeError
 from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
 from protocols.model_format import MODEL_FILE
@@ -64,17 +65,20 @@ class _Job:
 
 
 class CloudInference:
-    """Answers offloaded predictions with the newest fp32 version of the named model."""
+    """Answers offloaded predictions with the newest fp32 version of the named model that
+    was not rolled back (`rolled_back(name)` names those)."""
 
     def __init__(
         self,
         models: ModelRegistry,
         responder: Responder,
         clock: Callable[[], float] = time.time,
+        rolled_back: Callable[[str], Collection[str]] = lambda name: (),
     ) -> None:
         self.models = models
         self.responder = responder
         self.clock = clock
+        self.rolled_back = rolled_back
         self.counts: Counter[str] = Counter()
         self._queue: queue.Queue[_Job | None] = queue.Queue(QUEUE_LIMIT)
         self._queued: Counter[str] = Counter()  # requests waiting, by device
@@ -150,7 +154,7 @@ class CloudInference:
             self._count("expired")
             self._answer(job, error="expired: the request's deadline passed; answer locally")
             return
-        record = self.models.latest(request.model_name)
+        record = self._version_for(request.model_name)
         if record is None:
             self._count("unknown_model")
             self._answer(job, error=f"no model {request.model_name!r} in the cloud")
@@ -174,6 +178,15 @@ class CloudInference:
             return
         self._count("answered")
         self._answer(job, version=record.version, logits=logits)
+
+    def _version_for(self, name: str) -> VersionRecord | None:
+        """The newest version of `name` not rolled back (the newest of all if every one was)."""
+        latest = self.models.latest(name)
+        skipped = self.rolled_back(name) if latest is not None else ()
+        if latest is None or latest.version not in skipped:
+            return latest
+        good = [r for r in self.models.versions(name) if r.version not in skipped]
+        return good[-1] if good else latest
 
     def _session(self, name: str, version: str) -> ort.InferenceSession:
         key = (name, version)

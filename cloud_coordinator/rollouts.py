@@ -292,6 +292,18 @@ class RolloutManager:
                 self._deploy(rollout, [device_id], rollout.previous.get(device_id, ""))
         log.info("rollout %s %s: %s", rollout.rollout_id, rollout.state, reason)
 
+    def rolled_back(self, model: str) -> frozenset[str]:
+        """Versions of `model` whose latest rollout was rolled back."""
+        latest: dict[str, Rollout] = {}
+        with self._lock:
+            for rollout in self._rollouts.values():
+                if rollout.model == model:
+                    seen = latest.get(rollout.version)
+                    if seen is None or rollout.created >= seen.created:
+                        latest[rollout.version] = rollout
+        back = RolloutState.ROLLED_BACK.value
+        return frozenset(v for v, rollout in latest.items() if rollout.state == back)
+
     def steer(self, rollout_id: str, action: str) -> dict[str, Any]:
         """Promote or roll back a canary by hand; RolloutError if it is not one."""
         events = {"promote": RolloutEvent.PROMOTE, "rollback": RolloutEvent.ROLL_BACK}

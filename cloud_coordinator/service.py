@@ -70,10 +70,12 @@ class Coordinator:
             chunk_size=config.effective_chunk_size,
             signing_key=load_or_create_key(Path(config.data_dir)),
         )
-        self.inference = CloudInference(self.models, self.mqtt)
         self.rollout_store = RolloutStore(config.db_path)
         self.rollouts = RolloutManager(
             self.rollout_store, self.models, self.mqtt, lambda: read_devices(config.db_path)
+        )
+        self.inference = CloudInference(
+            self.models, self.mqtt, rolled_back=self.rollouts.rolled_back
         )
         self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner,
                              inference=self.inference, acks=self.rollouts.on_ack)  # fmt: skip

@@ -63,9 +63,14 @@ def request(x: np.ndarray, *, deadline: float = 1e12, model: str = "digits-mlp",
     return encode(InferenceRequest("r-1", model, (encode_dense("input", x),), reply_to, deadline))
 
 
-def served(registry: ModelRegistry, *payloads: bytes, now: float = 0.0) -> Responder:
+def served(
+    registry: ModelRegistry, *payloads: bytes, now: float = 0.0, rolled_back: tuple[str, ...] = ()
+) -> Responder:
     responder = Responder()
-    cloud = CloudInference(registry, responder, clock=lambda: now)
+    cloud = CloudInference(
+        registry, responder, clock=lambda: now,
+        rolled_back=lambda name: rolled_back if name == "digits-mlp" else (),
+    )  # fmt: skip
     for payload in payloads:
         cloud.on_request("cam-1", payload, 1 << 20, RESP, b"corr-7")
     cloud.start()
@@ -83,6 +88,16 @@ def test_answers_with_the_newest_version_and_echoes_the_correlation(
     assert sent.response.error == ""
     expected = bundles.logits(registry.files("digits-mlp", "j.r1")["model.onnx"], x)
     np.testing.assert_allclose(decode_tensor(sent.response.outputs[0]), expected, rtol=1e-5)
+
+
+def test_a_version_rolled_back_on_the_fleet_does_not_answer(registry: ModelRegistry) -> None:
+    x = np.random.default_rng(1).random((2, 64), dtype=np.float32)
+    (sent,) = served(registry, request(x), rolled_back=("j.r1",)).sent
+    assert sent.response.model_version == "j.r0"  # the newest one the canary did not refuse
+    expected = bundles.logits(registry.files("digits-mlp", "j.r0")["model.onnx"], x)
+    np.testing.assert_allclose(decode_tensor(sent.response.outputs[0]), expected, rtol=1e-5)
+    (sent,) = served(registry, request(x), rolled_back=("j.r0", "j.r1")).sent
+    assert sent.response.model_version == "j.r1"  # every one refused: still the newest
 
 
 def test_errors_and_expired_requests_are_answered(registry: ModelRegistry) -> None:

@@ -381,3 +381,18 @@ def test_a_failed_load_reported_after_the_decision_changes_nothing(world: World)
     assert after["load_failures"] == {}  # what the store holds too: nothing unsaved
     world.restart()
     assert world.manager.rollout_json(r["rollout_id"]) == after
+
+
+def test_versions_whose_latest_rollout_was_rolled_back_are_named(world: World) -> None:
+    assert world.manager.rolled_back("m") == frozenset()
+    r = world.manager.create({"model": "m", "version": "v2", "group": "lab"})
+    assert world.manager.rolled_back("m") == frozenset()  # still deciding
+    world.manager.steer(r["rollout_id"], "rollback")
+    assert world.manager.rolled_back("m") == {"v2"}
+    assert world.manager.rolled_back("other") == frozenset()
+    world.fleet.now += 1
+    again = world.manager.create({"model": "m", "version": "v2", "group": "lab"})
+    world.manager.steer(again["rollout_id"], "promote")  # a later rollout of it succeeded
+    assert world.manager.rolled_back("m") == frozenset()
+    world.restart()  # the rollouts are read back from the store
+    assert world.manager.rolled_back("m") == frozenset()
