@@ -44,8 +44,12 @@ class TrainingSink(Protocol):
     def on_update(self, device_id: str, payload: bytes, max_bytes: int) -> None:
         """Fold in and acknowledge a model update."""
 
-    def on_blob_request(self, device_id: str, payload: bytes, max_bytes: int) -> None:
-        """Send the chunks a device asked for."""
+
+class BlobSink(Protocol):
+    """Where blob requests go (`BlobServer`); raises DecodeError to reject."""
+
+    def serve(self, device_id: str, payload: bytes, max_bytes: int) -> int:
+        """Send the chunks a device asked for; how many were queued."""
 
 
 class InferenceSink(Protocol):
@@ -79,8 +83,10 @@ class Ingest:
         training: TrainingSink | None = None,
         inference: InferenceSink | None = None,
         acks: Callable[[str, Ack], None] | None = None,
+        blobs: BlobSink | None = None,
     ) -> None:
         self.store = store
+        self.blobs = blobs
         self.acks = acks
         self.training = training
         self.inference = inference
@@ -95,6 +101,7 @@ class Ingest:
         }
         if training is not None:
             self._handlers[DeviceChannel.UPDATE] = self._update
+        if blobs is not None:
             self._handlers[DeviceChannel.BLOB_REQUEST] = self._blob_request
 
     def handle(
@@ -176,5 +183,5 @@ class Ingest:
         self.training.on_update(device_id, payload, self.max_payload_bytes)
 
     def _blob_request(self, device_id: str, payload: bytes, now: float) -> None:
-        assert self.training is not None
-        self.training.on_blob_request(device_id, payload, self.max_payload_bytes)
+        assert self.blobs is not None
+        self.blobs.serve(device_id, payload, self.max_payload_bytes)

@@ -1,9 +1,8 @@
 """Runs federated training jobs: tasks out, updates in, new model versions out.
 
 One `JobRunner` per coordinator. Its thread drives every running job through the table in
-`rounds.py`; the ingest thread hands it updates (`on_update`) and blob requests
-(`on_blob_request`). A sync job runs rounds: select devices, send tasks, close at the
-quorum and deadline, make a version. An async job (`async_rounds`) keeps devices busy and
+`rounds.py`; the ingest thread hands it updates (`on_update`). A sync job runs rounds:
+select devices, send tasks, close at the quorum and deadline, make a version. An async job (`async_rounds`) keeps devices busy and
 makes a version from every ``updates_per_version`` updates. Either way each update is
 checked, written to SQLite, folded into the aggregate of the job's strategy and only then
 acknowledged; after a restart the stored updates are folded in again and the round (or
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from cloud_coordinator import baseline, bundles, datasets, job_views
 from cloud_coordinator.aggregation import AggregationError, pick_device
 from cloud_coordinator.async_rounds import AsyncDriver
-from cloud_coordinator.blob_server import Publisher, serve_blob_request
+from cloud_coordinator.blob_server import Publisher
 from cloud_coordinator.errors import CoordinatorError, StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_state import ActiveJob, check_weight, update_key, version_id
@@ -424,10 +423,4 @@ class JobRunner:
         ack = Ack(update_key(update), ok, time.time(), reason, duplicate)
         self.publisher.publish(
             device_topic(update.device_id, DeviceChannel.UPDATE_ACK), encode(ack)
-        )
-
-    def on_blob_request(self, device_id: str, payload: bytes, max_bytes: int) -> None:
-        """Send the requested chunks of a blob to the device that asked."""
-        serve_blob_request(
-            self.models, self.publisher, self.chunk_size, device_id, payload, max_bytes
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cloud_coordinator import checked_sums
 from cloud_coordinator.aggregation import set_threads
+from cloud_coordinator.blob_server import BlobServer
 from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.config import CoordinatorConfig
 from cloud_coordinator.http_api import ApiServer, ApiState
@@ -77,8 +78,10 @@ class Coordinator:
         self.inference = CloudInference(
             self.models, self.mqtt, rolled_back=self.rollouts.rolled_back
         )
+        self.blobs = BlobServer(self.models, self.mqtt, config.effective_chunk_size)
         self.ingest = Ingest(self.registry, config.mqtt.max_payload_bytes, training=self.runner,
-                             inference=self.inference, acks=self.rollouts.on_ack)  # fmt: skip
+                             inference=self.inference, acks=self.rollouts.on_ack,
+                             blobs=self.blobs)  # fmt: skip
         for channel in SUBSCRIBED:
             self.mqtt.subscribe(all_devices_filter(channel), qos=1)
         state = ApiState(

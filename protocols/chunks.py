@@ -58,13 +58,17 @@ def sha256_hex(data: bytes | bytearray | memoryview) -> str:
 
 
 def split_blob(
-    blob: bytes | bytearray | memoryview, chunk_size: int = DEFAULT_CHUNK_SIZE
+    blob: bytes | bytearray | memoryview,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    digest: str | None = None,
 ) -> Iterator[BlobChunk]:
-    """Yield the chunks of `blob`, each carrying at most `chunk_size` bytes (zero-copy views)."""
+    """Yield the chunks of `blob`, each carrying at most `chunk_size` bytes (zero-copy views);
+    `digest`, when given, is the blob's sha256 as the caller has already verified it."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     view = memoryview(blob).cast("B")
-    digest = sha256_hex(view)
+    if digest is None:
+        digest = sha256_hex(view)
     count = max(1, -(-view.nbytes // chunk_size))
     for index in range(count):
         part = view[index * chunk_size : (index + 1) * chunk_size]

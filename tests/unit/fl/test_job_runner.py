@@ -21,7 +21,7 @@ import numpy.typing as npt
 import pytest
 
 from cloud_coordinator import async_rounds, checked_sums, jobs, versions
-from cloud_coordinator.blob_server import serve_blob_request
+from cloud_coordinator.blob_server import BlobServer
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec, JobSpecError
 from cloud_coordinator.job_store import JobStore
@@ -634,7 +634,8 @@ def test_blob_requests_are_answered_with_chunks_that_reassemble(world: World) ->
     entry = next(f for f in manifest.files if f.name == HEAD_FILE)
     blob = world.models.blob(entry.sha256)
     request = BlobRequest("dev-a", entry.sha256, (), "r1")
-    world.runner.on_blob_request("dev-a", encode(request), MAX_BYTES)
+    blobs = BlobServer(world.models, world.publisher, 4096)
+    blobs.serve("dev-a", encode(request), MAX_BYTES)
     sent = world.publisher.on("fedge/v1/dev/dev-a/blob")
     chunks = [decode_as(BlobChunk, p.payload) for p in sent]
     assert len(chunks) == -(-len(blob) // 4096) > 1
@@ -648,7 +649,7 @@ def test_blob_requests_are_answered_with_chunks_that_reassemble(world: World) ->
 
     world.publisher.sent.clear()  # resume: only the chunks still missing
     wanted = (0, 3, len(chunks) - 1)
-    world.runner.on_blob_request("dev-a", encode(BlobRequest("dev-a", entry.sha256, wanted)), 4096)
+    blobs.serve("dev-a", encode(BlobRequest("dev-a", entry.sha256, wanted)), 4096)
     again = [decode_as(BlobChunk, p.payload) for p in world.publisher.sent]
     assert tuple(c.index for c in again) == wanted
     assert all(bytes(c.data) == bytes(chunks[c.index].data) for c in again)
@@ -659,7 +660,7 @@ def test_blob_chunks_are_cut_to_fit_the_piece_digests(world: World) -> None:
     entry = world.models.manifest(JOB.model, V0).files[0]
     blob = world.models.blob(entry.sha256)
     request = encode(BlobRequest("dev-a", entry.sha256, (), "r1"))
-    serve_blob_request(world.models, world.publisher, 5000, "dev-a", request, MAX_BYTES)
+    BlobServer(world.models, world.publisher, 5000).serve("dev-a", request, MAX_BYTES)
     chunks = [decode_as(BlobChunk, p.payload) for p in world.publisher.sent]
     assert {c.chunk_size for c in chunks} == {4096}
     assembly = Reassembly(chunks[0], piece_size=entry.piece_size, pieces=entry.pieces)
@@ -670,11 +671,12 @@ def test_blob_chunks_are_cut_to_fit_the_piece_digests(world: World) -> None:
 
 def test_bad_blob_requests_are_refused(world: World) -> None:
     sha = world.models.manifest(JOB.model, V0).files[0].sha256
+    blobs = BlobServer(world.models, world.publisher, 4096)
     with pytest.raises(DecodeError) as info:
-        world.runner.on_blob_request("dev-a", encode(BlobRequest("dev-a", "f" * 64)), MAX_BYTES)
+        blobs.serve("dev-a", encode(BlobRequest("dev-a", "f" * 64)), MAX_BYTES)
     assert info.value.reason == "unknown_blob"
     with pytest.raises(DecodeError) as info:
-        world.runner.on_blob_request("dev-b", encode(BlobRequest("dev-a", sha)), MAX_BYTES)
+        blobs.serve("dev-b", encode(BlobRequest("dev-a", sha)), MAX_BYTES)
     assert info.value.reason == "device_mismatch"
     assert world.publisher.sent == []
 
