@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"fedge-agent {__version__}")
     p.add_argument("--config", metavar="PATH", help="TOML config file")
     p.add_argument("--device-id", metavar="ID", help="this device's id (default: host name)")
-    p.add_argument("--fleet", metavar="NAME", help="fleet this device belongs to (default: default)")
+    p.add_argument(
+        "--fleet", metavar="NAME", help="fleet this device belongs to (default: default)"
+    )
     p.add_argument(
         "--data-dir",
         metavar="DIR",

@@ -4,11 +4,12 @@ A device publishes an `InferenceRequest` on ``dev/{id}/infer/req`` (MQTT 5: with
 Topic and Correlation Data). The ingest thread checks it and queues it; a worker answers
 with the newest registered fp32 ``model.onnx`` of the named model (skipping versions whose
 latest rollout was rolled back: the canary found them unhealthy), on the device's own
-``dev/{id}/infer/resp`` (echoing the correlation data), before the request's deadline or
-not at all. A request whose deadline has passed when a worker gets to it is dropped and
-counted (``expired``); a full queue answers ``busy`` at once, so the device falls back to
-its local answer without waiting. A reply address other than the device's own response
-topic is refused (``bad_reply_to``): the coordinator never publishes where a device asks.
+``dev/{id}/infer/resp`` (echoing the correlation data), before the request's deadline or not
+at all. A request 5 s (``SKEW_TOLERANCE_S``) or more past its deadline when a worker gets to
+it is answered ``expired`` and counted; a full queue answers ``busy`` at once, so the device
+falls back to its local answer without waiting. A reply address other than the device's own
+response topic is refused (``bad_reply_to``): the coordinator never publishes where a device
+asks.
 """
 
 from __future__ import annotations

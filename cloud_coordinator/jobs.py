@@ -2,11 +2,11 @@
 
 One `JobRunner` per coordinator. Its thread drives every running job through the table in
 `rounds.py`; the ingest thread hands it updates (`on_update`). A sync job runs rounds:
-select devices, send tasks, close at the quorum and deadline, make a version. An async job (`async_rounds`) keeps devices busy and
-makes a version from every ``updates_per_version`` updates. Either way each update is
-checked, written to SQLite, folded into the aggregate of the job's strategy and only then
-acknowledged; after a restart the stored updates are folded in again and the round (or
-version buffer) carries on where it stopped.
+select devices, send tasks, close at the quorum and deadline, make a version. An async job
+(`async_rounds`) keeps devices busy and makes a version from every ``updates_per_version``
+updates. Either way each update is checked, written to SQLite, folded into the aggregate of
+the job's strategy and only then acknowledged; after a restart the stored updates are folded
+in again and the round (or version buffer) carries on where it stopped.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Which devices train in a round (pure).
 
-Eligible: online and not busy. Preferred: not picked in the previous round; devices picked
-last round fill the remaining places only when too few others are available. Ties are
-broken by a seeded shuffle, so selection is fair over rounds and reproducible in tests.
+Eligible: online and not busy (the coordinator has already left out devices that refuse
+training, ``extra.train`` = 0 in their telemetry). Preferred: not picked in the previous
+round; devices picked last round fill the remaining places only when too few others are
+available. Ties are broken by a seeded shuffle, so selection is fair over rounds and
+reproducible in tests.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Status:
     ts: float
     agent_version: str = ""
     reason: str = ""
-    fleet: str = ""  # the device's group, for rollouts; empty from agents before 0.2
+    fleet: str = ""  # the device's group, for rollouts; empty from agents that send none
 
     def __post_init__(self) -> None:
         _ids(device_id=self.device_id)
