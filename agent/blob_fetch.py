@@ -9,8 +9,9 @@ Chunks are not signed, the manifest is: anyone on the broker can send chunks. A 
 must claim the size the signed manifest gives, and where the manifest lists piece digests
 (`FileEntry.pieces`), each piece is checked as soon as its bytes are in, so a forged chunk
 is refused (`bad_piece`) and the genuine one still taken. Chunks of another layout (chunk
-size) are kept apart, at most `MAX_LAYOUTS` per blob, so a forged first chunk cannot make
-the genuine ones unacceptable.
+size) are kept apart, at most `MAX_LAYOUTS` per blob: a layout is kept once its first chunk
+is taken, and a new one replaces the layout holding the fewest bytes, so forged chunks
+cannot make the genuine ones unacceptable.
 """
 
 from __future__ import annotations
@@ -111,11 +112,14 @@ class BlobFetches:
             layout = (chunk.count, chunk.size, chunk.chunk_size)
             reassembly = fetch.layouts.get(layout)
             if reassembly is None:
-                if len(fetch.layouts) >= MAX_LAYOUTS:
-                    raise DecodeError("too many chunk layouts for one blob", reason="bad_chunk")
                 reassembly = Reassembly(chunk, piece_size=fetch.piece_size, pieces=fetch.pieces)
+                reassembly.add(chunk)  # (a forged first chunk of a new layout leaves no trace)
+                if len(fetch.layouts) >= MAX_LAYOUTS:  # the one with the fewest bytes goes
+                    least = min(fetch.layouts, key=lambda k: fetch.layouts[k].received_bytes())
+                    del fetch.layouts[least]
                 fetch.layouts[layout] = reassembly
-            reassembly.add(chunk)
+            else:
+                reassembly.add(chunk)
             if not reassembly.complete:
                 return None
             try:

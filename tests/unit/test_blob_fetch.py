@@ -127,14 +127,32 @@ def test_chunks_claiming_another_size_than_the_manifest_are_refused() -> None:
     assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB
 
 
-def test_layouts_per_blob_are_capped() -> None:
+def test_layouts_per_blob_are_capped_and_a_new_one_replaces_the_emptiest() -> None:
     fetches = BlobFetches("dev-1", Wire())
     fetches.want(SHA)  # size not known: any self-consistent layout is kept apart
     for n in range(blob_fetch.MAX_LAYOUTS):
         fetches.add_chunk(BlobChunk(SHA, 0, -(-len(BLOB) // (100 + n)), len(BLOB), 100 + n,
                                     bytes(100 + n)))  # fmt: skip
-    with pytest.raises(DecodeError, match="too many chunk layouts"):
-        fetches.add_chunk(_chunks()[0])
+    *first, last = _chunks()
+    for chunk in first:  # a fifth layout: it replaces one, and is collected
+        assert fetches.add_chunk(chunk) is None
+    assert len(fetches._fetches[SHA].layouts) == blob_fetch.MAX_LAYOUTS
+    assert fetches.add_chunk(last) == BLOB
+
+
+def test_forged_chunks_of_new_layouts_leave_no_trace_with_piece_digests() -> None:
+    # Four forged first chunks, each of its own chunk size (whole pieces), used to fill
+    # every layout slot and make the genuine chunks unacceptable until a restart.
+    fetches = BlobFetches("dev-1", Wire())
+    fetches.want(SHA, len(BLOB), 1024, piece_digests(BLOB, 1024))
+    for n in range(1, blob_fetch.MAX_LAYOUTS + 3):
+        size = 1024 * n
+        forged = BlobChunk(SHA, 0, -(-len(BLOB) // size), len(BLOB), size, bytes(size))
+        with pytest.raises(DecodeError) as refused:
+            fetches.add_chunk(forged)
+        assert refused.value.reason == "bad_piece"
+    assert fetches._fetches[SHA].layouts == {}
+    assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB
 
 
 def test_a_request_lists_at_most_max_listed_chunks_else_asks_for_all() -> None:
