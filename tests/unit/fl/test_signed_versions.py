@@ -43,6 +43,29 @@ def test_the_key_is_made_once_private_and_reloaded(tmp_path: Path) -> None:
         load_or_create_key(tmp_path)
 
 
+def test_a_key_others_can_read_is_made_private_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = load_or_create_key(tmp_path)
+    (tmp_path / KEY_FILE).chmod(0o644)
+    (tmp_path / KEY_FILE).parent.chmod(0o755)
+    assert load_or_create_key(tmp_path) == key
+    assert stat.S_IMODE((tmp_path / KEY_FILE).stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / KEY_FILE).parent.stat().st_mode) == 0o700
+    assert "mode 644 (others could read it)" in caplog.text
+
+
+def test_a_lost_key_whose_public_half_devices_pinned_is_not_replaced(tmp_path: Path) -> None:
+    load_or_create_key(tmp_path)
+    (tmp_path / KEY_FILE).unlink()
+    with pytest.raises(StoreError, match="Restore the key from a backup"):
+        load_or_create_key(tmp_path)
+    assert not (tmp_path / KEY_FILE).exists()
+    (tmp_path / PUBLIC_FILE).unlink()  # rotating it, on purpose
+    key = load_or_create_key(tmp_path)
+    assert read_public_key(tmp_path) == public_key(key)
+
+
 def test_cli_prints_the_public_key(tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path)
     out = subprocess.run(
