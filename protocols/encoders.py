@@ -20,6 +20,11 @@ def _nonfinite() -> EncodeError:
     return EncodeError("NaN or Inf in a message field")
 
 
+def _as_float(value: object) -> object:
+    """An int as the float it decodes to (so encode(decode(b)) == b); anything else as is."""
+    return float(value) if type(value) is int else value
+
+
 def _gen_finite(src: Source, spec: Spec, v: str, ind: int) -> None:
     """Emit code raising EncodeError if `v` (of type `spec`) holds a NaN or Inf float."""
     kind = spec[0]
@@ -36,11 +41,13 @@ def _gen_finite(src: Source, spec: Spec, v: str, ind: int) -> None:
 def _gen_value(src: Source, spec: Spec, v: str, finite: bool) -> str:
     """An expression for the map form of `v`, a value of type `spec`."""
     kind = spec[0]
+    if kind == "float":  # (an int would decode as a float: re-encoded, other bytes)
+        return f"({v} if type({v}) is float else {src.ref(_as_float)}({v}))"
     if kind in ("bytes", "binary"):
         return f"{src.ref(wire.big)}({v})"
     if kind == "cls":
         return f"{src.ref(to_map_finite if finite else to_map)}({v})"
-    if kind == "opt" and spec[1][0] in ("bytes", "binary", "cls", "tuple", "dict"):
+    if kind == "opt" and spec[1][0] in ("bytes", "binary", "cls", "tuple", "dict", "float"):
         return f"None if {v} is None else {_gen_value(src, spec[1], v, finite)}"
     if kind in ("tuple", "dict") and spec[1][0] in ("bytes", "binary", "cls", "opt"):
         item, key = src.var(), src.var()

@@ -347,6 +347,14 @@ MESSAGE_TYPES: tuple[type[Any], ...] = (
 _BY_KIND: dict[str, tuple[type[Any], Callable[..., Any]]] = {
     cls.KIND: (cls, schema.decoder(cls)) for cls in MESSAGE_TYPES
 }
+#: Caps for kinds that have no reason to be large, below the caller's: decoding builds
+#: objects many times the size of what they decode from (an unknown field full of empty
+#: arrays costs about 70 bytes of memory per byte), so a small kind stays small. A manifest
+#: lists 32 bytes of digests per 64 KiB of each file: 1 MiB for a 2 GiB file.
+KIND_MAX_BYTES: dict[type[Any], int] = {
+    Status: 64 * 1024, Telemetry: 256 * 1024, Command: 64 * 1024, Ack: 64 * 1024,
+    BlobRequest: 64 * 1024, TrainTask: 1024 * 1024, ModelManifest: 8 * 1024 * 1024,
+}  # fmt: skip
 _ENCODERS: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
 _NO_VERSION: Any = object()
 M = TypeVar("M")
@@ -395,7 +403,11 @@ def _reject_version(cls: type[Any], version: object) -> NoReturn:
 def decode_as(
     cls: type[M], data: bytes | bytearray | memoryview, max_bytes: int = wire.DEFAULT_MAX_BYTES
 ) -> M:
-    """Decode a message that must be of type `cls`; DecodeError (reason ``wrong_kind``) if not."""
+    """Decode a message that must be of type `cls`, of at most `max_bytes` (or its kind's
+    `KIND_MAX_BYTES`, if smaller); DecodeError (reason ``wrong_kind``) if it is another kind."""
+    cap = KIND_MAX_BYTES.get(cls)
+    if cap is not None and cap < max_bytes:
+        max_bytes = cap
     message = decode(data, max_bytes)
     if not isinstance(message, cls):
         raise DecodeError(

@@ -103,7 +103,10 @@ class BigBinary:
 
 def big(value: bytes | bytearray | memoryview) -> bytes | BigBinary:
     """Wrap a binary for `pack_map`: large ones as `BigBinary`, small ones as bytes."""
-    view = value if type(value) is memoryview else memoryview(value)
+    try:
+        view = value if type(value) is memoryview else memoryview(value)
+    except TypeError as exc:
+        raise EncodeError(f"a binary field needs bytes, not {type(value).__name__}") from exc
     if view.nbytes < _BIG_BIN:
         return view.tobytes()
     if not view.c_contiguous:

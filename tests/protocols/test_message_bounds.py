@@ -64,3 +64,18 @@ def test_blob_requests_name_a_hash_and_sane_indices(fields: dict[str, Any]) -> N
     assert info.value.reason == "bad_field"
     ok = messages.decode(_payload(BlobRequest, device_id="d", blob_sha256=_SHA, indices=[0, 7]))
     assert ok == BlobRequest("d", _SHA, (0, 7))
+
+
+def test_small_kinds_have_small_caps_whatever_the_caller_allows() -> None:
+    # An unknown field of empty arrays: about 70 bytes of memory per byte once decoded.
+    junk = [[] for _ in range(70_000)]
+    bloated = _payload(Status, device_id="d", state="online", ts=1.0, junk=junk)
+    with pytest.raises(DecodeError, match="exceeds the cap of 65536") as info:
+        messages.decode_as(Status, bloated, 16 * 1024 * 1024)
+    assert info.value.reason == "too_large"
+    small = _payload(Status, device_id="d", state="online", ts=1.0, junk=junk[:100])
+    assert messages.decode_as(Status, small, 16 * 1024 * 1024).device_id == "d"
+    with pytest.raises(DecodeError, match="exceeds the cap of 1000"):  # a smaller one wins
+        messages.decode_as(Status, bloated, 1000)
+    update = _payload(ModelUpdate, **{**_UPDATE, "junk": junk})  # large kinds: the caller's
+    assert messages.decode_as(ModelUpdate, update, 16 * 1024 * 1024).device_id == "d"

@@ -258,6 +258,8 @@ def test_encode_refuses_foreign_types() -> None:
         messages.encode(Telemetry("d", 1.0, np.int64(3), 1.0, 1.0, 1, 1))  # type: ignore[arg-type]
     with pytest.raises(EncodeError):
         messages.encode(Ack("r", True, 1.0, reason=object()))  # type: ignore[arg-type]
+    with pytest.raises(EncodeError, match="binary field needs bytes, not str"):
+        messages.encode(BlobChunk("a" * 64, 0, 1, 1, 1, "x"))  # type: ignore[arg-type]
 
 
 def test_constructors_validate() -> None:

@@ -36,6 +36,15 @@ def test_a_signed_manifest_verifies_after_a_trip_over_the_wire() -> None:
     verify_manifest(received, {public_key(key)})
 
 
+def test_an_int_in_a_float_field_still_verifies_after_the_trip() -> None:
+    # (decoded as a float: were it encoded as an int, the re-encoded bytes would differ)
+    key = generate_private_key()
+    signed = sign_manifest(dataclasses.replace(_manifest(), created=1_700_000_000), key)
+    received = messages.decode_as(ModelManifest, messages.encode(signed))
+    assert type(received.created) is float
+    verify_manifest(received, {public_key(key)})
+
+
 @pytest.mark.parametrize(
     "change",
     [
