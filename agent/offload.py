@@ -40,6 +40,8 @@ CANDIDATES_FILE = "candidates.npz"
 OUTCOMES = ("answered", "timeout", "error", "skipped")
 #: Offload requests waiting for the cloud at once; past that, rows are answered locally.
 MAX_IN_FLIGHT = 8
+#: Classes a cloud answer may have per row where the local model does not say.
+MAX_CLASSES = 1 << 16
 #: Candidate rows written to the file together (or after `FLUSH_S` seconds).
 FLUSH_ROWS = 64
 FLUSH_S = 5.0
@@ -241,7 +243,9 @@ class Offloader:
         try:
             if response.error or len(response.outputs) != 1:
                 raise DecodeError(response.error or "no output", reason="cloud_error")
-            logits = np.asarray(decode_tensor(response.outputs[0]), np.float64)
+            # (bounded first: a sparse tensor of a few bytes can claim any shape)
+            limit = n * (classes or MAX_CLASSES)
+            logits = np.asarray(decode_tensor(response.outputs[0], limit), np.float64)
             if logits.ndim != 2 or len(logits) != n or logits.shape[1] < 1:
                 raise DecodeError(
                     f"logits of shape {logits.shape} for {n} rows", reason="cloud_error"

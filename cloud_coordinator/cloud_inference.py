@@ -15,6 +15,7 @@ asks.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -29,7 +30,13 @@ from cloud_coordinator.bundles import LOGITS_NAME, run_logits, session
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.model_registry import ModelRegistry, VersionRecord
 from protocols.errors import DecodeError
-from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
+from protocols.messages import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelManifest,
+    decode_as,
+    encode,
+)
 from protocols.model_format import MODEL_FILE
 from protocols.mqtt_types import MqttError
 from protocols.tensors import decode_tensor, encode_dense
@@ -41,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1024
+#: Elements of one input row at most, where the model's input shape leaves them free.
+MAX_ROW_ELEMENTS = 1 << 16
 QUEUE_LIMIT = 64
 #: Requests one device may have waiting at once (the rest are answered "busy" at once).
 PER_DEVICE_QUEUED = 4
@@ -56,6 +65,16 @@ class Responder(Protocol):
         response_topic: str = "", correlation: bytes = b"",
     ) -> object:  # fmt: skip
         """Queue one message."""
+
+
+def _row_elements(manifest: ModelManifest) -> int:
+    """Elements in one input row of the model (`MAX_ROW_ELEMENTS` where a size is free)."""
+    if not manifest.inputs:
+        return MAX_ROW_ELEMENTS
+    dims = manifest.inputs[0].shape[1:]
+    if any(d <= 0 for d in dims):
+        return MAX_ROW_ELEMENTS
+    return min(math.prod(dims), MAX_ROW_ELEMENTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +179,9 @@ class CloudInference:
             self._count("unknown_model")
             self._answer(job, error=f"no model {request.model_name!r} in the cloud")
             return
-        try:
-            x = np.asarray(decode_tensor(request.inputs[0]), dtype=np.float32)
+        try:  # (bounded first: a sparse tensor of a few bytes can claim any shape)
+            limit = MAX_BATCH * _row_elements(record.manifest)
+            x = np.asarray(decode_tensor(request.inputs[0], limit), dtype=np.float32)
         except DecodeError as exc:
             self._count("bad_input")
             self._answer(job, error=f"bad input: {exc}")

@@ -5,6 +5,7 @@ in batches, and the coordinator serves devices fairly and tolerates clock skew."
 from __future__ import annotations
 
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.model_registry import ModelRegistry
 from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
 from protocols.mqtt import NotConnectedError
-from protocols.tensors import encode_dense
+from protocols.tensors import WireTensor, encode_dense
 from tests.agent_inference.conftest import agent_config
 
 
@@ -48,6 +49,21 @@ def test_a_cloud_answer_of_another_shape_is_not_used(tmp_path: Path, logits: Any
     assert off.counts["error"] == 1
     good = InferenceResponse("r", "v1", (encode_dense("logits", np.ones((2, 10), np.float32)),))
     assert off._logits(good, 2, 10) is not None
+
+
+def test_a_tiny_sparse_answer_claiming_a_huge_shape_is_refused_before_it_is_built(
+    tmp_path: Path,
+) -> None:
+    off = _offloader(tmp_path)
+    huge = WireTensor("logits", "f32", (2, 1 << 27), b"", indices=b"")  # 1 GiB if expanded
+    tracemalloc.start()
+    try:
+        assert off._logits(InferenceResponse("r", "v1", (huge,), ""), 2, 10) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 1024 * 1024
+    assert off.counts["error"] == 1
 
 
 def test_past_the_in_flight_cap_rows_are_answered_locally_at_once(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ expired, and says 'busy' rather than queue without bound. A real registry, real 
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.templates import get_template
 from protocols.errors import DecodeError
 from protocols.messages import InferenceRequest, InferenceResponse, decode_as, encode
-from protocols.tensors import decode_tensor, encode_dense
+from protocols.tensors import WireTensor, decode_tensor, encode_dense
 
 RESP = "fedge/v1/dev/cam-1/infer/resp"
 REQ = "fedge/v1/dev/cam-1/infer/req"
@@ -98,6 +99,22 @@ def test_a_version_rolled_back_on_the_fleet_does_not_answer(registry: ModelRegis
     np.testing.assert_allclose(decode_tensor(sent.response.outputs[0]), expected, rtol=1e-5)
     (sent,) = served(registry, request(x), rolled_back=("j.r0", "j.r1")).sent
     assert sent.response.model_version == "j.r1"  # every one refused: still the newest
+
+
+def test_a_sparse_input_claiming_a_huge_shape_is_refused_before_it_is_built(
+    registry: ModelRegistry,
+) -> None:
+    huge = WireTensor("input", "f32", (1024, 1 << 18), b"", indices=b"")  # 1 GiB expanded
+    payload = encode(InferenceRequest("r-1", "digits-mlp", (huge,), RESP, 1e12))
+    tracemalloc.start()
+    try:
+        (sent,) = served(registry, payload).sent
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sent.response.error.startswith("bad input")
+    assert "exceeds" in sent.response.error
+    assert peak < 64 * 1024 * 1024
 
 
 def test_errors_and_expired_requests_are_answered(registry: ModelRegistry) -> None:
