@@ -32,6 +32,7 @@ _F32 = DTYPES["f32"]
 _F32_TINY = float(np.finfo(np.float32).tiny)
 _F32_MAX = float(np.finfo(np.float32).max)
 _MAX_RANK = 8
+_VARINT_BLOCK = 1 << 18
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -167,7 +168,10 @@ def varint_encode(values: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
 
 
 def varint_decode(buf: Binary, limit: int) -> npt.NDArray[np.int64]:
-    """Decode at most `limit` LEB128 integers, each below 2**35; DecodeError otherwise."""
+    """Decode at most `limit` LEB128 integers, each below 2**35; DecodeError otherwise.
+
+    Decoded in blocks of `_VARINT_BLOCK` integers, a byte position at a time, so memory
+    stays near the output's 8 bytes per integer (about 17 times the input at most)."""
     raw = np.frombuffer(buf, dtype=np.uint8)
     if raw.size == 0:
         return np.zeros(0, dtype=np.int64)
@@ -176,15 +180,23 @@ def varint_decode(buf: Binary, limit: int) -> npt.NDArray[np.int64]:
         raise DecodeError("truncated varint", reason="bad_tensor")
     if ends.size > limit:
         raise DecodeError("more indices than elements", reason="bad_tensor")
-    starts = np.empty_like(ends)
-    starts[0] = 0
-    starts[1:] = ends[:-1] + 1
-    if int((ends - starts).max()) >= 5:
-        raise DecodeError("varint longer than 5 bytes", reason="bad_tensor")
-    group = np.repeat(np.arange(ends.size), ends - starts + 1)
-    position = np.arange(raw.size) - starts[group]
-    parts = (raw & 0x7F).astype(np.int64) << (7 * position)
-    return np.add.reduceat(parts, starts)
+    out = np.empty(ends.size, np.int64)
+    for first in range(0, ends.size, _VARINT_BLOCK):
+        block_ends = ends[first : first + _VARINT_BLOCK]
+        starts = np.empty_like(block_ends)
+        starts[0] = ends[first - 1] + 1 if first else 0
+        starts[1:] = block_ends[:-1] + 1
+        extra = block_ends - starts  # bytes after the first
+        if int(extra.max()) >= 5:
+            raise DecodeError("varint longer than 5 bytes", reason="bad_tensor")
+        values = out[first : first + block_ends.size]
+        np.bitwise_and(raw[starts], 0x7F, out=values, casting="unsafe")
+        for k in range(1, 5):
+            more = np.flatnonzero(extra >= k)
+            if more.size == 0:
+                break
+            values[more] |= (raw[starts[more] + k] & 0x7F).astype(np.int64) << (7 * k)
+    return out
 
 
 def _check_shape(t: WireTensor, max_elements: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 
 import numpy as np
 import numpy.typing as npt
@@ -330,6 +331,22 @@ def test_varint_round_trip() -> None:
     assert varint_decode(memoryview(encoded.tobytes()), len(VARINTS)).tolist() == VARINTS
     assert varint_encode(np.zeros(0, dtype=np.uint64)).size == 0
     assert varint_decode(b"", 0).tolist() == []
+
+
+def test_varints_across_blocks_and_in_bounded_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = np.random.default_rng(3).integers(0, 2**35, 10_001).astype(np.uint64)
+    encoded = varint_encode(values).tobytes()
+    monkeypatch.setattr(tensors, "_VARINT_BLOCK", 7)  # many blocks, varints of every length
+    assert varint_decode(encoded, len(values)).tolist() == values.tolist()
+    monkeypatch.undo()
+    ones = bytes(1_000_000)  # a million one-byte varints (zero gaps): the costliest input
+    tracemalloc.start()
+    try:
+        assert varint_decode(ones, len(ones)).sum() == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * len(ones) + (16 << 20)  # the output (8 bytes each), its ends, a block
 
 
 def test_varint_limits() -> None:
