@@ -164,22 +164,25 @@ def unpack_map(
         raise DecodeError("empty payload", reason="malformed")
     if size >= ZERO_COPY_THRESHOLD:
         value = _FAIL
-        if type(data) is bytes:
-            # The common case, tried first: one bin 32 found near the start that ends too near
-            # the end for another large binary to follow (what `_cut_and_unpack` would cut).
-            at = data.find(b"\xc6", 0, _CUT_WINDOW)
-            stop = size - _BIG_BIN - 3
-            if 0 <= at <= stop:
-                end = at + 5 + _U32(data, at + 1)[0]
-                if stop < end <= size and end - at - 5 >= _BIG_BIN:
-                    # the payload's last value: perhaps of a flat map (a tensor's, a chunk's)
-                    value = flat_map(data, at) if end == size else None
-                    if value is None:
-                        value = _unpack_one_cut(data, at, end)
-            if value is _FAIL:
-                value = _cut_and_unpack(data)
+        # (a bytearray or memoryview: one copy, for the fast paths below and bytes.find)
+        raw = data if isinstance(data, bytes) else bytes(data)
+        # The common case, tried first: one bin 32 found near the start that ends too near
+        # the end for another large binary to follow (what `_cut_and_unpack` would cut).
+        at = raw.find(b"\xc6", 0, _CUT_WINDOW)
+        stop = size - _BIG_BIN - 3
+        if 0 <= at <= stop:
+            end = at + 5 + _U32(raw, at + 1)[0]
+            if stop < end <= size and end - at - 5 >= _BIG_BIN:
+                # the payload's last value: perhaps of a flat map (a tensor's, a chunk's)
+                value = flat_map(raw, at) if end == size else None
+                if value is None:
+                    value = _unpack_one_cut(raw, at, end)
         if value is _FAIL:
-            value = walk(data)
+            value = _cut_and_unpack(raw)
+        if value is _FAIL:  # msgpack's C unpacker on the whole (its binaries copied) ...
+            value = _unpack_whole(raw)
+        if value is _FAIL:  # ... and only where it fails, the walker: its errors name why
+            value = walk(raw)
     else:
         try:
             value = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
@@ -215,6 +218,14 @@ def _placeholder(i: int) -> bytes:  # fixext 16, code 127: the nonce and the ord
 
 _PLACEHOLDERS = [b"\xd8\x7f" + _NONCE + i.to_bytes(4, "little") for i in range(256)]
 _unpackb = msgpack.unpackb
+
+
+def _unpack_whole(data: bytes) -> Any:
+    """`data` decoded by msgpack's C unpacker, or `_FAIL`."""
+    try:
+        return _unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except _MSGPACK_ERRORS:
+        return _FAIL
 
 
 def _unpack_one_cut(data: bytes, at: int, end: int) -> Any:
