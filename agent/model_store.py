@@ -19,7 +19,8 @@ from pathlib import Path
 
 from agent.errors import AgentError
 from protocols.errors import DecodeError
-from protocols.messages import FileEntry, ModelManifest, decode_as, encode, valid_sha256
+from protocols.field_checks import valid_sha256
+from protocols.messages import FileEntry, ModelManifest, decode_as, encode
 from protocols.topics import valid_id
 
 

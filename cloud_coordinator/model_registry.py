@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 from cloud_coordinator.errors import StoreError
 from protocols.errors import DecodeError
-from protocols.messages import ModelManifest, decode_as, encode, valid_sha256
+from protocols.field_checks import valid_sha256
+from protocols.messages import ModelManifest, decode_as, encode
 
 SCHEMA_VERSION = 1
 DB_FILE = "models.db"

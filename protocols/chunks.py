@@ -18,7 +18,8 @@ import hashlib
 from collections.abc import Iterator
 
 from protocols.errors import DecodeError
-from protocols.messages import PIECE_DIGEST_BYTES, BlobChunk, valid_sha256
+from protocols.field_checks import valid_sha256
+from protocols.messages import PIECE_DIGEST_BYTES, BlobChunk
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MAX_BLOB_SIZE = 2 * 1024**3

@@ -8,17 +8,19 @@ version may add fields (always with defaults); a different major version is reje
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 from protocols import schema, wire
 from protocols.errors import DecodeError, VersionError
+from protocols.field_checks import counts as _counts
+from protocols.field_checks import finite as _finite
+from protocols.field_checks import ids as _ids
+from protocols.field_checks import sha256 as _sha256
 from protocols.model_format import LayerSpec
 from protocols.schema import Binary, Scalar, fast_constructor, omit_defaults
 from protocols.tensors import WireTensor
-from protocols.topics import valid_id
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -26,39 +28,6 @@ OFFLINE = "offline"
 
 #: Bytes of one piece digest in a `FileEntry` (a sha256).
 PIECE_DIGEST_BYTES = 32
-#: The largest counter a message may carry (what SQLite's INTEGER holds).
-MAX_COUNT = (1 << 63) - 1
-
-
-def _ids(**values: str) -> None:
-    for what, value in values.items():
-        if not valid_id(value):
-            raise ValueError(f"{what} {value!r} is not a valid identifier")
-
-
-def _finite(what: str, values: Iterable[float]) -> None:
-    """ValueError unless every value is finite (the encoder refuses NaN and Inf too)."""
-    if not all(map(math.isfinite, values)):
-        raise ValueError(f"{what} must be finite numbers, not NaN or Inf")
-
-
-def _counts(**values: int) -> None:
-    for what, value in values.items():
-        if not 0 <= value <= MAX_COUNT:
-            raise ValueError(f"{what} must be 0 to 2**63-1, got {value}")
-
-
-_HEX = frozenset("0123456789abcdef")
-
-
-def valid_sha256(value: str) -> bool:
-    """Whether `value` is a sha256 as the protocol writes it: 64 lowercase hex digits."""
-    return len(value) == 64 and _HEX.issuperset(value)
-
-
-def _sha256(value: str) -> None:
-    if not valid_sha256(value):
-        raise ValueError("sha256 must be 64 lowercase hex digits")
 
 
 @fast_constructor
@@ -125,6 +94,7 @@ class Command:
 
     def __post_init__(self) -> None:
         _ids(cmd_id=self.cmd_id)  # (a device keeps the ids it ran: no spaces, no newlines)
+        _finite("ts and ttl_s", (self.ts, self.ttl_s))  # (a NaN ttl would never expire)
 
 
 @fast_constructor
@@ -139,6 +109,9 @@ class Ack:
     ts: float
     reason: str = ""
     duplicate: bool = False
+
+    def __post_init__(self) -> None:
+        _finite("ts", (self.ts,))
 
 
 @omit_defaults  # a file without piece digests is written as before they existed
@@ -207,6 +180,7 @@ class ModelManifest:
 
     def __post_init__(self) -> None:
         _ids(model_name=self.name, version=self.version)
+        _finite("created", (self.created,))
 
     @property
     def serving(self) -> str:
@@ -232,6 +206,7 @@ class TrainTask:
 
     def __post_init__(self) -> None:
         _ids(job_id=self.job_id, model_name=self.model_name)
+        _finite("deadline", (self.deadline,))
 
 
 @fast_constructor
@@ -312,6 +287,9 @@ class InferenceRequest:
     inputs: tuple[WireTensor, ...]
     reply_to: str
     deadline: float
+
+    def __post_init__(self) -> None:
+        _finite("deadline", (self.deadline,))  # (a NaN deadline would never pass)
 
 
 @fast_constructor

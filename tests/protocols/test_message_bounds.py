@@ -13,7 +13,8 @@ import pytest
 
 from protocols import messages, wire
 from protocols.errors import DecodeError
-from protocols.messages import MAX_COUNT, BlobRequest, ModelUpdate, Status, Telemetry
+from protocols.field_checks import MAX_COUNT
+from protocols.messages import BlobRequest, ModelUpdate, Status, Telemetry
 
 
 def _payload(kind: type[Any], **fields: Any) -> bytes:
@@ -79,3 +80,21 @@ def test_small_kinds_have_small_caps_whatever_the_caller_allows() -> None:
         messages.decode_as(Status, bloated, 1000)
     update = _payload(ModelUpdate, **{**_UPDATE, "junk": junk})  # large kinds: the caller's
     assert messages.decode_as(ModelUpdate, update, 16 * 1024 * 1024).device_id == "d"
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [
+        (messages.Command, {"cmd_id": "c1", "action": "ping", "ts": 1.0, "ttl_s": float("nan")}),
+        (messages.Ack, {"ref": "r", "ok": True, "ts": float("inf")}),
+        (messages.TrainTask, {"task_id": "t", "job_id": "j", "round": 0, "model_name": "m",
+                              "base_version": "v", "deadline": float("nan")}),
+        (messages.InferenceRequest, {"request_id": "r", "model_name": "m", "inputs": [],
+                                     "reply_to": "x", "deadline": float("nan")}),
+    ],
+)  # fmt: skip
+def test_nan_times_are_refused(kind: type[Any], fields: dict[str, Any]) -> None:
+    # (a NaN deadline or time-to-live compares false with every time: it would never pass)
+    with pytest.raises(DecodeError) as info:
+        messages.decode_as(kind, _payload(kind, **fields))
+    assert info.value.reason == "bad_field"
