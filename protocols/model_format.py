@@ -75,7 +75,8 @@ def unpack_tensors(
     fields = wire.unpack_map(data, max_bytes)
     if fields.get("kind") != _TENSORS_KIND:
         raise DecodeError(f"not a tensors file (kind {fields.get('kind')!r})", reason="wrong_kind")
-    if fields.get("v") != _TENSORS_VERSION:
+    version = fields.get("v")
+    if type(version) is not int or version != _TENSORS_VERSION:  # (True == 1 == 1.0)
         raise DecodeError(
             f"tensors file version {fields.get('v')!r}; this side reads {_TENSORS_VERSION}",
             reason="version",
