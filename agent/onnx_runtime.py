@@ -10,6 +10,11 @@ before it reaches onnxruntime, and `OnnxModel.run_checked` runs an already check
 straight through the session's native call. onnxruntime's exceptions are translated here;
 its types do not leave this module.
 
+onnxruntime's own log goes to stderr unformatted (ANSI colours, no priority prefix), so
+only its errors are let through, and its telemetry is off: from 1.32, loading it under a
+user without a writable home (the service's fedge user) warned that it could not keep a
+telemetry id. Load failures are not lost: they are exceptions, which the agent logs.
+
     AgentError (agent.errors)
     ├── InferenceError   a model cannot be loaded or run
     └── InputError       an input does not fit the model's input schema
@@ -18,8 +23,12 @@ its types do not leave this module.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# Read by onnxruntime while it loads (the warning comes from its import); "0" re-enables.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +36,12 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from agent.errors import InferenceError, InputError
+
+#: onnxruntime's severities: 0 verbose, 1 info, 2 warning, 3 error, 4 fatal.
+ORT_LOG_ERRORS_ONLY = 3
+ort.set_default_logger_severity(ORT_LOG_ERRORS_ONLY)
+if hasattr(ort, "disable_telemetry_events"):  # (not in every build)
+    ort.disable_telemetry_events()
 
 __all__ = ["BoundRun", "InferenceError", "InputError", "OnnxModel", "choose_providers"]
 
@@ -93,7 +108,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: warnings go to our own logs as exceptions
+    # errors only: warnings go to our own logs as exceptions
+    options.log_severity_level = ORT_LOG_ERRORS_ONLY
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
