@@ -29,7 +29,7 @@ config file: --config, $FEDGE_CONFIG, /etc/fedge/coordinator.toml, ~/.config/fed
 environment: FEDGE_<KEY> for a top-level key, FEDGE_<SECTION>_<KEY> for one in a section:
   FEDGE_DATA_DIR, FEDGE_HTTP_HOST, FEDGE_HTTP_PORT, FEDGE_MQTT_HOST, FEDGE_MQTT_PORT,
   FEDGE_MQTT_TLS_CA, FEDGE_AGGREGATION_DEVICE, ...
-exit status: 0 ok, 1 error, 78 invalid configuration.
+exit status: 0 ok, 1 error, 78 invalid configuration (or a missing dependency).
 examples:
   fedge-coordinator demo --agents 3 --rounds 5    (the product tour, broker included)
   fedge-coordinator serve --broker 127.0.0.1:1883 --http 127.0.0.1:8780
@@ -39,6 +39,8 @@ examples:
 
 
 COMMANDS = ("serve", "devices", "rejections", "public-key", "demo")
+#: fedge's own top-level packages: a missing module among these is a bug, not a missing extra.
+OUR_PACKAGES = frozenset({"agent", "cloud_coordinator", "protocols"})
 #: `cloud_coordinator.templates.template_names()`, without importing torch for --help.
 DEMO_TEMPLATES = ("digits_cnn", "digits_mlp", "machine_health")
 
@@ -218,8 +220,18 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
         sys.stdout.write(as_toml(config))
         return 0
     setup_logging(config.log_level, config.log_format, "fedge-coordinator")
-    from cloud_coordinator.aggregation import AggregationError
-    from cloud_coordinator.service import Coordinator
+    try:
+        from cloud_coordinator.aggregation import AggregationError
+        from cloud_coordinator.service import Coordinator
+    except ModuleNotFoundError as exc:  # torch & co.: fedge installed without its extra
+        if (exc.name or "").partition(".")[0] in OUR_PACKAGES:
+            raise  # a broken install of fedge itself, not a missing dependency
+        fatal(
+            f"fedge-coordinator: cannot start: the module {exc.name!r} is not installed:"
+            " install fedge[coordinator] (pip install 'fedge[coordinator]'; with the"
+            " fedge-coordinator package: sudo dpkg-reconfigure fedge-coordinator)"
+        )
+        return EXIT_CONFIG
 
     try:
         coordinator = Coordinator(config)
