@@ -8,6 +8,7 @@ returns 0.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import threading
@@ -61,6 +62,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SHUTDOWN_PUBLISH_TIMEOUT_S = 2.0
+
+
+def missing_torch_warning(train: bool) -> str | None:
+    """Why every training task will fail, when `train` is on but torch cannot be found.
+
+    Looked up, never imported (the daemon stays small; only the training child loads it),
+    in this interpreter's path: the training child runs the same interpreter.
+    """
+    if not train or importlib.util.find_spec("torch") is not None:
+        return None
+    return (
+        "train = true, but torch is not installed for this Python: every training task will"
+        " fail (the training worker dies at start). Install the train extra"
+        " (pip install 'fedge[train]'; with the fedge-agent package see \"Training on a"
+        ' device" in /usr/share/doc/fedge-agent/operations.md), or set train = false so the'
+        " coordinator stops selecting this device"
+    )
 
 
 class Agent:
@@ -306,6 +324,9 @@ class Agent:
             self.config.mqtt.host,
             self.config.mqtt.port,
         )
+        warning = missing_torch_warning(self.config.train)
+        if warning is not None:
+            log.warning("%s", warning)
         if self.learner is not None:
             self.learner.start()
         if self.inference is not None:
