@@ -13,7 +13,8 @@ its types do not leave this module.
 onnxruntime's own log goes to stderr unformatted (ANSI colours, no priority prefix), so
 only its errors are let through, and its telemetry is off: from 1.32, loading it under a
 user without a writable home (the service's fedge user) warned that it could not keep a
-telemetry id. Load failures are not lost: they are exceptions, which the agent logs.
+telemetry id. Load failures are not lost: they are exceptions, which the agent logs; and
+a provider that onnxruntime could not start (a GPU it cannot open) is logged here.
 
     AgentError (agent.errors)
     ├── InferenceError   a model cannot be loaded or run
@@ -23,6 +24,7 @@ telemetry id. Load failures are not lost: they are exceptions, which the agent l
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +46,8 @@ if hasattr(ort, "disable_telemetry_events"):  # (not in every build)
     ort.disable_telemetry_events()
 
 __all__ = ["BoundRun", "InferenceError", "InputError", "OnnxModel", "choose_providers"]
+
+log = logging.getLogger(__name__)
 
 #: Everything onnxruntime raises on a bad model, bad input or failed provider.
 ORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -177,6 +181,14 @@ class OnnxModel:
         except ORT_ERRORS as exc:
             raise InferenceError(f"cannot load ONNX model: {exc}") from exc
         model = cls(session)
+        # onnxruntime falls back by itself, warning only in its own log (silenced above)
+        failed = [p for p in usable if p not in model.providers]
+        if failed:
+            log.warning(
+                "execution providers %s could not be started (no device it may open, or"
+                " missing CUDA/cuDNN/TensorRT libraries); the model runs on %s",
+                ", ".join(failed), ", ".join(model.providers),
+            )  # fmt: skip
         if warm_up:
             model.warm_up()
         return model

@@ -37,7 +37,8 @@ def test_training_without_torch_is_named_with_what_to_do(monkeypatch: pytest.Mon
     warning = missing_torch_warning(True)
     assert warning is not None
     assert "torch is not installed" in warning
-    assert "fedge[train]" in warning and "Training on a device" in warning
+    assert "fedge[train]" in warning
+    assert "Training on a device" in warning
     assert "set train = false" in warning
     assert missing_torch_warning(False) is None  # not training: nothing to say
 
@@ -113,3 +114,30 @@ def test_onnxruntime_is_quiet_without_a_writable_home(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no "Failed to persist telemetry device ID", no colours
     assert result.stdout.startswith("refused: cannot load ONNX model")  # errors still raised
+
+
+def test_a_provider_onnxruntime_could_not_start_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # onnxruntime's own "Failed to create CUDAExecutionProvider" warning is silenced now
+    pytest.importorskip("onnx")
+    from agent import onnx_runtime as rt
+    from tests.agent_training.test_onnx_runtime import _tiny_model
+
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    monkeypatch.setattr(rt.ort, "get_available_providers", lambda: [cuda, cpu])
+    real = rt.ort.InferenceSession
+
+    def no_gpu(data: bytes, sess_options: Any, providers: list[str]) -> Any:
+        return real(data, sess_options=sess_options, providers=[cpu])  # fell back to the CPU
+
+    monkeypatch.setattr(rt.ort, "InferenceSession", no_gpu)
+    with caplog.at_level(logging.WARNING, logger="agent.onnx_runtime"):
+        model = rt.OnnxModel.from_bytes(_tiny_model(), providers=[cuda, cpu])
+    assert model.providers == [cpu]
+    assert f"execution providers {cuda} could not be started" in caplog.text
+    assert f"the model runs on {cpu}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agent.onnx_runtime"):
+        rt.OnnxModel.from_bytes(_tiny_model(), providers=[cpu])
+    assert caplog.text == ""
