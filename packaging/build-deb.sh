@@ -5,15 +5,19 @@
 #   OUTDIR holds exactly one pure wheel, fedge-<version>-py3-none-any.whl, and at most one
 #   wheel of the same version built for this platform with the coordinator's C kernel,
 #   fedge-<version>-cp3*-<platform>.whl (`make dist` builds both into dist/ first). The
-#   agent package ships the pure wheel (Architecture: all: devices of any kind); the
-#   coordinator package ships the platform wheel (Architecture: this machine's, e.g.
-#   amd64), or the pure one (all) when there is none. The packages are written next to
-#   the wheels; running again overwrites them.
+#   agent package ships the pure wheel (Architecture: all: one package for amd64 and arm64
+#   devices); the coordinator package ships the platform wheel (Architecture: this
+#   machine's, amd64 or arm64), or the pure one (all) when there is none. The packages are
+#   written next to the wheels; running again overwrites them. Both packages install only
+#   on amd64 and arm64 (their preinst checks): onnxruntime and torch have no wheels on
+#   PyPI for other architectures, 32-bit ARM (armhf) included.
 #
 # Each package ships the wheel (/usr/share/fedge/wheels/<agent|coordinator>/), its systemd
 # unit (/lib/systemd/system/), its example config as a conffile (/etc/fedge/), a wrapper
-# (/usr/bin/fedge-<name>) and docs. Its postinst creates the fedge user and installs
-# fedge[<agent|coordinator>] into /opt/fedge/venv with pip (see packaging/deb/postinst).
+# (/usr/bin/fedge-<name>) and docs. Its preinst refuses architectures other than amd64 and
+# arm64; its postinst creates the fedge user (and, for the agent, the fedge-clients group)
+# and installs fedge[<agent|coordinator>] into /opt/fedge/venv with pip (see
+# packaging/deb/postinst).
 #
 # Environment: DEBFULLNAME and DEBEMAIL set the Maintainer field; SOURCE_DATE_EPOCH, when
 # set, fixes the timestamps inside the packages (reproducible builds).
@@ -60,7 +64,11 @@ if [[ ${#platform_wheels[@]} -eq 1 ]]; then
     case $platform_name in
         *_x86_64.whl) coordinator_arch=amd64 ;;
         *_aarch64.whl) coordinator_arch=arm64 ;;
-        *_armv7l.whl) coordinator_arch=armhf ;;
+        *_armv7l.whl)
+            die "$platform_name is for 32-bit ARM (armhf), where the coordinator cannot be" \
+                "installed: torch and onnxruntime have no wheels for it. Build on amd64 or" \
+                "arm64, or remove it from $outdir to package the pure wheel (Architecture: all)"
+            ;;
         *) die "no Debian architecture known for $platform_name" ;;
     esac
 fi
@@ -82,9 +90,9 @@ staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
 
 # Fill @NAME@ placeholders in a template.
-render() { # template dest mode name extra [wheel name]
+render() { # template dest mode name extra wheel-name arch
     sed -e "s|@PACKAGE@|fedge-$4|g" -e "s|@EXTRA@|$5|g" -e "s|@BIN@|fedge-$4|g" \
-        -e "s|@VERSION@|$version|g" -e "s|@WHEEL@|${6:-$wheel_name}|g" "$1" >"$2"
+        -e "s|@VERSION@|$version|g" -e "s|@WHEEL@|$6|g" -e "s|@ARCH@|$7|g" "$1" >"$2"
     chmod "$3" "$2"
 }
 
@@ -102,7 +110,7 @@ build_package() { # name (agent|coordinator), other package's name, one-line sum
     install -m 0644 "$pkg_wheel" "$root/usr/share/fedge/wheels/$name/$pkg_wheel_name"
     install -m 0644 "$repo/systemd/$pkg.service" "$root/lib/systemd/system/$pkg.service"
     install -m 0644 "$here/$name.toml" "$root/etc/fedge/$name.toml"
-    render "$here/deb/wrapper" "$root/usr/bin/$pkg" 0755 "$name" "$name" "$pkg_wheel_name"
+    render "$here/deb/wrapper" "$root/usr/bin/$pkg" 0755 "$name" "$name" "$pkg_wheel_name" "$arch"
     for doc in README.md docs/operations.md docs/configuration.md docs/architecture.md; do
         install -m 0644 "$repo/$doc" "$root/usr/share/doc/$pkg/$(basename "$doc")"
     done
@@ -141,11 +149,13 @@ $description
  The Python code is installed at configure time into /opt/fedge/venv (shared by
  fedge-agent and fedge-coordinator, which must have the same version): fedge from
  the wheel shipped here, fedge[$name]'s dependencies with pip from PyPI, or from
- the index named by PIP_INDEX_URL / PIP_EXTRA_INDEX_URL when set.
+ the index named by PIP_INDEX_URL / PIP_EXTRA_INDEX_URL when set. Only amd64 and
+ arm64 machines are supported: PyPI has no onnxruntime for other architectures.
 CONTROL
     echo "/etc/fedge/$name.toml" >"$root/DEBIAN/conffiles"
-    for script in postinst prerm postrm; do
-        render "$here/deb/$script" "$root/DEBIAN/$script" 0755 "$name" "$name" "$pkg_wheel_name"
+    for script in preinst postinst prerm postrm; do
+        render "$here/deb/$script" "$root/DEBIAN/$script" 0755 "$name" "$name" \
+            "$pkg_wheel_name" "$arch"
     done
     chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/conffiles"
     if [[ -n ${SOURCE_DATE_EPOCH:-} ]]; then
