@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -165,6 +166,139 @@ def test_state_directory_is_the_example_configs_data_dir(name: str) -> None:
     assert load_example(name).data_dir == f"/var/lib/{state}"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_units_leave_gpu_device_nodes_to_a_drop_in(name: str) -> None:
+    # PrivateDevices=yes hides /dev/nvidia* and the Jetson nodes with no way back for a
+    # drop-in, so inference_providers = "cuda" / "tensorrt" could never work.
+    service = unit_of(name)["Service"]
+    assert service.get("PrivateDevices", ["no"]) == ["no"]
+    if name == "agent":  # closed, and opened by DeviceAllow= in a drop-in (operations.md)
+        assert one(unit_of(name), "Service", "DevicePolicy") == "closed"
+        assert "DeviceAllow" not in service
+
+
+def test_the_agent_socket_directory_is_writable_and_for_fedge_clients() -> None:
+    unit = unit_of("agent")
+    listen = load_example("agent").inference_listen
+    assert listen.startswith("unix:")
+    socket_dir = str(Path(listen.removeprefix("unix:")).parent)
+    assert socket_dir == "/run/fedge-agent"
+    # ProtectSystem=strict: the rest of /run is read-only
+    assert one(unit, "Service", "ReadWritePaths") == socket_dir
+    # made by root before each start: owner fedge, group fedge-clients, set-group-ID, so the
+    # agent's socket (it makes it 0660) is in group fedge-clients, not fedge
+    prefix, _, command = one(unit, "Service", "ExecStartPre").partition("/")
+    assert prefix == "+"
+    assert shlex.split("/" + command) == [
+        "/usr/bin/install", "-d", "-o", "fedge", "-g", "fedge-clients", "-m", "2750", socket_dir
+    ]  # fmt: skip
+    # systemd would give a RuntimeDirectory= the service's group (fedge) before each command
+    assert "RuntimeDirectory" not in unit["Service"]
+
+
+_SERVE_SOCKET = """
+import os, sys
+from agent.config import ListenAddress
+from agent.http_api import ApiServer
+server = ApiServer(object(), ListenAddress(path=sys.argv[1]))  # type: ignore[arg-type]
+server.start()
+st = os.stat(sys.argv[1])
+print(st.st_gid, oct(st.st_mode & 0o7777), flush=True)
+sys.stdin.read()
+server.stop()
+"""
+_CONNECT = (
+    "import socket, sys\n"
+    "s = socket.socket(socket.AF_UNIX)\n"
+    "try:\n    s.connect(sys.argv[1])\nexcept OSError as exc:\n    sys.exit(exc.strerror)\n"
+)
+
+
+def _as(uid: int, gid: int, groups: list[int]) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]  # fmt: skip
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv (other users and groups)")  # fmt: skip
+def test_the_agents_socket_in_the_unit_directory_is_for_fedge_clients_only() -> None:
+    """The unit's ExecStartPre and the agent's own socket code, with stand-in ids: the
+    agent (not a member of fedge-clients) binds in the set-group-ID directory; members of
+    fedge-clients may connect, members of fedge only (and others) may not."""
+    agent, fedge, clients, app, other = 65534, 65533, 64999, 64998, 64997
+    base = Path(tempfile.mkdtemp(prefix="fedge-sock-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        socket_dir = base / "fedge-agent"
+        command = shlex.split(one(unit_of("agent"), "Service", "ExecStartPre").lstrip("+"))
+        command = [str(socket_dir) if a == "/run/fedge-agent" else a for a in command]
+        command = [{"fedge": str(agent), "fedge-clients": str(clients)}.get(a, a) for a in command]
+        subprocess.run(command, check=True)
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": "/nonexistent",
+               "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+        check = subprocess.run([*_as(agent, fedge, []), sys.executable, "-c", "import agent"],
+                               env=env, capture_output=True, cwd="/")  # fmt: skip
+        if check.returncode != 0:
+            pytest.skip(f"the checkout is not readable by uid {agent}")
+        path = socket_dir / "agent.sock"
+        with subprocess.Popen(
+            [*_as(agent, fedge, []), sys.executable, "-c", _SERVE_SOCKET, str(path)],
+            env=env, cwd="/", stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        ) as server:  # fmt: skip
+            assert server.stdout is not None
+            assert server.stdin is not None
+            assert server.stdout.readline().split() == [str(clients), "0o660"]
+
+            def connect(gid: int, groups: list[int]) -> str:
+                result = subprocess.run(
+                    [*_as(app, gid, groups), sys.executable, "-c", _CONNECT, str(path)],
+                    env=env, cwd="/", capture_output=True, text=True, timeout=30,
+                )  # fmt: skip
+                return "ok" if result.returncode == 0 else result.stderr.strip()
+
+            assert connect(other, [clients]) == "ok"
+            assert connect(clients, []) == "ok"
+            assert connect(other, [fedge]) == "Permission denied"
+            assert connect(other, []) == "Permission denied"
+            server.stdin.close()
+            assert server.wait(timeout=30) == 0
+        assert not path.exists()
+    finally:
+        shutil.rmtree(base)
+
+
+def _operations_gpu_drop_in() -> str:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    match = re.search(r"### GPU inference\n.*?```ini\n(.*?)```", text, re.DOTALL)
+    assert match, "docs/operations.md has no GPU drop-in"
+    return match.group(1)
+
+
+def test_the_documented_gpu_drop_in_opens_the_nvidia_nodes() -> None:
+    drop_in = _operations_gpu_drop_in()
+    allowed = re.findall(r"^DeviceAllow=(\S+) rw$", drop_in, re.MULTILINE)
+    assert {"/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"} <= set(allowed)
+
+
+def test_units_and_the_gpu_drop_in_pass_systemd_analyze(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    for name in NAMES:  # the wrapper is not installed here: a command that exists
+        text = (ROOT / "systemd" / f"fedge-{name}.service").read_text()
+        (tmp_path / f"fedge-{name}.service").write_text(
+            text.replace(EXEC_START[name][0], "/bin/true")
+        )
+    drop_ins = tmp_path / "fedge-agent.service.d"
+    drop_ins.mkdir()
+    (drop_ins / "gpu.conf").write_text(_operations_gpu_drop_in())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(f"./fedge-{n}.service" for n in NAMES)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fedge" not in result.stdout + result.stderr, result.stdout + result.stderr
+
+
 # --- example configs ----------------------------------------------------------------------------
 
 
@@ -257,12 +391,304 @@ def test_acl_confines_devices_and_names_the_default_coordinator() -> None:
 # --- maintainer scripts and the .deb build --------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["postinst", "prerm", "postrm", "wrapper"])
+SCRIPTS = ("preinst", "postinst", "prerm", "postrm")
+
+
+@pytest.mark.parametrize("script", [*SCRIPTS, "wrapper"])
 def test_maintainer_script_templates_are_posix_sh(script: str) -> None:
     path = PACKAGING / "deb" / script
     assert path.read_text().startswith("#!/bin/sh\n")
     result = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# The maintainer scripts and the wrapper, run for real in a fake root: every path they
+# touch is moved under it, and the commands that would change this host (useradd, systemctl,
+# chown, ...) or need the network (pip) are stubs that log what they were asked to do.
+_MOVED = re.compile(
+    r"/(?:opt/fedge|etc/fedge|usr/share/fedge|run/systemd/system|var/lib/fedge"
+    r"|etc/systemd/system|usr/bin/fedge-)"
+)
+_STUBS = {
+    "groupadd": 'echo "groupadd $*" >>"$FAKE_LOG"',
+    "useradd": 'echo "useradd $*" >>"$FAKE_LOG"',
+    "chown": 'echo "chown $*" >>"$FAKE_LOG"',
+    "getent": "exit 2",  # no such user or group yet
+    "dpkg-statoverride": "exit 1",  # no override
+    "dpkg": '[ "$1" = --print-architecture ] && echo "${FAKE_ARCH:-amd64}"',
+    "systemctl": 'echo "systemctl $*" >>"$FAKE_LOG"\n'
+    '[ "$1" != is-enabled ] || [ "${FAKE_ENABLED:-}" = 1 ]',
+    # install -o/-g need the user and group: dropped
+    "install": 'a=""; while [ $# -gt 0 ]; do case "$1" in -o|-g) shift 2 ;;'
+    ' *) a="$a $1"; shift ;; esac; done; exec /usr/bin/install $a',
+    # the system's python3: `--version`, and `-m venv --clear DIR` making a fake venv whose
+    # bin/python is a link to $FAKE_PYTHON (another target: python3 was upgraded)
+    "python3": '[ "$1" = --version ] && { echo "Python 3.99"; exit 0; }\n'
+    '[ "$1 $2 $3" = "-m venv --clear" ] || exit 1\n'
+    'rm -rf "$4"; mkdir -p "$4/bin"; ln -s "$FAKE_PYTHON" "$4/bin/python"; touch "$4/pip-works"',
+    # the venv's python: pip works while pip-works is there; "[extra]" fails with
+    # FAKE_PIP_FAIL=deps; an install adds the console scripts; -c (fedge's version, torch)
+    # finds nothing
+    "venv-python": 'venv=$(cd "$(dirname "$0")/.." && pwd)\n'
+    'echo "python $*" >>"$FAKE_LOG"\n'
+    '[ "$1 $2" = "-m pip" ] && [ -e "$venv/pip-works" ] || exit 1\n'
+    'case "$*" in *--version*) exit 0 ;;\n'
+    '  *"]"*) [ "${FAKE_PIP_FAIL:-}" != deps ] || exit 1 ;; esac\n'
+    "for b in fedge-agent fedge-coordinator; do\n"
+    '  printf \'#!/bin/sh\\necho "%s ran: $*"\\n\' "$b" >"$venv/bin/$b"; chmod +x "$venv/bin/$b"\n'
+    "done",
+}
+
+
+def render(template: str, name: str, arch: str = "all", version: str = "0.1.0") -> str:
+    """`template` from packaging/deb/ with its @NAME@ placeholders filled as build-deb.sh does."""
+    values = {"PACKAGE": f"fedge-{name}", "BIN": f"fedge-{name}", "EXTRA": name,
+              "VERSION": version, "WHEEL": f"fedge-{version}-py3-none-any.whl",
+              "ARCH": arch}  # fmt: skip
+    text = (PACKAGING / "deb" / template).read_text()
+    return PLACEHOLDER.sub(lambda m: values[m.group(0).strip("@")], text)
+
+
+@dataclass
+class FakeRoot:
+    """A directory standing for /, with stubbed commands; `run` runs a rendered script."""
+
+    root: Path
+    name: str = "agent"
+    arch: str = "all"
+
+    def __post_init__(self) -> None:
+        stubs = self.root / "stubs"
+        stubs.mkdir(parents=True)
+        for command, body in _STUBS.items():
+            (stubs / command).write_text(f"#!/bin/sh\n{body}\n")
+            (stubs / command).chmod(0o755)
+        shutil.copy(stubs / "venv-python", stubs / "python3.11")
+        shutil.copy(stubs / "venv-python", stubs / "python3.12")
+        for path in ("etc/fedge", f"usr/share/fedge/wheels/{self.name}"):
+            (self.root / path).mkdir(parents=True)
+        (self.root / f"etc/fedge/{self.name}.toml").write_text("")
+        self.env = {"PATH": f"{stubs}:/usr/bin:/bin", "FAKE_LOG": str(self.root / "log"),
+                    "FAKE_PYTHON": str(stubs / "python3.11")}  # fmt: skip
+
+    @property
+    def venv(self) -> Path:
+        return self.root / "opt/fedge/venv"
+
+    @property
+    def log(self) -> str:
+        path = self.root / "log"
+        return path.read_text() if path.exists() else ""
+
+    def systemd_running(self) -> None:
+        (self.root / "run/systemd/system").mkdir(parents=True, exist_ok=True)
+
+    def run(self, script: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        text = _MOVED.sub(
+            lambda m: f"{self.root}{m.group(0)}", render(script, self.name, self.arch)
+        )
+        path = self.root / f"{script}.sh"
+        path.write_text(text)
+        return subprocess.run(
+            ["sh", str(path), *args], env={**self.env, **env}, capture_output=True, text=True,
+            timeout=30,
+        )  # fmt: skip
+
+
+@pytest.fixture
+def fake_root(tmp_path: Path) -> FakeRoot:
+    return FakeRoot(tmp_path / "root")
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_preinst_installs_on_64_bit_machines(fake_root: FakeRoot, arch: str) -> None:
+    for args in (("install",), ("upgrade", "0.0.9"), ("abort-upgrade", "0.2.0")):
+        result = fake_root.run("preinst", *args, FAKE_ARCH=arch)
+        assert (result.returncode, result.stderr) == (0, ""), args
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("arch", ["armhf", "armel", "i386"])
+def test_preinst_refuses_machines_without_onnxruntime_wheels(
+    tmp_path: Path, name: str, arch: str
+) -> None:
+    fake_root = FakeRoot(tmp_path / "root", name)
+    result = fake_root.run("preinst", "install", FAKE_ARCH=arch)
+    assert result.returncode == 1
+    assert f"fedge-{name}: this machine's architecture, {arch}, is not supported" in result.stderr
+    assert "amd64 (x86_64) and arm64 (aarch64)" in result.stderr
+    assert not (fake_root.root / "opt").exists()  # before anything is unpacked
+    forced = fake_root.run("preinst", "install", FAKE_ARCH=arch, FEDGE_SKIP_PLATFORM_CHECK="1")
+    assert forced.returncode == 0
+    assert "FEDGE_SKIP_PLATFORM_CHECK is set" in forced.stderr
+
+
+def _wrapper(fake_root: FakeRoot, *args: str) -> subprocess.CompletedProcess[str]:
+    return fake_root.run("wrapper", *args)
+
+
+def test_postinst_creates_the_groups_and_the_venv_the_wrapper_runs(fake_root: FakeRoot) -> None:
+    result = fake_root.run("postinst", "configure", "")
+    assert result.returncode == 0, result.stderr
+    log = fake_root.log
+    assert "groupadd --system fedge\n" in log
+    assert "groupadd --system fedge-clients\n" in log  # the inference socket's group
+    assert "--gid fedge " in log  # the service user's only group
+    stamp = fake_root.venv / ".fedge-agent.ready"
+    assert stamp.read_text().strip() == fake_root.env["FAKE_PYTHON"]
+    ran = _wrapper(fake_root, "--version")
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "fedge-agent ran: --version\n", "")
+
+
+def test_the_coordinator_has_no_socket_group(tmp_path: Path) -> None:
+    fake_root = FakeRoot(tmp_path / "root", "coordinator", arch="amd64")
+    result = fake_root.run("postinst", "configure", "")
+    assert result.returncode == 0, result.stderr
+    assert "fedge-clients" not in fake_root.log
+    # the torch note names this package's own file (Architecture: amd64 or all)
+    assert "apt-get install ./fedge-coordinator_0.1.0_amd64.deb" in result.stdout
+    assert _wrapper(fake_root, "serve").stdout == "fedge-coordinator ran: serve\n"
+    pure = FakeRoot(tmp_path / "pure", "coordinator", arch="all").run("postinst", "configure", "")
+    assert "apt-get install ./fedge-coordinator_0.1.0_all.deb" in pure.stdout
+
+
+def test_a_failed_pip_leaves_the_wrapper_refusing_with_what_to_run(fake_root: FakeRoot) -> None:
+    # pip installed fedge from the wheel (--no-deps), then failed on its dependencies
+    result = fake_root.run("postinst", "configure", "", FAKE_PIP_FAIL="deps")
+    assert result.returncode == 1
+    assert "sudo dpkg --configure -a" in result.stderr
+    assert (fake_root.venv / "bin/fedge-agent").exists()  # the old check passed on this
+    assert not (fake_root.venv / ".fedge-agent.ready").exists()
+    ran = _wrapper(fake_root, "--version")
+    assert ran.returncode == 1
+    assert ran.stdout == ""
+    assert "its installation did not finish" in ran.stderr
+    assert "sudo dpkg --configure -a" in ran.stderr
+    assert "sudo dpkg-reconfigure fedge-agent" in ran.stderr
+    # from dpkg-reconfigure the package stays "installed": dpkg --configure would do nothing
+    again = fake_root.run("postinst", "configure", "0.1.0", FAKE_PIP_FAIL="deps",
+                          DEBCONF_RECONFIGURE="1")  # fmt: skip
+    assert again.returncode == 1
+    assert "sudo dpkg-reconfigure fedge-agent" in again.stderr
+    assert "dpkg --configure -a" not in again.stderr
+    fixed = fake_root.run("postinst", "configure", "", DEBCONF_RECONFIGURE="1")
+    assert fixed.returncode == 0, fixed.stderr
+    assert _wrapper(fake_root, "x").returncode == 0
+
+
+def test_after_a_python_upgrade_dpkg_reconfigure_rebuilds_the_venv(fake_root: FakeRoot) -> None:
+    assert fake_root.run("postinst", "configure", "").returncode == 0
+    # python3 moved to 3.12: the venv's python is another interpreter, without pip
+    (fake_root.venv / "bin/python").unlink()
+    (fake_root.venv / "bin/python").symlink_to(fake_root.root / "stubs/python3.12")
+    (fake_root.venv / "pip-works").unlink()
+    ran = _wrapper(fake_root, "--version")
+    assert ran.returncode == 1
+    assert "was set up for" in ran.stderr
+    assert "python3 is now" in ran.stderr
+    assert "sudo dpkg-reconfigure fedge-agent" in ran.stderr
+    # what `dpkg-reconfigure fedge-agent` runs: postinst configure <installed version>
+    python = str(fake_root.root / "stubs/python3.12")
+    result = fake_root.run("postinst", "configure", "0.1.0", FAKE_PYTHON=python)
+    assert result.returncode == 0, result.stderr
+    assert "recreating it" in result.stdout
+    assert "dpkg-reconfigure" in result.stdout  # for the other fedge package
+    assert (fake_root.venv / ".fedge-agent.ready").read_text().strip() == python
+    assert _wrapper(fake_root, "--version").returncode == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_postinst_abort_upgrade_starts_the_service_prerm_stopped(
+    fake_root: FakeRoot, enabled: bool
+) -> None:
+    fake_root.systemd_running()
+    env = {"FAKE_ENABLED": "1" if enabled else "0"}
+    stopped = fake_root.run("prerm", "upgrade", "0.2.0", **env)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "systemctl stop fedge-agent.service\n" in fake_root.log
+    result = fake_root.run("postinst", "abort-upgrade", "0.2.0", **env)
+    assert result.returncode == 0, result.stderr
+    assert ("systemctl start fedge-agent.service\n" in fake_root.log) == enabled
+    assert not (fake_root.root / "opt").exists()  # nothing installed: only the service
+
+
+def test_postinst_restarts_an_enabled_service_after_configure(fake_root: FakeRoot) -> None:
+    fake_root.systemd_running()
+    result = fake_root.run("postinst", "configure", "0.0.9", FAKE_ENABLED="1")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "systemctl daemon-reload\nsystemctl is-enabled --quiet fedge-agent.service\n"
+        "systemctl restart fedge-agent.service\n" in fake_root.log
+    )
+
+
+def test_postrm_forgets_the_packages_stamp(fake_root: FakeRoot) -> None:
+    assert fake_root.run("postinst", "configure", "").returncode == 0
+    (fake_root.root / "usr/bin").mkdir(parents=True)
+    (fake_root.root / "usr/bin/fedge-coordinator").touch()  # the other package stays
+    assert fake_root.run("postrm", "remove").returncode == 0
+    assert fake_root.venv.is_dir()
+    assert not (fake_root.venv / ".fedge-agent.ready").exists()
+
+
+def test_recovery_commands_work_for_a_locally_installed_package() -> None:
+    # `apt-get install --reinstall fedge-agent` needs the package in an apt source ("cannot
+    # be downloaded") and `dpkg --configure -a` does nothing for a configured package.
+    for path in (ROOT / "docs" / "operations.md", PACKAGING / "deb" / "wrapper",
+                 PACKAGING / "deb" / "postinst", ROOT / "README.md"):  # fmt: skip
+        text = path.read_text()
+        assert not re.search(r"--reinstall\s+fedge-", text), path
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    assert "sudo dpkg-reconfigure fedge-agent" in operations
+
+
+def test_operations_doc_gives_the_data_directory_to_the_service_user() -> None:
+    # install -D ... -t <state>/data/ made data/ root's: no feedback.npz for the agent
+    text = (ROOT / "docs" / "operations.md").read_text()
+    assert not re.search(r"install -D[^\n]*/var/lib/fedge-agent", text)
+    assert re.search(
+        r"sudo install -d -m 0750 -o fedge -g fedge [^\n]*/var/lib/fedge-agent/data\n", text
+    )
+
+
+def test_operations_doc_gives_applications_the_clients_group_only() -> None:
+    text = (ROOT / "docs" / "operations.md").read_text()
+    assert "usermod -aG fedge-clients" in text
+    assert not re.search(r"usermod -aG fedge\b(?!-)", text)
+    assert "unix:/run/fedge-agent/agent.sock" in text
+
+
+def test_build_deb_refuses_a_32_bit_arm_coordinator_wheel(tmp_path: Path) -> None:
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (Debian/Ubuntu: apt-get install dpkg)")
+    (tmp_path / "fedge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
+    (tmp_path / "fedge-0.1.0-cp311-abi3-linux_armv7l.whl").write_bytes(b"stand-in")
+    result = _build_debs(tmp_path)
+    assert result.returncode != 0
+    assert "32-bit ARM (armhf)" in result.stderr
+    assert not list(tmp_path.glob("*.deb"))
+
+
+def test_build_deb_ships_every_maintainer_script_filled_in(tmp_path: Path) -> None:
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed (Debian/Ubuntu: apt-get install dpkg)")
+    (tmp_path / "fedge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
+    (tmp_path / "fedge-0.1.0-cp311-abi3-linux_aarch64.whl").write_bytes(b"stand-in")
+    result = _build_debs(tmp_path)
+    assert result.returncode == 0, result.stderr
+    debs = {
+        "agent": "fedge-agent_0.1.0_all.deb",
+        "coordinator": "fedge-coordinator_0.1.0_arm64.deb",
+    }
+    for name, deb in debs.items():
+        control = tmp_path / f"{name}-control"
+        _dpkg_deb("--control", str(tmp_path / deb), str(control))
+        for script in SCRIPTS:
+            text = (control / script).read_text()
+            assert not PLACEHOLDER.search(text), f"{script} has unfilled placeholders"
+            assert os.access(control / script, os.X_OK)
+        arch = deb.rsplit("_", 1)[1].removesuffix(".deb")
+        assert f"ARCH={arch}\n" in (control / "postinst").read_text()
 
 
 def _build_wheel(tmp_path: Path, pure: bool) -> Path:
@@ -360,9 +786,10 @@ def _check_package(
     assert shlex.split(one(parse_unit(unit), "Service", "ExecStart"))[0] == wrapper
 
     wrapper_text = (files / wrapper.lstrip("/")).read_text()
-    assert f"exe=/opt/fedge/venv/bin/{pkg}\n" in wrapper_text
+    assert "venv=/opt/fedge/venv\n" in wrapper_text
+    assert f"exe=$venv/bin/{pkg}\n" in wrapper_text
     assert 'exec "$exe" "$@"' in wrapper_text
-    for script in (files / wrapper.lstrip("/"), control / "postinst", control / "prerm"):
+    for script in (files / wrapper.lstrip("/"), *(control / s for s in SCRIPTS)):
         text = script.read_text()
         assert not PLACEHOLDER.search(text), f"{script.name} has unfilled placeholders"
         assert os.access(script, os.X_OK), f"{script.name} is not executable"
@@ -393,7 +820,7 @@ def test_build_deb_makes_both_packages(wheel: Path, platform_wheel: Path, tmp_pa
     shutil.copy(wheel, outdir)
     shutil.copy(platform_wheel, outdir)
     version = deb_version(__version__)
-    arch = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "armhf"}[
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}[
         platform_wheel.name.rsplit("linux_", 1)[1].removesuffix(".whl")
     ]
 
@@ -663,9 +1090,12 @@ def test_example_configs_bring_a_device_online_through_the_shipped_broker(
         _daemon_env(shipped_broker.tls("fedge-coordinator-main"), coord_dir),
         coord_dir / "coordinator.log",
     )  # fmt: skip
+    agent_env = _daemon_env(shipped_broker.tls("edge-0001"), agent_dir)
+    # The shipped socket, /run/fedge-agent/agent.sock, is the unit's: in the data dir here.
+    agent_env["FEDGE_INFERENCE_LISTEN"] = ""
     agent = Daemon(
         ["-m", "agent", "--config", str(PACKAGING / "agent.toml"), "--device-id", "edge-0001"],
-        _daemon_env(shipped_broker.tls("edge-0001"), agent_dir),
+        agent_env,
         agent_dir / "agent.log",
     )
     db = coord_dir / "coordinator.db"
