@@ -240,6 +240,10 @@ class MqttClient:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self._client.loop_stop()
+        # paho's loop_start opens a socket pair (its wake-up line) that loop_stop leaves
+        # open: closed here, with the connection's socket, or each client leaks two sockets
+        with contextlib.suppress(OSError):
+            self._client._reset_sockets()
 
     # --- traffic -----------------------------------------------------------------------
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:

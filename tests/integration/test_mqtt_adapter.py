@@ -75,6 +75,30 @@ def test_publish_and_receive(mosquitto: Mosquitto) -> None:
         sub.stop()
 
 
+def test_stop_closes_every_socket_the_client_opened(mosquitto: Mosquitto) -> None:
+    # paho's loop_stop leaves open the socket pair loop_start made (its wake-up line)
+    before = _open_sockets()
+    client = _client(mosquitto.broker_config(), "closer")
+    client.start()
+    client.wait_connected(5)
+    assert len(_open_sockets() - before) >= 3  # the connection and the pair
+    client.stop()
+    assert _open_sockets() - before == set()
+
+
+def _open_sockets() -> set[str]:
+    """The inodes of this process's open sockets."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (closed meanwhile: the listing's own descriptor, say)
+            continue
+        if link.startswith("socket:"):
+            found.add(link)
+    return found
+
+
 def test_qos1_published_offline_is_delivered_after_reconnect(mosquitto: Mosquitto) -> None:
     pub = _client(mosquitto.broker_config(), "pub", reconnect_min_s=1.0)
     pub.start()
