@@ -71,6 +71,8 @@ class Outbox:
         try:
             self._db = _open(path)
         except sqlite3.DatabaseError as exc:
+            if not _is_damaged(exc):
+                raise  # busy, full, read-only, an I/O error: the file is left as it is
             self.set_aside = _set_aside(path)
             log.error(
                 "outbox %s is damaged (%s): moved to %s and started empty; updates it held"
@@ -237,12 +239,23 @@ def _open(path: Path) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous=FULL")  # an enqueued update survives power loss
         (check,) = db.execute("PRAGMA quick_check").fetchone()
         if check != "ok":
-            raise sqlite3.DatabaseError(f"quick_check: {check}")
+            raise _DamagedError(f"quick_check: {check}")
         db.executescript(_SCHEMA)
     except BaseException:
         db.close()
         raise
     return db
+
+
+class _DamagedError(sqlite3.DatabaseError):
+    """SQLite's own check found the database damaged."""
+
+
+def _is_damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Whether the file is not a database, or a damaged one (not merely busy, full,
+    read-only or unreadable, which a person can fix without losing its contents)."""
+    name = str(getattr(exc, "sqlite_errorname", ""))
+    return isinstance(exc, _DamagedError) or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
 def _set_aside(path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,6 +236,30 @@ def test_a_damaged_database_is_set_aside_and_a_new_one_started(
         assert reopened.depth() == 1
     finally:
         reopened.close()
+
+
+def test_a_busy_database_is_not_mistaken_for_a_damaged_one(path: Path) -> None:
+    # Locked by another process (a second agent on the same data directory, say): the
+    # updates it holds must not be set aside as if the file were damaged.
+    first = Outbox(path)
+    first.put("k1", "t", b"x")
+    first.close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('held', 1)")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            Outbox(path)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not list(path.parent.glob("outbox.db.corrupt-*"))
+    again = Outbox(path)
+    try:
+        assert again.depth() == 1
+    finally:
+        again.close()
 
 
 def test_hurry_forgets_the_back_off(path: Path) -> None:
