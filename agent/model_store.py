@@ -14,6 +14,7 @@ are the store's own file names (``current``, ``blocked``, ``..``) are refused.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class ModelStoreError(AgentError):
     """A blob or manifest cannot be stored or found."""
 
 
+log = logging.getLogger(__name__)
 #: Names a version may not have: the store keeps these files beside the manifests.
 RESERVED_VERSIONS = frozenset({"current", "previous", "deployed", "blocked", ".", ".."})
 
@@ -84,11 +86,19 @@ class ModelStore:
         self.evict(keep=sha256)
 
     def read_blob(self, sha256: str) -> bytes:
-        """The blob's bytes; ModelStoreError if it is not cached."""
+        """The blob's bytes, checked against their hash; ModelStoreError if it is not cached
+        or damaged on disk (a damaged one is removed, so that it is fetched again)."""
+        path = self.blob_path(sha256)
         try:
-            return self.blob_path(sha256).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError:
             raise ModelStoreError(f"blob {sha256[:12]}… is not cached") from None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            path.unlink(missing_ok=True)
+            log.error("blob %s was damaged on disk (%d bytes that do not match its sha256):"
+                      " removed, to be fetched again", sha256[:12], len(data))  # fmt: skip
+            raise ModelStoreError(f"blob {sha256[:12]}… was damaged on disk; removed")
+        return data
 
     # --- manifests ---------------------------------------------------------------------
     def _model_dir(self, name: str) -> Path:
@@ -131,9 +141,13 @@ class ModelStore:
 
     # --- versions ----------------------------------------------------------------------
     def _pointer(self, name: str, which: str) -> str | None:
+        path = self._model_dir(name) / which
         try:
-            text = (self._model_dir(name) / which).read_text().strip()
+            text = path.read_bytes().decode("utf-8", "replace").strip()
         except FileNotFoundError:
+            return None
+        if text and not valid_id(text):
+            log.error("model pointer %s holds no version name (%r): ignored", path, text[:40])
             return None
         return text or None
 

@@ -54,6 +54,19 @@ def test_reading_a_missing_blob_raises(store: ModelStore) -> None:
         store.read_blob(sha(b"absent"))
 
 
+@pytest.mark.parametrize("damage", ["other bytes", "truncated"])
+def test_a_blob_damaged_on_disk_is_refused_and_removed(store: ModelStore, damage: str) -> None:
+    data = bytes(range(256)) * 8
+    store.put_blob(sha(data), data)
+    path = store.blob_path(sha(data))
+    path.write_bytes(bytes(len(data)) if damage == "other bytes" else data[:100])
+    with pytest.raises(ModelStoreError, match="damaged on disk"):
+        store.read_blob(sha(data))
+    assert not store.has_blob(sha(data))  # so that it is fetched again
+    m = manifest("v1", {"model.onnx": data})
+    assert store.missing(m) == list(m.files)
+
+
 @pytest.mark.parametrize("bad", ["../../etc/passwd", "ABC", "0" * 63, "g" * 64, "0" * 65])
 def test_blob_names_must_be_sha256_hex(store: ModelStore, bad: str) -> None:
     with pytest.raises(ModelStoreError, match="not a sha256"):
@@ -117,6 +130,21 @@ def test_activate_keeps_the_previous_version(store: ModelStore) -> None:
     assert (store.current("digits"), store.previous("digits")) == (v3, v2)
     reopened = ModelStore(store.root)
     assert (reopened.current("digits"), reopened.previous("digits")) == (v3, v2)
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe\x00junk", b"../../etc", b"v1 v2"])
+def test_a_damaged_version_pointer_is_ignored(store: ModelStore, garbage: bytes) -> None:
+    head = b"head 1"
+    v1 = manifest("v1", {"head.tensors": head})
+    store.put_manifest(v1)
+    store.put_blob(sha(head), head)
+    store.activate(v1)
+    (store.root / "models" / "digits" / "current").write_bytes(garbage)
+    (store.root / "models" / "digits" / "deployed").write_bytes(garbage)
+    assert store.current("digits") is None
+    assert store.deployed("digits") is None
+    store.activate(v1)
+    assert store.current("digits") == v1
 
 
 def test_models_are_kept_apart(store: ModelStore) -> None:
