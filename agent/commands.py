@@ -10,11 +10,13 @@ leave the version it went back to, and block it). The ids are kept in
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
 from protocols.messages import Command
+from protocols.topics import valid_id
 
 #: Command ids remembered (the file is compacted to these when it holds twice as many).
 KEEP = 512
@@ -41,9 +43,9 @@ class CommandLog:
         self._keep = keep
         self._lock = threading.Lock()
         try:
-            ids = path.read_text(encoding="utf-8").split()
+            ids = [i for i in path.read_bytes().decode("utf-8", "replace").split() if valid_id(i)]
         except FileNotFoundError:
-            ids = []
+            ids = []  # (damaged lines are skipped: at worst a command redelivered runs again)
         self._lines = len(ids)
         self._ids: OrderedDict[str, None] = OrderedDict.fromkeys(ids[-keep:])
 
@@ -61,7 +63,10 @@ class CommandLog:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if self._lines >= 2 * self._keep:  # compact: only the ids kept
                 tmp = self._path.with_name(self._path.name + ".tmp")
-                tmp.write_text("".join(f"{i}\n" for i in self._ids), encoding="utf-8")
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write("".join(f"{i}\n" for i in self._ids))
+                    f.flush()
+                    os.fsync(f.fileno())  # (not an empty file after a power cut)
                 tmp.replace(self._path)
                 self._lines = len(self._ids)
             else:

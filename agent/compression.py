@@ -298,7 +298,7 @@ def _load_residuals(path: Path) -> dict[str, FloatArray]:
     import zipfile  # here, not at the top: an agent that never trains never loads it
 
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             names = [str(n) for n in archive["arr_0"]]
             return {name: archive[f"arr_{i}"].astype(np.float32) for i, name in enumerate(names, 1)}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:

@@ -54,7 +54,7 @@ def _read_split(
     import zipfile  # here, not at the top: an agent that never trains never loads it
 
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
                 raise LocalDataError(f"{path}: no array named {' or '.join(missing)}")

@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +104,9 @@ class CandidateLog:
         self._x: npt.NDArray[np.float32] | None = None
         if path.is_file():
             try:
-                with np.load(path, allow_pickle=False) as data:
+                with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
                     self._x = np.asarray(data["x"], np.float32)
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 log.warning("ignoring unreadable %s: %s", path, exc)
 
     def append(self, rows: npt.NDArray[Any]) -> int:

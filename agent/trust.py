@@ -68,9 +68,15 @@ class ManifestTrust:
         except (OSError, UnicodeDecodeError) as exc:
             raise TrustError(f"cannot read the pinned model keys {self.pin_path}: {exc}") from exc
         try:
-            return {parse_key(line) for line in text.split() if line}
+            keys = {parse_key(line) for line in text.split() if line}
         except ValueError as exc:
             raise TrustError(f"{self.pin_path} holds a bad key ({exc}): delete it") from exc
+        if not keys:  # (were it taken as no pin, the next signer, anyone's, would be trusted)
+            raise TrustError(
+                f"{self.pin_path} holds no key: write the coordinator's public key into it "
+                "(`fedge-coordinator public-key`), or delete it to trust the next signer"
+            )
+        return keys
 
     @property
     def keys(self) -> frozenset[bytes]:
@@ -103,8 +109,12 @@ class ManifestTrust:
     def _pin(self, key: bytes) -> None:
         self.pin_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.pin_path.with_name(f".{self.pin_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(key_text(key) + "\n", encoding="ascii")
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(key_text(key) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # (a power cut must not leave an empty pin: see _read_pins)
         os.replace(tmp, self.pin_path)
+        _fsync_dir(self.pin_path.parent)
         self._keys = {key}
         log.warning(
             "trusting model-signing key %s on first use, pinned in %s: only models it signs "
@@ -126,3 +136,17 @@ class ManifestTrust:
             lines = [f"# TYPE {name} counter"]
             lines += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.counts.items())]
         return lines
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in directory `path` durable (where the platform allows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

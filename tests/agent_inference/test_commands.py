@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,12 @@ NOW = 1_800_000_000.0
 
 @pytest.mark.parametrize(
     ("ts", "ttl", "why"),
-    [(NOW - 120, 60, "expired"), (NOW + 86400 * 365, 60, "from the future"),
-     (NOW - 10 * 365 * 86400, -1, "invalid"), (math.nan, 60, "invalid"),
-     (NOW, math.inf, "invalid")],
-)  # fmt: skip
+    [
+        (NOW - 120, 60, "expired"),
+        (NOW + 86400 * 365, 60, "from the future"),
+        (NOW - 10 * 365 * 86400, -1, "invalid"),
+    ],
+)  # fmt: skip  (NaN and Inf are refused at decode: tests/protocols/test_message_bounds.py)
 def test_stale_future_and_malformed_commands_are_refused(ts: float, ttl: float, why: str) -> None:
     reason = refusal(Command("c1", "ping", ts, ttl_s=ttl), NOW)
     assert reason is not None
@@ -44,6 +45,16 @@ def test_the_log_remembers_ids_across_restarts_and_stays_bounded(tmp_path: Path)
     again = CommandLog(path, keep=4)  # a restart
     assert [again.seen(f"cmd-{n}") for n in range(11)] == [False] * 7 + [True] * 4
     assert len(path.read_text().split()) <= 2 * 4  # compacted as it grows
+
+
+def test_a_damaged_log_is_read_for_what_it_still_holds(tmp_path: Path) -> None:
+    path = tmp_path / "commands.seen"
+    path.write_bytes(b"cmd-1\n\xff\xfe garbage \x00\ncmd-2\n")
+    log = CommandLog(path, keep=4)  # (it used to stop the agent at start)
+    assert log.seen("cmd-1")
+    assert log.seen("cmd-2")
+    log.add("cmd-3")
+    assert CommandLog(path, keep=4).seen("cmd-3")
 
 
 def test_command_ids_are_identifiers() -> None:

@@ -156,3 +156,11 @@ def test_the_cloud_worker_survives_answers_it_cannot_send(tmp_path: Path) -> Non
         assert cloud._queued["noisy"] == 0  # nothing left counted against the device
     finally:
         cloud.stop()
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04truncated zip"])
+def test_an_unreadable_candidates_file_is_ignored_not_fatal(tmp_path: Path, damage: bytes) -> None:
+    path = tmp_path / offload.CANDIDATES_FILE
+    path.write_bytes(damage)  # (a truncated file used to stop the agent at start)
+    log = CandidateLog(path, 10)
+    assert log.append(np.ones((2, 4), np.float32)) == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.trust import ManifestTrust
+from agent.trust import ManifestTrust, TrustError
 from protocols.messages import FileEntry, ModelManifest
 from protocols.signing import SignatureError, generate_private_key, public_key, sign_manifest
 
@@ -67,6 +67,18 @@ def test_trust_on_first_use_pins_the_first_signer_across_restarts(
     assert restarted.keys == {public_key(KEY_A)}
     restarted.verify(sign_manifest(_manifest("v3"), KEY_A))
     assert _refused(restarted, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n"])
+def test_a_pin_file_holding_no_key_is_refused_not_taken_as_no_pin(
+    tmp_path: Path, content: bytes
+) -> None:
+    # (taken as no pin, the next signer, anyone's, would be pinned)
+    ManifestTrust((), tmp_path).verify(sign_manifest(_manifest(), KEY_A))
+    pin = tmp_path / "trust" / "model-keys"
+    pin.write_bytes(content)
+    with pytest.raises(TrustError, match="holds no key"):
+        ManifestTrust((), tmp_path)
 
 
 def test_unsigned_manifests_only_when_allowed(tmp_path: Path) -> None:
