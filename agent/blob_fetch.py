@@ -97,9 +97,10 @@ class BlobFetches:
                 fetch.piece_size, fetch.pieces = piece_size, pieces
 
     def add_chunk(self, chunk: BlobChunk) -> bytes | None:
-        """Add a chunk; the verified blob once it is complete (and no longer fetched), else
-        None. DecodeError for a chunk that cannot belong (counted by the caller), or if the
-        complete blob is corrupt: its chunks are then fetched again."""
+        """Add a chunk; the verified blob once it is complete, else None. The blob is still
+        wanted (asked for again after `FETCH_RETRY_S`) until the caller, having stored it,
+        calls `stored`. DecodeError for a chunk that cannot belong (counted by the caller),
+        or if the complete blob is corrupt: its chunks are then fetched again."""
         with self._lock:
             fetch = self._fetches.get(chunk.blob_sha256)
             if fetch is None:
@@ -128,8 +129,14 @@ class BlobFetches:
                 del fetch.layouts[layout]
                 fetch.requested_at = 0.0
                 raise
-            del self._fetches[chunk.blob_sha256]
+            fetch.layouts.clear()  # (complete: its chunks are no longer needed)
+            fetch.requested_at = self.clock()
             return blob
+
+    def stored(self, sha256: str) -> None:
+        """The blob is stored: stop fetching it."""
+        with self._lock:
+            self._fetches.pop(sha256, None)
 
     def restart(self) -> None:
         """Ask for every wanted blob at the next `send_due` (after a reconnect)."""

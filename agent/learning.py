@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.blob_fetch import BlobFetches, Publisher
+from agent.blob_fetch import FETCH_RETRY_S, BlobFetches, Publisher
 from agent.compression import Compressor, JobCompressors, clip_by_norm
 from agent.errors import AgentError
 from agent.lineage import newest_descendant, wants_latest
@@ -203,7 +203,13 @@ class Learner:
         blob = self.fetches.add_chunk(chunk)  # DecodeError: corrupt, fetched again
         if blob is None:
             return
-        self.store.put_blob(chunk.blob_sha256, blob)
+        try:
+            self.store.put_blob(chunk.blob_sha256, blob)
+        except OSError as exc:  # a full disk, say: still wanted, so asked for again later
+            log.error("cannot store blob %s (%s): it is fetched again in %.0fs",
+                      chunk.blob_sha256[:12], exc, FETCH_RETRY_S)  # fmt: skip
+            return
+        self.fetches.stored(chunk.blob_sha256)
         self._activate_latest()
         if self.blob_listener is not None:
             self.blob_listener.blob_stored()

@@ -36,11 +36,15 @@ RESERVED_VERSIONS = frozenset({"current", "previous", "deployed", "blocked", "."
 
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # (a full disk: the part written goes too)
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:  # the rename itself survives a power cut only once its directory is on disk
         os.fsync(directory)

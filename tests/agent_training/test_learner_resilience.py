@@ -16,6 +16,7 @@ from agent import blob_fetch, learning
 from agent.compression import JobCompressors
 from agent.learning import Learner, TaskFailedError
 from agent.trust import ManifestTrust
+from protocols.chunks import split_blob
 from protocols.errors import DecodeError
 from protocols.messages import Ack, TrainTask
 from protocols.mqtt import PublishError
@@ -243,3 +244,31 @@ def test_job_residuals_are_kept_for_the_jobs_trained_most_recently(tmp_path: Pat
     on_disk = sorted(p.stem for p in (tmp_path / "residuals").glob("*.npz"))
     assert on_disk == ["A", "C", "D", "E"]  # B, the least recently trained, is gone
     assert len(compressors) == 4
+
+
+def test_a_blob_that_cannot_be_stored_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk as the last chunk arrives: the blob is asked for again, not lost for good
+    # (a deployment waiting for it used to be stuck until a restart).
+    blob = bytes(range(256)) * 64
+    sha = hashlib.sha256(blob).hexdigest()
+    learner = Learner("dev-1", tmp_path, tmp_path / "data", _FlakyTransport(), 1 << 20,  # type: ignore[arg-type]
+                      ManifestTrust((), tmp_path))  # fmt: skip
+    learner.fetches.want(sha, len(blob))
+    real_put = learner.store.put_blob
+
+    def disk_full(digest: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(learner.store, "put_blob", disk_full)
+    for chunk in split_blob(blob, 4096):
+        learner.on_chunk(chunk)
+    assert not learner.store.has_blob(sha)
+    assert sha in learner.fetches._fetches  # still wanted: asked for again
+    monkeypatch.setattr(learner.store, "put_blob", real_put)
+    for chunk in split_blob(blob, 4096):
+        learner.on_chunk(chunk)
+    assert learner.store.read_blob(sha) == blob
+    assert sha not in learner.fetches._fetches
+    learner.outbox.close()

@@ -72,10 +72,32 @@ def test_after_a_cut_it_asks_only_for_the_missing_chunks_and_returns_the_blob() 
     for chunk in chunks[4:9]:
         assert fetches.add_chunk(chunk) is None
     assert fetches.add_chunk(chunks[9]) == BLOB
+    fetches.stored(SHA)  # (what the caller says once the blob is in the store)
     assert fetches.add_chunk(chunks[0]) is None  # complete: no longer fetched
     fetches.restart()
     fetches.send_due()
     assert len(wire.requests()) == 2  # nothing left to ask for
+
+
+def test_a_blob_the_caller_could_not_store_is_asked_for_again() -> None:
+    # (a full disk: the reassembled blob is lost, and the deployment waiting for it was
+    # stuck for good)
+    wire = Wire()
+    now = [100.0]
+    fetches = BlobFetches("dev-1", wire, clock=lambda: now[0])
+    fetches.want(SHA, len(BLOB))
+    fetches.send_due()
+    assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB  # ... not stored
+    fetches.send_due()
+    assert len(wire.requests()) == 1  # not at once
+    now[0] += blob_fetch.FETCH_RETRY_S + 1
+    fetches.send_due()
+    assert wire.requests()[-1].indices == ()  # the whole blob again
+    assert [fetches.add_chunk(c) for c in _chunks()][-1] == BLOB
+    fetches.stored(SHA)
+    now[0] += blob_fetch.FETCH_RETRY_S + 1
+    fetches.send_due()
+    assert len(wire.requests()) == 2
 
 
 def test_a_corrupt_blob_is_refused_and_fetched_whole_again() -> None:

@@ -246,3 +246,16 @@ def test_temp_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
     leftover.write_bytes(b"half a blob")
     ModelStore(tmp_path / "models")
     assert not leftover.exists()
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_no_temp_file(
+    store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    data = b"a model"
+    with pytest.raises(OSError, match="No space left"):
+        store.put_blob(sha(data), data)
+    assert list((store.root / "blobs").iterdir()) == []
