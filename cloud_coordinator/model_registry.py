@@ -169,6 +169,11 @@ class ModelRegistry:
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)
                 raise
+            directory = os.open(self._blobs, os.O_RDONLY)
+            try:  # the rename is on disk before a version row can name the blob
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         except OSError as exc:
             raise StoreError(f"cannot write blob {digest}: {exc}") from exc
         return digest
