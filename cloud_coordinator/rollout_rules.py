@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -69,6 +70,8 @@ def next_rollout_state(state: RolloutState, event: RolloutEvent) -> RolloutState
         ) from None
 
 
+#: A device counts for at most this many times the median device's requests in a window.
+MAX_SHARE = 3.0
 #: Telemetry ``extra`` counters a window is made of (cumulative on each device).
 COUNTERS = ("requests", "errors", "load_failures", "latency_ms_sum", "confidence_sum")
 
@@ -118,6 +121,40 @@ class Window:
         if any(after.get(k, 0.0) < before.get(k, 0.0) for k in fields):
             return cls(**{k: after.get(k, 0.0) for k in fields})
         return cls(**{k: after.get(k, 0.0) - before.get(k, 0.0) for k in fields})
+
+    @classmethod
+    def robust(cls, windows: Sequence[Window]) -> Window:
+        """Several devices' windows as one that no single device can swing (its telemetry is
+        its own word): each rate is the median over the devices that served requests, and
+        each device counts for at most `MAX_SHARE` times the median device's requests."""
+        active = [w for w in windows if w.requests > 0]
+        failures = sum(w.load_failures for w in windows)
+        if not active:
+            return cls(load_failures=failures)
+
+        def capped(counts: list[float]) -> float:
+            cap = MAX_SHARE * statistics.median(counts)
+            return sum(min(c, cap) for c in counts)
+
+        requests = capped([w.requests for w in active])
+        error_rate = statistics.median(w.error_rate for w in active)
+        timed = [w for w in active if w.latency_count > 0]
+        latency_count = capped([w.latency_count for w in timed]) if timed else 0.0
+        latency = (
+            statistics.median(w.latency_ms_sum / w.latency_count for w in timed) if timed else 0.0
+        )
+        rated = [w for w in active if w.confidence_count > 0]
+        confidence_count = capped([w.confidence_count for w in rated]) if rated else 0.0
+        confidence = (
+            statistics.median(w.confidence_sum / w.confidence_count for w in rated)
+            if rated
+            else 0.0
+        )
+        return cls(
+            requests=requests, errors=error_rate * requests, load_failures=failures,
+            latency_ms_sum=latency * latency_count, latency_count=latency_count,
+            confidence_sum=confidence * confidence_count, confidence_count=confidence_count,
+        )  # fmt: skip
 
     def __add__(self, other: Window) -> Window:
         pairs = zip(dataclasses.astuple(self), dataclasses.astuple(other), strict=True)

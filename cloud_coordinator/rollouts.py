@@ -341,11 +341,11 @@ class RolloutManager:
             for rollout in self._rollouts.values():
                 if rollout.state != RolloutState.CANARY.value:
                     continue
-                canary = self._window(rollout, rollout.canary, records)
-                rest = self._window(rollout, rollout.rest, records)
-                before = Window()
-                for d in rollout.canary:
-                    before += Window.between({}, rollout.baseline.get(d, {}))
+                canary = self._window(rollout, rollout.canary, records, new=True)
+                rest = self._window(rollout, rollout.rest, records, new=False)
+                before = Window.robust(
+                    [Window.between({}, rollout.baseline.get(d, {})) for d in rollout.canary]
+                )
                 rule = Rule(**rollout.rule)
                 reference = rest if rest.requests >= rule.min_requests else (
                     before if before.requests >= rule.min_requests else None)  # fmt: skip
@@ -365,16 +365,23 @@ class RolloutManager:
 
     @staticmethod
     def _window(
-        rollout: Rollout, devices: list[str], records: Mapping[str, DeviceRecord]
+        rollout: Rollout, devices: list[str], records: Mapping[str, DeviceRecord], new: bool
     ) -> Window:
-        total = Window()
+        """Since the rollout began: the devices serving the new version (`new`), or those
+        still serving the one they served before, combined so no one device swings it."""
+        windows = []
         for d in devices:
             record = records.get(d)
-            if record is None or record.model_versions.get(rollout.model) != rollout.version:
-                continue  # not serving the version yet: nothing of it to judge
+            expected = rollout.version if new else rollout.previous.get(d, "")
+            if (
+                record is None
+                or not expected
+                or record.model_versions.get(rollout.model) != expected
+            ):
+                continue  # not serving that version: nothing of it to judge
             after = counters(record.telemetry or {})
-            total += Window.between(rollout.baseline.get(d, {}), after)
-        return total
+            windows.append(Window.between(rollout.baseline.get(d, {}), after))
+        return Window.robust(windows)
 
     # --- views -----------------------------------------------------------------------------
     def rollouts_json(self) -> list[dict[str, Any]]:

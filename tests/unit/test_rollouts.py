@@ -396,3 +396,48 @@ def test_versions_whose_latest_rollout_was_rolled_back_are_named(world: World) -
     assert world.manager.rolled_back("m") == frozenset()
     world.restart()  # the rollouts are read back from the store
     assert world.manager.rolled_back("m") == frozenset()
+
+
+def test_the_reference_is_the_rest_on_the_version_they_served_before(world: World) -> None:
+    r = world.manager.create({"model": "m", "version": "v2", "group": "lab",
+                              "canary_fraction": 0.25, "rule": FAST})  # fmt: skip
+    rest = r["rest"]
+    world.serve(r["canary"], "v2", ok=1000 + 400)
+    world.serve(rest, "v1", ok=1000 + 2000, latency=2.0)  # the old version: the reference
+    world.fleet.now += 61
+    world.manager.tick()
+    done = world.manager.rollout_json(r["rollout_id"])
+    assert done is not None
+    assert done["health"]["reference"]["requests"] == 3 * 2000
+    assert done["health"]["reference"]["latency_ms"] == 2.5  # (6000 - 1000 ms) / 2000
+
+
+@pytest.mark.parametrize("claims", ["v2", "v1"])
+def test_one_rogue_device_in_the_rest_cannot_get_a_broken_canary_promoted(
+    world: World, claims: str
+) -> None:
+    # Its telemetry is its own word: a huge error count (on the new version, or the old)
+    # would make the canary look better than the reference.
+    r = world.manager.create({"model": "m", "version": "v2", "group": "lab",
+                              "canary_fraction": 0.25, "rule": FAST})  # fmt: skip
+    rogue, *honest = r["rest"]
+    world.serve(r["canary"], "v2", ok=1000 + 400, errors=600)  # 60 % of requests fail
+    world.serve(honest, "v1", ok=1000 + 2000)
+    world.serve([rogue], claims, ok=1000, errors=10**9, latency=10**6)
+    world.fleet.now += 61
+    world.manager.tick()
+    assert state_of(world, r) == "rolled_back"
+
+
+def test_a_robust_window_takes_each_rate_from_the_median_device() -> None:
+    honest = [Window(requests=100, errors=1, latency_ms_sum=100, latency_count=99,
+                     confidence_sum=90, confidence_count=100) for _ in range(3)]  # fmt: skip
+    rogue = Window(requests=1e9, errors=1e9, latency_ms_sum=1e12, latency_count=1,
+                   confidence_sum=0, confidence_count=1e9)  # fmt: skip
+    combined = Window.robust([*honest, rogue])
+    assert combined.error_rate == pytest.approx(0.01)
+    assert combined.latency_ms == pytest.approx(100 / 99)
+    assert combined.confidence == pytest.approx(0.9)
+    assert combined.requests == 3 * 100 + 3 * 100  # the rogue counts 3x the median at most
+    assert Window.robust([]) == Window()
+    assert Window.robust([honest[0]]) == honest[0]
