@@ -68,7 +68,9 @@ class ModelStore:
         self.max_bytes = max_bytes
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         (root / "models").mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(root / "blobs")
+        for directory in (root / "blobs", *(root / "models").iterdir()):
+            if directory.is_dir():
+                _remove_stale_temps(directory)
         self._newest: dict[str, ModelManifest] = {}  # per model, of those put since start
 
     # --- blobs -------------------------------------------------------------------------

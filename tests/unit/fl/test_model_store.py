@@ -244,8 +244,15 @@ def test_temp_files_a_crash_left_are_removed_at_start(tmp_path: Path) -> None:
     blobs.mkdir(parents=True)
     leftover = blobs / f".{'ab' * 32}.{os.getpid() + 1}.tmp"
     leftover.write_bytes(b"half a blob")
+    model_dir = tmp_path / "models" / "models" / "digits"
+    model_dir.mkdir(parents=True)
+    half_manifest = model_dir / f".v3.{os.getpid() + 1}.tmp"
+    half_manifest.write_bytes(b"half a manifest")
+    (model_dir / "v2").write_bytes(b"not a temp file")
     ModelStore(tmp_path / "models")
     assert not leftover.exists()
+    assert not half_manifest.exists()
+    assert (model_dir / "v2").exists()
 
 
 def test_a_write_cut_short_by_a_full_disk_leaves_no_temp_file(
