@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import api_codec, http_wire
-from agent.api_codec import JSON, BadRequestError
+from agent.api_codec import JSON, BadRequestError, InputLimits
 from agent.config import ListenAddress
 from agent.errors import AgentError, InferenceError, InputError
 from agent.feedback import FeedbackError
@@ -62,6 +62,9 @@ class Backend(Protocol):
 
     def count_invalid(self) -> None:
         """Count a predict request refused before it reached the runtime."""
+
+    def input_limits(self) -> InputLimits:
+        """What a predict body for the serving model holds at most; ModelUnavailableError."""
 
     def describe(self) -> dict[str, Any]:
         """The current model, its version and the previous one."""
@@ -124,7 +127,7 @@ class _Connection(socketserver.BaseRequestHandler):
         head = http_wire.parse_request_head(lines)
         if self.refuse_web_pages:
             http_wire.check_local_request(head)
-        body = self._body(head, sock, reader)
+        body = self._body(head, sock, reader, self._body_limit(head))
         method = head.method
         status, payload, kind = self._dispatch(head, body)
         keep = head.keep_alive
@@ -138,13 +141,40 @@ class _Connection(socketserver.BaseRequestHandler):
             log.debug('inference api: "%s %s" %d %d', method, head.target, status, len(payload))
         return keep
 
+    def _body_limit(self, head: RequestHead) -> int:
+        """The most bytes the body of `head` may have: a feedback body is small, and a large
+        predict body is refused at once (413, counted invalid) if it is larger than the
+        serving model's largest batch can need (503 if no model is loaded)."""
+        length = head.content_length
+        if length is None or length <= api_codec.MAX_FEEDBACK_BYTES or head.method != "POST":
+            return api_codec.MAX_BODY_BYTES
+        if head.path == "/v1/feedback":
+            return api_codec.MAX_FEEDBACK_BYTES
+        if head.path != "/v1/predict" or length <= api_codec.SMALL_BODY_BYTES:
+            return api_codec.MAX_BODY_BYTES
+        try:
+            kind = api_codec.media_type(head.headers.get("content-type"))
+        except BadRequestError:  # answered (415) once the body is read
+            return api_codec.MAX_BODY_BYTES
+        try:
+            limits = self.backend.input_limits()
+        except ModelUnavailableError as exc:
+            raise HttpWireError(str(exc), 503) from None
+        refusal = api_codec.too_large(length, limits, kind)
+        if refusal is not None:
+            self.backend.count_invalid()
+            raise HttpWireError(str(refusal), 413)
+        return api_codec.MAX_BODY_BYTES
+
     @staticmethod
-    def _body(head: RequestHead, sock: socket.socket, reader: RequestReader) -> bytes | bytearray:
+    def _body(
+        head: RequestHead, sock: socket.socket, reader: RequestReader, limit: int
+    ) -> bytes | bytearray:
         length = head.content_length
         if length is None:  # no body (RFC 9112 6.3: a request without a length has none)
             return b""
-        if length > api_codec.MAX_BODY_BYTES:
-            raise HttpWireError(f"body over {api_codec.MAX_BODY_BYTES} bytes", 413)
+        if length > limit:
+            raise HttpWireError(f"body over {limit} bytes", 413)
         if head.expects_continue and length:
             sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = reader.read(length)
@@ -185,7 +215,11 @@ class _Connection(socketserver.BaseRequestHandler):
         try:
             kind = api_codec.media_type(head.headers.get("content-type"))
             if path == "/v1/predict":
-                x = api_codec.predict_input(api_codec.decode_body(body, kind))
+                # (a small body is decoded as it is: a few MB of objects at worst)
+                limits = (
+                    self.backend.input_limits() if len(body) > api_codec.SMALL_BODY_BYTES else None
+                )
+                x = api_codec.predict_input(api_codec.decode_body(body, kind, limits))
                 answer = self.backend.predict(x).as_json()
             elif path == "/v1/feedback":
                 fields = api_codec.feedback_fields(api_codec.decode_body(body, kind))

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.api_codec import InputLimits
 from agent.config import AgentConfig, parse_listen
 from agent.errors import AgentError
 from agent.feedback import FeedbackError, FeedbackLog, RecentInputs
@@ -71,6 +72,7 @@ class InferenceService:
             queue.Queue()
         )
         self._lock = threading.Lock()
+        self._limits: tuple[object, InputLimits] | None = None  # (of this served version)
         self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -210,6 +212,19 @@ class InferenceService:
     def count_invalid(self) -> None:
         """Count a predict request whose body could not be decoded."""
         self.metrics.count_request("invalid")
+
+    def input_limits(self) -> InputLimits:
+        """What a predict body for the serving version holds at most (its input's shape,
+        ``inference_max_batch`` rows); ModelUnavailableError (counted) if none is loaded."""
+        serving = self.runtime.serving
+        if serving is None:
+            self.metrics.count_request("unavailable")
+            raise ModelUnavailableError("no model is loaded yet")
+        cached = self._limits
+        if cached is None or cached[0] is not serving:
+            limits = InputLimits.of(serving.model.input_shape[1:], self.runtime.max_batch)
+            self._limits = cached = (serving, limits)
+        return cached[1]
 
     def describe(self) -> dict[str, Any]:
         """The serving version (and the file, fp32 or int8 variant, it runs), the previous

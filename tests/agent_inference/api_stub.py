@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agent.api_codec import InputLimits
 from agent.config import ListenAddress
 from agent.http_api import ApiServer
 from agent.predictions import Predictions
@@ -25,6 +26,9 @@ class StubBackend:
 
     def count_invalid(self) -> None:
         pass
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits.of((64,), 1024)
 
     def describe(self) -> dict[str, Any]:
         if self.fail:
