@@ -192,16 +192,23 @@ def _decode_counted(body: bytes | bytearray, kind: str, limits: InputLimits) -> 
 
 
 def _tensor(value: Mapping[str, Any]) -> np.ndarray[Any, Any]:
-    dtype, shape, data = value.get("dtype"), value.get("shape"), value.get("data")
-    if dtype not in TENSOR_DTYPES or not isinstance(data, bytes | bytearray):
+    dtype: Any = value.get("dtype")
+    shape, data = value.get("shape"), value.get("data")
+    try:
+        dt = _LITTLE[dtype]
+    except (KeyError, TypeError):  # (TypeError: a list or map, which no dict holds)
+        dt = None
+    if dt is None or not isinstance(data, bytes | bytearray):
         raise BadRequestError(f"input tensor needs dtype (one of {sorted(TENSOR_DTYPES)}) and data")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise BadRequestError("input tensor shape must be a list of non-negative integers")
-    dt = _LITTLE[dtype]
     size = math.prod(shape) * dt.itemsize
     if size != len(data):
         raise BadRequestError(f"input tensor {shape} {dtype} needs {size} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dt).reshape(shape)
+    except ValueError as exc:  # more dimensions than numpy takes, or sizes it cannot hold
+        raise BadRequestError(f"input tensor shape cannot be used: {exc}") from None
 
 
 def predict_input(body: Mapping[str, Any]) -> np.ndarray[Any, Any]:

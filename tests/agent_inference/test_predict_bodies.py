@@ -1,13 +1,14 @@
 """Predict bodies at and past their limits, over HTTP to the real service: a body larger
 than the model's largest batch needs is refused before it is read, a large one holding
 more lists or values than that batch is refused without building them, a batch of
-``inference_max_batch`` rows is still answered."""
+``inference_max_batch`` rows is still answered, and malformed tensor maps are 400s."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import tracemalloc
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -102,3 +103,25 @@ def test_a_batch_of_max_batch_rows_is_answered_however_it_is_written(
     assert len(decoded["predictions"]) == 1024
     tensor = {"input": {"dtype": "float64", "shape": [1024, 64], "data": rows.tobytes()}}
     assert _post(service, msgpack.packb(tensor), MSGPACK)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [{"dtype": [], "shape": [1, 64], "data": b"\0" * 256},
+     {"dtype": {}, "shape": [1, 64], "data": b"\0" * 256},
+     {"dtype": "float32", "shape": [1] * 65, "data": b"\0" * 4},
+     {"dtype": "float32", "shape": [2**62, 2**62, 0], "data": b""},
+     {"dtype": "float32", "shape": [True, 64], "data": b"\0" * 256},
+     {"dtype": "float32", "shape": [1, 64.0], "data": b"\0" * 256}],
+    ids=["dtype-list", "dtype-map", "65-dims", "huge-dims", "bool-dim", "float-dim"],
+)  # fmt: skip
+def test_a_malformed_tensor_map_is_a_counted_400_in_the_requests_format(
+    service: InferenceService, tensor: dict[str, Any]
+) -> None:
+    before = _invalid(service)
+    status, content_type, body = _post(service, msgpack.packb({"input": tensor}), MSGPACK)
+    assert (status, content_type) == (400, MSGPACK)
+    assert "input tensor" in msgpack.unpackb(body)["error"]
+    assert _invalid(service) == before + 1
+    if isinstance(tensor["dtype"], list):  # (JSON has no bytes: any tensor map is a 400)
+        assert _post(service, json.dumps({"input": {**tensor, "data": "x"}}).encode())[0] == 400
