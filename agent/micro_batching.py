@@ -6,7 +6,8 @@ to arrive opens a batch and waits up to ``inference_batch_wait_ms`` for others (
 ``session.run`` and every request gets its own row back, with a prediction id that
 feedback takes as usual. Requests that send a batch of their own, and requests arriving
 while a batch runs, are not held: the first run as they are, the second open the next
-batch. A run that fails fails every request in it, with the same error.
+batch. A run that fails fails every request in it, with the same error; a row whose answer
+is not finite (a finite input too large for the model) fails only its own request.
 
 This trades latency for throughput: each request may wait up to the window, and a model
 run over many rows costs much less per row than as many single runs. Whether it pays
@@ -17,6 +18,7 @@ hand-offs between threads cost more than the runs they save), hence off by defau
 
 from __future__ import annotations
 
+import math
 import threading
 from time import perf_counter
 from typing import Any, Protocol
@@ -40,7 +42,8 @@ class RowPredictor(Protocol):
         ...
 
     def predict_rows(self, rows: npt.NDArray[Any], start: float) -> Predictions:
-        """Predict checked `rows`, timed from `start`."""
+        """Predict checked `rows`, timed from `start`; a row whose answer is not finite
+        has confidence NaN (and was counted as an invalid request)."""
         ...
 
 
@@ -115,6 +118,8 @@ class MicroBatcher:
             raise batch.error  # (as concurrent.futures does: one error object for all waiters)
         if batch.answer is None:  # the leader's run raised something unexpected (a bug)
             raise InferenceError("the micro-batch this request was in did not run")
+        if not math.isfinite(batch.answer.confidences[index]):  # (counted by the runtime)
+            raise InputError("the input holds NaN or Inf (or values too large for float32)")
         return _row(batch.answer, index)
 
     def _run(self, batch: _Batch) -> None:
@@ -131,9 +136,17 @@ class MicroBatcher:
             for _ in rows[1:]:
                 self.metrics.count_request(outcome)
         finally:
-            if len(rows) > 1 and batch.error is None:
+            answer = batch.answer
+            if len(rows) > 1 and answer is not None:
+                # the runtime timed the first request it answered; these are the others
                 now = perf_counter()
-                self.metrics.observe_merged([now - s for s in batch.starts[1:]])
+                answered = batch.starts
+                total = sum(answer.confidences)
+                if total - total != 0.0:  # rows not answered: their requests failed
+                    answered = [s for s, c in zip(answered, answer.confidences, strict=True)
+                                if math.isfinite(c)]  # fmt: skip
+                if len(answered) > 1:
+                    self.metrics.observe_merged([now - s for s in answered[1:]])
             batch.done.set()
 
 

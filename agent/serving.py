@@ -100,11 +100,19 @@ class InferenceRuntime(VersionSlots):
         return batch if single else None
 
     def predict_rows(self, rows: npt.NDArray[Any], start: float) -> Predictions:
-        """Predict checked `rows` (the samples of several requests), timed from `start`."""
-        return self._predict(self._serving, rows, start)
+        """Predict checked `rows` (the samples of several requests), timed from `start`.
 
-    def _predict(self, served: ServedModel | None, x: object, start: float) -> Predictions:
-        """`predict` for any input: checked and converted, run bound or plainly."""
+        The rows are apart: one whose answer is not finite (a finite input too large for
+        the model) is counted as an invalid request and answered with confidence NaN, for
+        the caller to fail that row's request alone; the others are answered as usual.
+        """
+        return self._predict(self._serving, rows, start, apart=True)
+
+    def _predict(
+        self, served: ServedModel | None, x: object, start: float, apart: bool = False
+    ) -> Predictions:
+        """`predict` for any input: checked and converted, run bound or plainly (`apart`:
+        see `predict_rows`)."""
         if served is None:
             self.metrics.count_request("unavailable")
             raise ModelUnavailableError("no model is loaded yet")
@@ -140,13 +148,17 @@ class InferenceRuntime(VersionSlots):
         if run is not None and run.extra:  # the session computed the answers already
             conf, cls = run.extra
             confidences = conf.tolist()
-            self._check_answered(confidences)
+            total = sum(confidences)
+            if total - total != 0.0:  # (NaN or Inf)
+                if apart and len(confidences) > 1:
+                    return self._answered_apart(served, batch, cls, conf, start)
+                self._check_answered(confidences)
             pid = self.recent.keep(batch, served.name, served.version)
             self.metrics.observe(perf_counter() - start, confidences, conf)
             return new_predictions(pid, served.name, served.version, cls.tolist(), confidences,
                                    served.labels, single)  # fmt: skip
         if len(out) != 1:
-            return self._batch_answer(out, batch, served, start)
+            return self._batch_answer(out, batch, served, start, apart)
         row: list[float] = out.tolist()[0] if out.ndim == 2 else out.reshape(-1).tolist()
         self._check_answered(row)
         top = max(row)
@@ -223,7 +235,12 @@ class InferenceRuntime(VersionSlots):
             raise InputError("the input holds NaN or Inf (or values too large for float32)")
 
     def _batch_answer(
-        self, out: npt.NDArray[Any], batch: npt.NDArray[Any], served: ServedModel, start: float
+        self,
+        out: npt.NDArray[Any],
+        batch: npt.NDArray[Any],
+        served: ServedModel,
+        start: float,
+        apart: bool = False,
     ) -> Predictions:
         logits = out if out.ndim == 2 else out.reshape(len(out), -1)
         if logits.dtype.kind != "f":
@@ -241,8 +258,33 @@ class InferenceRuntime(VersionSlots):
             sums = shifted.sum(axis=1)
         conf = np.reciprocal(sums, out=sums)
         confidences = conf.tolist()
-        self._check_answered(confidences)
+        total = sum(confidences)
+        if total - total != 0.0:  # (NaN or Inf)
+            if apart:
+                return self._answered_apart(served, batch, classes, conf, start)
+            self._check_answered(confidences)
         pid = self.recent.keep(batch, served.name, served.version)
         self.metrics.observe_batch(perf_counter() - start, conf)
+        return new_predictions(pid, served.name, served.version, classes.tolist(), confidences,
+                               served.labels, False)  # fmt: skip
+
+    def _answered_apart(
+        self,
+        served: ServedModel,
+        batch: npt.NDArray[Any],
+        classes: npt.NDArray[Any],
+        conf: npt.NDArray[Any],
+        start: float,
+    ) -> Predictions:
+        """The answers to the rows of several requests (`predict_rows`), some not finite:
+        those count as invalid requests and answer confidence NaN; the others as usual."""
+        finite = np.isfinite(conf)
+        good = conf[finite]
+        for _ in range(len(conf) - len(good)):
+            self.metrics.count_request("invalid")
+        pid = self.recent.keep(batch, served.name, served.version)
+        if len(good):
+            self.metrics.observe(perf_counter() - start, good.tolist(), good)
+        confidences = np.where(finite, conf, math.nan).tolist()
         return new_predictions(pid, served.name, served.version, classes.tolist(), confidences,
                                served.labels, False)  # fmt: skip

@@ -1,9 +1,11 @@
 """Micro-batching over the real runtime and digits model: concurrent single samples share
 runs and each gets its own answer, feedback ids resolve, metrics count every request,
-batches and bad inputs are never held, and a failed run fails every request in it."""
+batches and bad inputs are never held, a failed run fails every request in it, and a row
+whose answer overflows fails only its own."""
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +24,9 @@ from agent.micro_batching import MicroBatcher
 from agent.model_store import ModelStore
 from agent.predictions import ModelUnavailableError, Predictions
 from agent.serving import InferenceRuntime
+from cloud_coordinator.baseline import server_backbone
+from cloud_coordinator.bundles import initial_bundle
+from cloud_coordinator.templates import get_template
 from protocols.model_format import MODEL_FILE
 from tests.agent_inference.conftest import Bundles, agent_config, put
 
@@ -211,3 +216,45 @@ def test_http_requests_from_many_clients_are_merged(tmp_path: Path, bundles: Bun
         np.testing.assert_array_equal(row, samples[3] / np.float32(16))
     finally:
         service.stop()
+
+
+def test_a_row_whose_answer_overflows_fails_only_its_own_request() -> None:
+    # machine_health: a finite input of 1e37 overflows in its model (the answers are NaN)
+    template = get_template("machine_health")
+    bundle, _ = initial_bundle(template, "mh", "v1", seed=0,
+                               backbone=server_backbone(template, 0), created=1.0)  # fmt: skip
+    metrics = InferenceMetrics()
+    rt = InferenceRuntime(metrics, RecentInputs(256))
+    assert rt.install(bundle.manifest, bundle.files[MODEL_FILE])
+    batcher = MicroBatcher(rt, metrics, max_rows=6, wait_s=30.0)  # runs once six are in
+    samples = [np.full(30, 0.5 + i, np.float32) for i in range(6)]
+    samples[1][:] = samples[4][:] = 1e37  # finite, so let in; the model overflows on it
+    alone = [rt.predict(samples[i]) for i in (0, 2, 3, 5)]
+    gate = threading.Barrier(6)
+    before = metrics.snapshot()
+
+    def one(x: npt.NDArray[Any]) -> Predictions | InputError:
+        gate.wait()
+        try:
+            return batcher.predict(x)
+        except InputError as exc:
+            return exc
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(one, samples))
+    for i in (1, 4):
+        assert isinstance(answers[i], InputError)
+        assert "NaN or Inf" in str(answers[i])
+    good = [answers[i] for i in (0, 2, 3, 5)]
+    for got, ref in zip(good, alone, strict=True):
+        assert isinstance(got, Predictions), got
+        assert got.classes == ref.classes
+        assert got.confidences == pytest.approx(ref.confidences, rel=1e-5)
+    after = metrics.snapshot()
+    for key, more in (("inference_ok", 4), ("inference_invalid", 2), ("inference_rows", 4)):
+        assert after[key] - before[key] == more, key
+    assert after["inference_microbatches"] - before["inference_microbatches"] == 1
+    for _ in range(2):  # the runtime's side, on one thread: a size's first run is plain,
+        rows = rt.predict_rows(np.stack(samples), 0.0)  # its second bound
+        assert [math.isnan(c) for c in rows.confidences] == [i in (1, 4) for i in range(6)]
+        assert [rows.classes[i] for i in (0, 2, 3, 5)] == [a.classes[0] for a in alone]
