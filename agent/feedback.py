@@ -1,11 +1,13 @@
 """Labels from applications for earlier predictions, kept as local training data.
 
 `RecentInputs` keeps the inputs of the most recent requests (a ring: one slot per request),
-keyed by prediction id (a batch's row ``i`` is ``<id>.<i>``). `FeedbackLog` appends a
-labelled input to ``feedback.npz`` in the device's dataset directory (arrays ``x`` and
-``y``, like ``train.npz``; written atomically, never pickled, at most `max_rows`, oldest
-dropped first). `agent.local_data.load_local_data` adds those rows to the training split,
-so the learner trains on them in its next round.
+keyed by prediction id (a batch's row ``i`` is ``<id>.<i>``; the batch's own id names no
+row). `FeedbackLog` appends a labelled input to ``feedback.npz`` in the device's dataset
+directory (arrays ``x`` and ``y``, like ``train.npz``; written atomically, never pickled,
+at most `max_rows`, oldest dropped first). A prediction labelled again has its row's label
+replaced, not a second row: the last label given counts (a correction, or a retry).
+`agent.local_data.load_local_data` adds those rows to the training split, so the learner
+trains on them in its next round.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import itertools
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from agent.local_data import FEEDBACK_FILE, read_feedback
 
 #: A kept input: (request number, the batch, model, version).
 _Kept = tuple[int, npt.NDArray[Any], str, str]
+#: A labelled row's key: (request number, row).
+RowKey = tuple[int, int]
 
 
 class FeedbackError(AgentError):
@@ -97,7 +102,12 @@ class RecentInputs:
                 self._large_bytes -= dropped[1].nbytes
 
     def get(self, prediction_id: str) -> tuple[npt.NDArray[Any], str, str]:
-        """(the one input row, model, version) of a prediction id; FeedbackError if unknown."""
+        """(the one input row, model, version) of a prediction id; FeedbackError if unknown
+        (404's ``unknown_id``) or if it is a batch's own id, which names no one row."""
+        return self.find(prediction_id)[1:]
+
+    def find(self, prediction_id: str) -> tuple[RowKey, npt.NDArray[Any], str, str]:
+        """`get`, with the row's key first: the same for every spelling of its id."""
         head, dot, index = prediction_id.partition(".")
         number = head[len(self.prefix) :] if head.startswith(self.prefix) else ""
         if (
@@ -114,9 +124,16 @@ class RecentInputs:
                 with self._lock:
                     entry = self._large.get(n)
             row = int(index) if dot else 0
+            if entry is not None and not dot and len(entry[1]) > 1:
+                raise FeedbackError(
+                    f"prediction id {prediction_id!r} names a batch of {len(entry[1])} rows, "
+                    f"not one: label a row as {prediction_id}.<row> (each answer's "
+                    "prediction_id)",
+                    "invalid",
+                )
             if entry is not None and row < len(entry[1]):
                 _, batch, model, version = entry
-                return batch[row], model, version
+                return (n, row), batch[row], model, version
         raise FeedbackError(
             f"unknown prediction id {prediction_id!r} (inputs are kept for the last "
             f"{self.capacity} requests, {self._medium_capacity} of larger batches, "
@@ -126,7 +143,8 @@ class RecentInputs:
 
 
 class FeedbackLog:
-    """Appends labelled inputs to ``<dataset_dir>/feedback.npz`` (thread-safe)."""
+    """Appends labelled inputs to ``<dataset_dir>/feedback.npz`` (thread-safe); a row
+    labelled again under the same key (its prediction) gets the new label instead."""
 
     def __init__(self, dataset_dir: Path, max_rows: int) -> None:
         self.path = dataset_dir / FEEDBACK_FILE
@@ -134,6 +152,8 @@ class FeedbackLog:
         self._lock = threading.Lock()
         self._x: npt.NDArray[Any] | None = None
         self._y: npt.NDArray[np.int64] | None = None
+        self._added = 0  # rows ever added (loaded ones included): the next row's number
+        self._keys: OrderedDict[Hashable, int] = OrderedDict()  # key → row number, oldest first
 
     def rows(self) -> int:
         """How many labelled rows the file holds."""
@@ -144,17 +164,29 @@ class FeedbackLog:
     def _load(self) -> None:
         if self._x is None and self.path.is_file():
             self._x, self._y = read_feedback(self.path)
+            self._added = len(self._y)
 
     def append(self, x: npt.NDArray[Any], label: int) -> int:
         """Add one row; return the number of rows now kept (0: `max_rows` is 0, none kept).
         FeedbackError if the row holds NaN or Inf (training could never read it again)."""
+        return self.put(None, x, label)[0]
+
+    def put(self, key: Hashable | None, x: npt.NDArray[Any], label: int) -> tuple[int, bool]:
+        """`append`, except that a `key` put before whose row is still kept has that row's
+        label replaced; (rows now kept, whether a label was replaced)."""
         row = np.asarray(x, dtype=np.float32)[None, ...]
         if not np.isfinite(row).all():
             raise FeedbackError("that prediction's input holds NaN or Inf: not kept", "invalid")
         if self.max_rows <= 0:
-            return 0
+            return 0, False
         with self._lock:
             self._load()
+            at = self._kept_at(key)
+            if at is not None and self._x is not None and self._y is not None:
+                ys = self._y.copy()
+                ys[at] = label
+                self._write(self._x, ys)
+                return len(ys), True
             if self._x is None or self._y is None or self._x.shape[1:] != row.shape[1:]:
                 if self._x is not None and self._x.shape[1:] != row.shape[1:]:
                     # A new model with another input shape: its feedback starts afresh.
@@ -163,12 +195,35 @@ class FeedbackLog:
             else:  # (max_rows > 0: the slices keep the newest max_rows)
                 xs = np.concatenate([self._x, row])[-self.max_rows :]
                 ys = np.concatenate([self._y, np.asarray([label], np.int64)])[-self.max_rows :]
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, x=xs, y=ys)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            self._x, self._y = xs, ys
-            return len(ys)
+            self._write(xs, ys)
+            self._added += 1
+            if key is not None:
+                self._keys[key] = self._added - 1
+            self._forget_dropped()
+            return len(ys), False
+
+    def _kept_at(self, key: Hashable | None) -> int | None:
+        """The index in the kept rows of `key`'s row; None if never put or dropped since."""
+        number = self._keys.get(key) if key is not None else None
+        if number is None or self._y is None:
+            return None
+        at = number - (self._added - len(self._y))
+        return at if 0 <= at < len(self._y) else None
+
+    def _forget_dropped(self) -> None:
+        """Forget the keys of rows no longer kept (the oldest first)."""
+        first = self._added - (0 if self._y is None else len(self._y))
+        keys = self._keys
+        while keys and next(iter(keys.values())) < first:
+            keys.popitem(last=False)
+
+    def _write(self, xs: npt.NDArray[Any], ys: npt.NDArray[np.int64]) -> None:
+        """Write the file atomically, then keep `xs` and `ys` as its rows."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, x=xs, y=ys)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._x, self._y = xs, ys

@@ -251,9 +251,10 @@ class InferenceService:
         return self.describe()
 
     def feedback(self, prediction_id: str, label: str | int) -> dict[str, Any]:
-        """Store `label` for an earlier prediction's input as training data."""
+        """Store `label` for an earlier prediction's input as training data; a prediction
+        labelled again gets the new label in place of the earlier one (``replaced``)."""
         try:
-            row, model, version = self.recent.get(prediction_id)
+            key, row, model, version = self.recent.find(prediction_id)
             labels = self._labels(model, version)
             if isinstance(label, str):
                 if label not in labels:
@@ -264,12 +265,12 @@ class InferenceService:
                                     "invalid")  # fmt: skip
             else:
                 index = label
-            rows = self.feedback_log.append(row, index)
+            rows, replaced = self.feedback_log.put(key, row, index)
         except FeedbackError as exc:
             self.metrics.feedback(exc.reason)
             raise
         self.metrics.feedback("stored" if rows else "not_kept")
-        return {"stored": rows > 0, "rows": rows, "label_index": index}
+        return {"stored": rows > 0, "rows": rows, "label_index": index, "replaced": replaced}
 
     def _labels(self, model: str, version: str) -> tuple[str, ...]:
         for served in (self.runtime.serving, self.runtime.standby):

@@ -81,6 +81,10 @@ OPENAPI: dict[str, Any] = {
         "/v1/feedback": {
             "post": {
                 "summary": "Label an earlier prediction; the row becomes local training data",
+                "description": "One training row per prediction: labelling the same "
+                "prediction again replaces its label (the last one given counts; "
+                "``replaced`` says so) while its row is still kept. A batch's rows are "
+                "labelled one at a time, by their own ids (``<id>.<row>``).",
                 "requestBody": {
                     "required": True,
                     "content": _content({"$ref": "#/components/schemas/FeedbackRequest"}),
@@ -88,17 +92,12 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": {
                         "description": "stored",
-                        "content": _content(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "stored": {"type": "boolean"},
-                                    "rows": {"type": "integer"},
-                                },
-                            }
-                        ),
+                        "content": _content({"$ref": "#/components/schemas/FeedbackResponse"}),
                     },
-                    "400": _error("bad label"),
+                    "400": _error(
+                        "bad label, the id of a whole batch (label its rows), or an input "
+                        "holding NaN or Inf"
+                    ),
                     "404": _error("unknown or expired prediction id"),
                 },
             }
@@ -202,6 +201,23 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "prediction_id": {"type": "string"},
                     "label": {"oneOf": [{"type": "string"}, {"type": "integer"}]},
+                },
+            },
+            "FeedbackResponse": {
+                "type": "object",
+                "required": ["stored", "rows", "label_index", "replaced"],
+                "properties": {
+                    "stored": {
+                        "type": "boolean",
+                        "description": "false when the agent keeps no feedback rows",
+                    },
+                    "rows": {"type": "integer", "description": "labelled rows kept now"},
+                    "label_index": {"type": "integer", "description": "the label's class index"},
+                    "replaced": {
+                        "type": "boolean",
+                        "description": "the prediction was labelled before: this label "
+                        "replaced that one",
+                    },
                 },
             },
             "Model": {

@@ -24,7 +24,10 @@ def test_an_id_gives_back_its_row_model_and_version() -> None:
     row, _, version = recent.get(f"{batch}.2")
     assert row.tolist() == [6.0, 7.0, 8.0]
     assert version == "v2"
-    assert recent.get(batch)[0].tolist() == [0.0, 1.0, 2.0]  # a batch's own id: its row 0
+    with pytest.raises(FeedbackError, match=r"names a batch of 4 rows") as refused:
+        recent.get(batch)  # a batch's own id names no one row
+    assert refused.value.reason == "invalid"
+    assert recent.get(f"{single}.0")[0].tolist() == [1.0, 1.0, 1.0]  # (a sample's one row)
 
 
 def test_ids_are_unique_and_carry_a_per_process_prefix() -> None:
