@@ -29,6 +29,15 @@ _ROW = {
     },
 }
 _DEFAULT = {"$ref": "#/components/responses/Refused"}
+_HEALTH = {
+    "type": "object",
+    "required": ["status", "model"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "no_model"]},
+        "model": {"type": "string", "nullable": True, "description": "the served model"},
+        "version": {"type": "string", "description": "the serving version (when ok)"},
+    },
+}
 _MODEL_REF = {
     "model": {"type": "string"},
     "version": {"type": "string"},
@@ -58,8 +67,14 @@ OPENAPI: dict[str, Any] = {
                         "description": "the prediction(s)",
                         "content": _content({"$ref": "#/components/schemas/PredictResponse"}),
                     },
-                    "400": _error("input does not match the model's input schema"),
-                    "413": _error("body too large"),
+                    "400": _error(
+                        "input does not match the model's input schema, holds something "
+                        "other than numbers, NaN or Inf, or more rows than inference_max_batch"
+                    ),
+                    "413": _error(
+                        "body larger than a batch of inference_max_batch rows can need "
+                        "(about 9 bytes a number in msgpack, 40 in JSON), or over 64 MiB"
+                    ),
                     "415": _error("unsupported content type"),
                     "503": _error("no model loaded yet"),
                 },
@@ -99,6 +114,8 @@ OPENAPI: dict[str, Any] = {
                         "holding NaN or Inf"
                     ),
                     "404": _error("unknown or expired prediction id"),
+                    "413": _error("body over 64 KiB"),
+                    "415": _error("unsupported content type"),
                 },
             }
         },
@@ -118,8 +135,14 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Ready when a model version is serving",
                 "responses": {
-                    "200": {"description": "serving"},
-                    "503": {"description": "no model loaded yet"},
+                    "200": {
+                        "description": "serving",
+                        "content": {"application/json": {"schema": _HEALTH}},
+                    },
+                    "503": {
+                        "description": "no model loaded yet",
+                        "content": {"application/json": {"schema": _HEALTH}},
+                    },
                 },
             }
         },
@@ -184,16 +207,28 @@ OPENAPI: dict[str, Any] = {
                 },
             },
             "PredictResponse": {
+                "description": "one sample: its row's fields; a batch: ``predictions``, a "
+                "row per sample (each with its own prediction_id, ``<id>.<row>``)",
                 "oneOf": [
-                    {"allOf": [_ROW, {"type": "object", "properties": _MODEL_REF}]},
+                    {
+                        "allOf": [
+                            _ROW,
+                            {
+                                "type": "object",
+                                "required": ["model", "version"],
+                                "properties": _MODEL_REF,
+                            },
+                        ]
+                    },
                     {
                         "type": "object",
+                        "required": ["predictions", "model", "version"],
                         "properties": {
                             "predictions": {"type": "array", "items": _ROW},
                             **_MODEL_REF,
                         },
                     },
-                ]
+                ],
             },
             "FeedbackRequest": {
                 "type": "object",
@@ -237,3 +272,14 @@ OPENAPI: dict[str, Any] = {
 for _operations in OPENAPI["paths"].values():
     for _operation in _operations.values():
         _operation["responses"]["default"] = _DEFAULT
+    if "get" in _operations:  # HEAD: the GET's status and headers, without the body
+        _get = _operations["get"]
+        _operations["head"] = {
+            "summary": f"{_get['summary']} (headers only)",
+            "responses": {
+                status: {"description": answer.get("description", "")}
+                for status, answer in _get["responses"].items()
+                if status != "default"
+            }
+            | {"default": _DEFAULT},
+        }
