@@ -224,7 +224,7 @@ def predict_input(body: Mapping[str, Any]) -> np.ndarray[Any, Any]:
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:
         raise BadRequestError(f'"input" is not a regular array of numbers: {exc}') from None
-    if arr.dtype.kind not in "biuf":
+    if arr.dtype.kind not in "iuf":  # (true and false are not numbers here: send 1 and 0)
         raise BadRequestError(f'"input" must hold numbers, got {arr.dtype}')
     return arr
 

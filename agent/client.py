@@ -267,6 +267,8 @@ class InferenceClient:
         if self._backend is not None:
             return self._backend.predict(x)
         value: Any
+        if isinstance(x, np.ndarray) and x.dtype.kind == "b":
+            x = x.view(np.uint8)  # (the API takes numbers: True and False go as 1 and 0)
         if (
             isinstance(x, np.ndarray)
             and self.kind == MSGPACK
@@ -276,7 +278,8 @@ class InferenceClient:
             arr = np.ascontiguousarray(x, little if x.dtype != little else None)
             value = {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": arr.tobytes()}
         else:  # (other element types go as numbers, as in JSON)
-            value = np.asarray(x).tolist()
+            arr = np.asarray(x)
+            value = (arr.view(np.uint8) if arr.dtype.kind == "b" else arr).tolist()
         return _from_json(self._map("POST", "/v1/predict", {"input": value}))
 
     def model(self) -> dict[str, Any]:

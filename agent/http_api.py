@@ -213,6 +213,10 @@ class _Connection(socketserver.BaseRequestHandler):
         path = head.path
         kind = JSON
         try:
+            if path == "/v1/rollback":  # (a body, if any, is not read: any content type)
+                with contextlib.suppress(BadRequestError):
+                    kind = api_codec.media_type(head.headers.get("content-type"))
+                return 200, api_codec.encode_body(self.backend.rollback(), kind), kind
             kind = api_codec.media_type(head.headers.get("content-type"))
             if path == "/v1/predict":
                 # (a small body is decoded as it is: a few MB of objects at worst)
@@ -221,11 +225,9 @@ class _Connection(socketserver.BaseRequestHandler):
                 )
                 x = api_codec.predict_input(api_codec.decode_body(body, kind, limits))
                 answer = self.backend.predict(x).as_json()
-            elif path == "/v1/feedback":
+            else:  # /v1/feedback
                 fields = api_codec.feedback_fields(api_codec.decode_body(body, kind))
                 answer = self.backend.feedback(*fields)
-            else:  # /v1/rollback (a body, if any, is not read)
-                answer = self.backend.rollback()
         except (BadRequestError, InputError, FeedbackError, ModelUnavailableError,
                 InferenceError) as exc:  # fmt: skip
             if path == "/v1/predict" and isinstance(exc, BadRequestError):

@@ -5,8 +5,11 @@ a local API needs and refuses the rest with the status to answer: bodies framed 
 Content-Length (a Transfer-Encoding is 501), persistent connections, ``Expect:
 100-continue``, at most `MAX_HEADERS` header lines of at most `MAX_LINE_BYTES` each.
 Parsing follows RFC 9112: no whitespace before a header's colon, no line folding, one
-Content-Length value. `read_head` takes a ``readline`` callable, so the framing is tested
-without a socket; every parser raises `HttpWireError` and nothing else.
+Content-Length value, no CR or NUL inside a header value, exactly one Host in an HTTP/1.1
+request, and a target in origin form (``/path?query``) or absolute form
+(``http://host/path``, whose authority stands for the Host). `read_head` takes a
+``readline`` callable, so the framing is tested without a socket; every parser raises
+`HttpWireError` and nothing else.
 """
 
 from __future__ import annotations
@@ -122,9 +125,13 @@ def _headers(lines: Sequence[bytes]) -> tuple[dict[str, str], int | None]:
         if not colon or not _TOKEN.fullmatch(name):
             raise HttpWireError(f"malformed header line {line[:60]!r}")
         value = value.strip(b" \t\r\n")
+        if b"\r" in value or b"\0" in value:  # (RFC 9110 5.5: a bare CR, or NUL)
+            raise HttpWireError(f"a CR or NUL inside header line {line[:60]!r}")
         key = name.decode("ascii").lower()
         if key == "content-length":
             lengths.update(v.strip(b" \t") for v in value.split(b","))
+        elif key == "host" and key in headers:
+            raise HttpWireError("more than one Host header")
         text = value.decode("latin-1")
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     if not lengths:
@@ -155,13 +162,32 @@ def parse_request_head(lines: Sequence[bytes]) -> RequestHead:
     if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
         raise HttpWireError(f"malformed request line {lines[0][:60]!r}")
     method, target, raw_version = parts
-    if not target.startswith(b"/") or any(c <= 0x20 or c >= 0x7F for c in target):
+    authority = None
+    if not target.startswith(b"/"):
+        target, authority = _absolute_form(target)
+    if any(c <= 0x20 or c >= 0x7F for c in target):
         raise HttpWireError(f"request target must be a path, got {target[:60]!r}")
     version = _version(raw_version)
     headers, length = _headers(lines[1:])
     if "transfer-encoding" in headers:
         raise HttpWireError("Transfer-Encoding bodies are not supported: send Content-Length", 501)
+    if version >= (1, 1) and "host" not in headers:  # (RFC 9112 3.2)
+        raise HttpWireError("an HTTP/1.1 request needs a Host header")
+    if authority is not None:  # (RFC 9112 3.2.2: it replaces the Host header)
+        headers["host"] = authority
     return RequestHead(method.decode("ascii"), target.decode("ascii"), version, headers, length)
+
+
+def _absolute_form(target: bytes) -> tuple[bytes, str]:
+    """(path and query, authority) of an absolute-form target ``http://host/path``."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise HttpWireError(f"request target must be a path, got {target[:60]!r}")
+    end = min((i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    if not authority or any(c <= 0x20 or c >= 0x7F for c in authority):
+        raise HttpWireError(f"request target has no host: {target[:60]!r}")
+    return (path if path.startswith(b"/") else b"/" + path), authority.decode("ascii")
 
 
 def check_local_request(head: RequestHead) -> None:

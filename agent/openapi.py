@@ -69,7 +69,8 @@ OPENAPI: dict[str, Any] = {
                     },
                     "400": _error(
                         "input does not match the model's input schema, holds something "
-                        "other than numbers, NaN or Inf, or more rows than inference_max_batch"
+                        "other than numbers (true and false included: send 1 and 0), NaN or "
+                        "Inf, or more rows than inference_max_batch"
                     ),
                     "413": _error(
                         "body larger than a batch of inference_max_batch rows can need "
@@ -121,7 +122,8 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/rollback": {
             "post": {
-                "summary": "Serve the previous version again (a request body is not needed)",
+                "summary": "Serve the previous version again (a request body, of any content "
+                "type, is not read)",
                 "responses": {
                     "200": {
                         "description": "rolled back",

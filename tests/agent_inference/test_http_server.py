@@ -45,13 +45,14 @@ def _exchange(server: ApiServer, data: bytes) -> tuple[int, dict[str, str], byte
 def test_pipelined_requests_are_answered_in_order_on_one_connection(server: ApiServer) -> None:
     with connect_raw(server) as sock:
         sock.sendall(
-            b"GET /healthz HTTP/1.1\r\n\r\nGET /v1/model HTTP/1.1\r\nHost: localhost:80\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /v1/model HTTP/1.1\r\nHost: localhost:80\r\n\r\n"
         )
         stream = sock.makefile("rb")
         first, second = read_answer(stream), read_answer(stream)
         assert json.loads(first[2]) == {"status": "ok"}
         assert json.loads(second[2])["version"] == "v1"
-        sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # still open
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")  # still open
         status, headers, body = read_answer(stream)
         assert (status, body) == (200, b"up 1\n")
         assert headers["content-type"].startswith("text/plain")
@@ -67,7 +68,8 @@ def test_http_1_0_is_answered_then_closed(server: ApiServer) -> None:
 def test_expect_100_continue_is_honoured(server: ApiServer) -> None:
     with connect_raw(server) as sock:
         sock.sendall(
-            b"POST /v1/feedback HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 36\r\n\r\n"
+            b"POST /v1/feedback HTTP/1.1\r\nHost: localhost\r\n"
+            b"Expect: 100-continue\r\nContent-Length: 36\r\n\r\n"
         )
         stream = sock.makefile("rb")
         assert stream.readline() == b"HTTP/1.1 100 Continue\r\n"
@@ -80,12 +82,24 @@ def test_expect_100_continue_is_honoured(server: ApiServer) -> None:
 @pytest.mark.parametrize(
     ("request_bytes", "status", "says"),
     [
-        (b"POST /v1/predict HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n", 413, "body over"),
-        (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "Content-Length"),
+        (
+            b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n\r\n",
+            413,
+            "body over",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "Content-Length",
+        ),
         (b"GET / HTTP/2.0\r\n\r\n", 505, "HTTP/1.1"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400, "request line"),
-        (b"GET / HTTP/1.1\r\n" + b"A: b\r\n" * 101 + b"\r\n", 431, "header lines"),
-        (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\n\r\n", 414, "request line"),
+        (
+            b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"A: b\r\n" * 101 + b"\r\n",
+            431,
+            "header lines",
+        ),
+        (b"GET /" + b"x" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n", 414, "request line"),
     ],
 )
 def test_broken_requests_get_their_status_and_a_closed_connection(
@@ -105,8 +119,8 @@ def test_another_method_on_an_endpoint_is_405_with_its_allow_and_the_connection_
     server: ApiServer, request_line: bytes, allow: str
 ) -> None:
     with connect_raw(server) as sock:
-        sock.sendall(request_line + b" HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}"
-                     b"GET /healthz HTTP/1.1\r\n\r\n")  # fmt: skip
+        sock.sendall(request_line + b" HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}"
+                     b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")  # fmt: skip
         stream = sock.makefile("rb")
         status, headers, body = read_answer(stream)
         assert (status, headers["allow"]) == (405, allow)
@@ -118,7 +132,9 @@ def test_another_method_on_an_endpoint_is_405_with_its_allow_and_the_connection_
 @pytest.mark.parametrize("method", [b"GET", b"POST", b"PUT"])
 def test_an_unknown_path_is_404_whatever_the_method(server: ApiServer, method: bytes) -> None:
     with connect_raw(server) as sock:
-        sock.sendall(method + b" /v2/predict HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+        sock.sendall(
+            method + b" /v2/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}"
+        )
         status, headers, body = read_answer(sock.makefile("rb"))
     assert (status, "allow" in headers) == (404, False)
     assert "no endpoint /v2/predict: see /openapi.json" in json.loads(body)["error"]
@@ -127,7 +143,7 @@ def test_an_unknown_path_is_404_whatever_the_method(server: ApiServer, method: b
 def test_a_post_without_content_length_has_no_body(server: ApiServer) -> None:
     with connect_raw(server) as sock:  # as `curl -X POST` sends it (RFC 9112 6.3)
         sock.sendall(b"POST /v1/rollback HTTP/1.1\r\nHost: localhost\r\n\r\n"
-                     b"POST /v1/predict HTTP/1.1\r\n\r\n")  # fmt: skip
+                     b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\n\r\n")  # fmt: skip
         stream = sock.makefile("rb")
         assert read_answer(stream)[:1] == (200,)
         status, headers, body = read_answer(stream)
@@ -169,7 +185,10 @@ def test_http_1_0_keep_alive_is_confirmed(server: ApiServer) -> None:
 
 def test_head_answers_the_get_headers_without_a_body(server: ApiServer) -> None:
     with connect_raw(server) as sock:
-        sock.sendall(b"HEAD /v1/model HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n")
+        sock.sendall(
+            b"HEAD /v1/model HTTP/1.1\r\nHost: localhost\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
         stream = sock.makefile("rb")
         assert stream.readline() == b"HTTP/1.1 200 OK\r\n"
         headers = {}
@@ -183,7 +202,8 @@ def test_head_answers_the_get_headers_without_a_body(server: ApiServer) -> None:
 def test_a_get_with_a_body_keeps_the_connection_in_step(server: ApiServer) -> None:
     with connect_raw(server) as sock:
         sock.sendall(
-            b"GET /healthz HTTP/1.1\r\nContent-Length: 5\r\n\r\nHELLOGET /metrics HTTP/1.1\r\n\r\n"
+            b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nHELLO"
+            b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
         )
         stream = sock.makefile("rb")
         assert read_answer(stream)[0] == 200
@@ -196,7 +216,10 @@ def test_a_rejected_body_still_lets_the_client_read_its_413(
     monkeypatch.setattr("agent.api_codec.MAX_BODY_BYTES", 1 << 20)
     body = b"x" * (3 << 19)  # sent whole before the answer is read, as simple clients do
     with connect_raw(server) as sock:
-        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+            % len(body)
+        )
         sock.sendall(body)
         status, headers, answer = read_answer(sock.makefile("rb"))
     assert (status, headers["connection"]) == (413, "close")
@@ -206,7 +229,7 @@ def test_a_rejected_body_still_lets_the_client_read_its_413(
 def test_a_request_sent_a_byte_at_a_time_runs_out_of_time(backend: StubBackend) -> None:
     with own_server(backend, request_timeout_s=0.5) as server, connect_raw(server) as sock:
         stream = sock.makefile("rb")
-        for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: yes\r\n":
+        for byte in b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: yes\r\n":
             try:
                 sock.sendall(bytes([byte]))
             except OSError:
@@ -250,19 +273,19 @@ def test_connections_over_the_cap_are_answered_503(backend: StubBackend) -> None
 def test_stopping_the_server_ends_its_open_connections(backend: StubBackend) -> None:
     with own_server(backend) as server:
         sock = connect_raw(server)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         stream = sock.makefile("rb")
         assert read_answer(stream)[0] == 200
     with sock, stream:  # stopped: the kept-alive connection is closed, not served on
-        sock.sendall(b"GET /healthz HTTP/1.1\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert stream.read() == b""
 
 
 def test_a_line_end_after_a_body_is_not_a_request(backend: StubBackend) -> None:
     with own_server(backend, request_timeout_s=0.2) as server, connect_raw(server) as sock:
         body = b'{"prediction_id": "p-1", "label": 3}'
-        sock.sendall(b"POST /v1/feedback HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s\r\n"
-                     % (len(body), body))  # fmt: skip
+        sock.sendall(b"POST /v1/feedback HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Length: %d\r\n\r\n%s\r\n" % (len(body), body))  # fmt: skip
         stream = sock.makefile("rb")
         assert read_answer(stream)[0] == 200
         sock.settimeout(0.6)  # three request deadlines: no 408 for the stray CRLF

@@ -61,13 +61,13 @@ def test_a_post_with_its_headers() -> None:
 def test_persistence_follows_the_version_and_connection_header(
     version: bytes, connection: bytes, keep: bool
 ) -> None:
-    head = _request(b"GET /healthz HTTP/" + version + b"\r\n" + connection + b"\r\n")
+    head = _request(b"GET /healthz HTTP/" + version + b"\r\nHost: x\r\n" + connection + b"\r\n")
     assert head.keep_alive is keep
     assert head.content_length is None
 
 
 def test_expect_continue_only_from_http_1_1() -> None:
-    ask = b"Expect: 100-Continue\r\nContent-Length: 3\r\n\r\n"
+    ask = b"Host: x\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n"
     assert _request(b"POST / HTTP/1.1\r\n" + ask).expects_continue
     assert not _request(b"POST / HTTP/1.0\r\n" + ask).expects_continue
 
@@ -77,6 +77,13 @@ def test_bare_newlines_and_leading_blank_lines_are_accepted() -> None:
     assert (head.path, head.headers["host"]) == ("/metrics", "x")
 
 
+def test_an_absolute_form_target_is_taken_its_authority_standing_for_the_host() -> None:
+    head = _request(b"GET http://127.0.0.1:8790/healthz?x=1 HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert (head.target, head.path) == ("/healthz?x=1", "/healthz")
+    assert head.headers["host"] == "127.0.0.1:8790"  # (RFC 9112 3.2.2)
+    assert _request(b"GET HTTP://localhost?a HTTP/1.0\r\n\r\n").target == "/?a"
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [
@@ -84,7 +91,13 @@ def test_bare_newlines_and_leading_blank_lines_are_accepted() -> None:
         (b"GET  / HTTP/1.1\r\n\r\n", 400),
         (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
         (b"G(T / HTTP/1.1\r\n\r\n", 400),
-        (b"GET http://x/ HTTP/1.1\r\n\r\n", 400),
+        (b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET http:///a HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # (absolute form, no host)
+        (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # RFC 9112 3.2: HTTP/1.1 needs a Host
+        (b"GET / HTTP/1.1\r\nHost: x\r\nhost: y\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n", 400),  # a bare CR
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n", 400),
         (b"GET /\x7f HTTP/1.1\r\n\r\n", 400),
         (b"GET / HTTPS/1.1\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\n\r\n", 505),
@@ -113,14 +126,15 @@ def test_the_limits_themselves_are_accepted() -> None:
     name_and_colon = b"A: "
     line = name_and_colon + b"a" * (MAX_LINE_BYTES - len(name_and_colon) - 2) + b"\r\n"
     assert len(line) == MAX_LINE_BYTES
-    head = _request(b"GET / HTTP/1.1\r\n" + line * MAX_HEADERS + b"\r\n")
+    head = _request(b"GET / HTTP/1.0\r\n" + line * MAX_HEADERS + b"\r\n")  # (no Host)
     assert len(head.headers["a"]) == MAX_HEADERS * (MAX_LINE_BYTES - 5) + 2 * (MAX_HEADERS - 1)
-    assert _request(b"POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").content_length == 3
+    head = _request(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n")
+    assert head.content_length == 3
 
 
 def test_a_clean_end_of_input_is_none_and_one_head_is_read_at_a_time() -> None:
     assert read_head(io.BytesIO(b"").readline) is None
-    stream = io.BytesIO(b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n")
+    stream = io.BytesIO(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.0\r\n\r\n")
     paths = []
     while (lines := read_head(stream.readline)) is not None:
         paths.append(parse_request_head(lines).path)
