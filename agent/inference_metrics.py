@@ -38,6 +38,11 @@ def _label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _family(name: str, kind: str, text: str) -> list[str]:
+    """A metric family's ``# HELP`` and ``# TYPE`` lines."""
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+
+
 class _Histogram:
     __slots__ = ("bounds", "count", "counts", "total")
 
@@ -47,8 +52,8 @@ class _Histogram:
         self.total = 0.0
         self.count = 0
 
-    def render(self, name: str) -> list[str]:
-        lines = [f"# TYPE {name} histogram"]
+    def render(self, name: str, text: str) -> list[str]:
+        lines = _family(name, "histogram", text)
         running = 0
         for bound, n in zip(self.bounds, self.counts, strict=False):
             running += n
@@ -222,31 +227,47 @@ class InferenceMetrics:
         with self._lock:
             self._fold()
             rows = self._confidence.count
-            lines = [f"# TYPE {p}predict_requests_total counter"]
+            lines = _family(
+                f"{p}predict_requests_total",
+                "counter",
+                "Predict requests by outcome (ok, invalid, unavailable, error).",
+            )
             lines += [f'{p}predict_requests_total{{outcome="{o}"}} {n}' for o, n in
                       sorted(self._outcomes())]  # fmt: skip
-            lines += [f"# TYPE {p}predictions_total counter", f"{p}predictions_total {rows}"]
-            lines += self._latency.render(f"{p}predict_latency_seconds")
-            lines += self._confidence.render(f"{p}prediction_confidence")
-            lines.append(f"# TYPE {p}model_info gauge")
+            lines += _family(f"{p}predictions_total", "counter", "Rows answered.")
+            lines.append(f"{p}predictions_total {rows}")
+            lines += self._latency.render(
+                f"{p}predict_latency_seconds",
+                "Time of a successful predict request in the runtime, in seconds.",
+            )
+            lines += self._confidence.render(
+                f"{p}prediction_confidence", "Softmax probability of each answered row's top class."
+            )
+            lines += _family(f"{p}model_info", "gauge",
+                             "1 for each loaded version: role serving or standby.")  # fmt: skip
             for model, version, role in self._models:
                 lines.append(
                     f'{p}model_info{{model="{_label_value(model)}",'
                     f'version="{_label_value(version)}",role="{role}"}} 1'
                 )
-            lines += [f"# TYPE {p}model_swaps_total counter", f"{p}model_swaps_total {self._swaps}"]
-            lines += [
-                f"# TYPE {p}model_rollbacks_total counter",
-                f"{p}model_rollbacks_total {self._rollbacks}",
-            ]
-            lines.append(f"# TYPE {p}model_load_failures_total counter")
+            lines += _family(f"{p}model_swaps_total", "counter", "Versions swapped in to serve.")
+            lines.append(f"{p}model_swaps_total {self._swaps}")
+            lines += _family(f"{p}model_rollbacks_total", "counter",
+                             "Rollbacks to the previous version.")  # fmt: skip
+            lines.append(f"{p}model_rollbacks_total {self._rollbacks}")
+            lines += _family(f"{p}model_load_failures_total", "counter",
+                             "Versions that failed to load or warm up, by reason.")  # fmt: skip
             lines += [f'{p}model_load_failures_total{{reason="{_label_value(r)}"}} {n}'
                       for r, n in sorted(self._load_failures.items())]  # fmt: skip
-            lines += [f"# TYPE {p}microbatches_total counter",
-                      f"{p}microbatches_total {self._microbatches}",
-                      f"# TYPE {p}microbatched_requests_total counter",
-                      f"{p}microbatched_requests_total {self._merged}"]  # fmt: skip
-            lines.append(f"# TYPE {p}feedback_total counter")
+            lines += _family(f"{p}microbatches_total", "counter",
+                             "Micro-batch runs that answered several requests.")  # fmt: skip
+            lines.append(f"{p}microbatches_total {self._microbatches}")
+            lines += _family(f"{p}microbatched_requests_total", "counter",
+                             "Requests answered by another request's micro-batch run.")  # fmt: skip
+            lines.append(f"{p}microbatched_requests_total {self._merged}")
+            lines += _family(f"{p}feedback_total", "counter",
+                             "Feedback requests by outcome (stored, not_kept, unknown_id, "
+                             "invalid).")  # fmt: skip
             lines += [f'{p}feedback_total{{outcome="{o}"}} {n}'
                       for o, n in sorted(self._feedback.items())]  # fmt: skip
         return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""The inference metrics' histograms: bucket counts as Prometheus reads them (``le``)."""
+"""The inference metrics' histograms: bucket counts as Prometheus reads them (``le``); and
+every family of the real service's /metrics comes with its HELP line."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import bisect
 
 import numpy as np
 
+from agent.client import InferenceClient
 from agent.inference_metrics import (
     _CONF_EDGES,
     CONFIDENCE_BUCKETS,
@@ -14,6 +16,7 @@ from agent.inference_metrics import (
     _fold_into,
     _Histogram,
 )
+from agent.inference_service import InferenceService
 
 
 def _bisect_counts(bounds: tuple[float, ...], values: list[float]) -> list[int]:
@@ -56,3 +59,18 @@ def test_latencies_fold_into_their_buckets() -> None:
     assert 'fedge_agent_predict_latency_seconds_bucket{le="0.0001"} 2' in text
     assert 'fedge_agent_predict_latency_seconds_bucket{le="0.0005"} 3' in text
     assert 'fedge_agent_predict_latency_seconds_bucket{le="+Inf"} 4' in text
+
+
+def test_every_metric_family_has_help_then_type(service: InferenceService) -> None:
+    assert service.server is not None
+    with InferenceClient.connect(service.server.url) as client:
+        client.predict(np.zeros(64, np.float32))
+        lines = client.metrics().splitlines()
+    types = [i for i, line in enumerate(lines) if line.startswith("# TYPE ")]
+    assert len(types) >= 10
+    for i in types:
+        name = lines[i].split()[2]
+        help_line = lines[i - 1]
+        assert help_line.startswith(f"# HELP {name} "), (name, help_line)
+        assert len(help_line) > len(f"# HELP {name} ") + 5  # (says something)
+    assert sum(line.startswith("# HELP ") for line in lines) == len(types)
