@@ -127,7 +127,7 @@ class _Connection(socketserver.BaseRequestHandler):
         head = http_wire.parse_request_head(lines)
         if self.refuse_web_pages:
             http_wire.check_local_request(head)
-        body = self._body(head, sock, reader, self._body_limit(head))
+        body = self._body(head, sock, reader)
         method = head.method
         status, payload, kind = self._dispatch(head, body)
         keep = head.keep_alive
@@ -141,12 +141,12 @@ class _Connection(socketserver.BaseRequestHandler):
             log.debug('inference api: "%s %s" %d %d', method, head.target, status, len(payload))
         return keep
 
-    def _body_limit(self, head: RequestHead) -> int:
-        """The most bytes the body of `head` may have: a feedback body is small, and a large
-        predict body is refused at once (413, counted invalid) if it is larger than the
-        serving model's largest batch can need (503 if no model is loaded)."""
-        length = head.content_length
-        if length is None or length <= api_codec.MAX_FEEDBACK_BYTES or head.method != "POST":
+    def _body_limit(self, head: RequestHead, length: int) -> int:
+        """The most bytes the body of `head`, `length` bytes and over `MAX_FEEDBACK_BYTES`,
+        may have: a feedback body is smaller, and a large predict body is refused at once
+        (413, counted invalid) if it is larger than the serving model's largest batch can
+        need (503 if no model is loaded)."""
+        if head.method != "POST":
             return api_codec.MAX_BODY_BYTES
         if head.path == "/v1/feedback":
             return api_codec.MAX_FEEDBACK_BYTES
@@ -166,15 +166,16 @@ class _Connection(socketserver.BaseRequestHandler):
             raise HttpWireError(str(refusal), 413)
         return api_codec.MAX_BODY_BYTES
 
-    @staticmethod
     def _body(
-        head: RequestHead, sock: socket.socket, reader: RequestReader, limit: int
+        self, head: RequestHead, sock: socket.socket, reader: RequestReader
     ) -> bytes | bytearray:
         length = head.content_length
         if length is None:  # no body (RFC 9112 6.3: a request without a length has none)
             return b""
-        if length > limit:
-            raise HttpWireError(f"body over {limit} bytes", 413)
+        if length > api_codec.MAX_FEEDBACK_BYTES:  # (a small body needs no more checks)
+            limit = self._body_limit(head, length)
+            if length > limit:
+                raise HttpWireError(f"body over {limit} bytes", 413)
         if head.expects_continue and length:
             sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         body = reader.read(length)

@@ -4,6 +4,8 @@ id is refused with what to send instead."""
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,3 +73,16 @@ def test_a_label_for_a_row_dropped_since_adds_it_again(tmp_path: Path) -> None:
     x, y = read_feedback(log.path)
     assert y.tolist() == [3, 8]
     np.testing.assert_array_equal(x, rows[[2, 0]])
+
+
+def test_a_feedback_body_over_64_kib_is_413_before_it_is_decoded(
+    service: InferenceService,
+) -> None:
+    assert service.server is not None
+    conn = http.client.HTTPConnection("127.0.0.1", service.server.address.port, timeout=10)
+    body = b'{"prediction_id": [' + b"[]," * 30_000 + b'[]], "label": 1}'  # ~90 KB of lists
+    conn.request("POST", "/v1/feedback", body=body, headers={"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    assert answer.status == 413
+    assert f"body over {64 * 1024} bytes" in json.loads(answer.read())["error"]
+    conn.close()
