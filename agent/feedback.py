@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import AgentError
-from agent.local_data import FEEDBACK_FILE, read_feedback
+from agent.local_data import FEEDBACK_FILE, load_feedback
 
 #: A kept input: (request number, the batch, model, version).
 _Kept = tuple[int, npt.NDArray[Any], str, str]
@@ -162,9 +162,11 @@ class FeedbackLog:
             return 0 if self._y is None else len(self._y)
 
     def _load(self) -> None:
-        if self._x is None and self.path.is_file():
-            self._x, self._y = read_feedback(self.path)
-            self._added = len(self._y)
+        if self._x is None:
+            loaded = load_feedback(self.path)  # (a damaged file is set aside)
+            if loaded is not None:
+                self._x, self._y = loaded
+                self._added = len(self._y)
 
     def append(self, x: npt.NDArray[Any], label: int) -> int:
         """Add one row; return the number of rows now kept (0: `max_rows` is 0, none kept).

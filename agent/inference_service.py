@@ -175,12 +175,12 @@ class InferenceService:
         """Load `manifest`'s model from the store and swap it in; False if it failed."""
         try:
             data = self.store.file(manifest, manifest.serving)
-        except AgentError as exc:
+        except AgentError as exc:  # not in the store, or damaged there (and removed)
             self.runtime.fail(manifest, "missing", str(exc))
-            ok = False
+            ok, missing = False, True
         else:
-            ok = self.runtime.install(manifest, data)
-        if not ok:
+            ok, missing = self.runtime.install(manifest, data), False
+        if not ok and not missing:  # (missing bytes are fetched again, not held against it)
             self.store.block(manifest.name, manifest.version)
         self._point_store()  # what a restart serves: what is served now
         return ok

@@ -14,6 +14,8 @@ their shape matches, and ignored otherwise (they belong to a model with another 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
 
 TRAIN_FILE = "train.npz"
 VAL_FILE = "val.npz"
@@ -80,12 +84,33 @@ def read_feedback(path: Path) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.i
     return _read_split(path)
 
 
+def load_feedback(
+    path: Path,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]] | None:
+    """The rows of the agent's own ``feedback.npz``, or None if there is none. A damaged
+    one is set aside as ``feedback.npz.damaged-<time>`` (logged) and None returned: it
+    would otherwise fail every training task and every feedback until deleted by hand."""
+    if not path.is_file():
+        return None
+    try:
+        return _read_split(path)
+    except LocalDataError as exc:
+        aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+        try:
+            path.replace(aside)
+        except OSError:
+            raise exc from None
+        log.error("%s; set aside as %s, feedback starts afresh", exc, aside.name)
+        return None
+
+
 def load_local_data(directory: Path | str) -> LocalData:
     """Both splits from `directory` (feedback rows added to train); LocalDataError if bad."""
     root = Path(directory)
     train_x, train_y = _read_split(root / TRAIN_FILE)
-    if (root / FEEDBACK_FILE).is_file():
-        fb_x, fb_y = _read_split(root / FEEDBACK_FILE)
+    feedback = load_feedback(root / FEEDBACK_FILE)
+    if feedback is not None:
+        fb_x, fb_y = feedback
         if fb_x.shape[1:] == train_x.shape[1:]:
             train_x = np.concatenate([train_x, fb_x])
             train_y = np.concatenate([train_y, fb_y])

@@ -205,10 +205,10 @@ class ModelStore:
     def blocked(self, name: str) -> set[str]:
         """Versions of `name` that must not become current."""
         try:
-            text = (self._model_dir(name) / "blocked").read_text(encoding="utf-8")
+            text = (self._model_dir(name) / "blocked").read_bytes().decode("utf-8", "replace")
         except FileNotFoundError:
             return set()
-        return {line for line in text.split() if line}
+        return {line for line in text.split() if valid_id(line)}  # (damaged lines skipped)
 
     def names(self) -> list[str]:
         """Names of the models that have a current version, sorted."""

@@ -11,6 +11,7 @@ from agent.inference_service import InferenceService
 from agent.model_store import ModelStore
 from agent.rollout import VersionEvent, VersionLog, VersionState
 from cloud_coordinator.bundles import Bundle
+from protocols.model_format import MODEL_FILE
 from protocols.signing import sign_manifest
 from tests.agent_inference.conftest import Bundles, agent_config, broken, put
 from tests.agent_inference.test_deployer import KEY, _boot, _serving
@@ -74,3 +75,49 @@ def test_a_restart_whose_current_version_is_broken_serves_the_previous(
         assert current.version == "v1"  # what the next restart serves straight away
     finally:
         service.stop()
+
+
+def test_a_current_version_damaged_on_disk_is_fetched_again_not_blocked(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    # Its bytes no longer match its hash: never served as that version, and not held
+    # against the version either (it used to be blocked, so never deployed here again).
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    put(store, bundles.v1)
+    put(store, bundles.v2)  # current v2, previous v1
+    entry = next(f for f in bundles.v2.manifest.files if f.name == MODEL_FILE)
+    store.blob_path(entry.sha256).write_bytes(b"\0" * entry.size)
+    service = InferenceService(agent_config(tmp_path), store, tmp_path / "data")
+    service.start()
+    try:
+        assert service.wait_idle(60)
+        assert _serving(service) == "v1"
+        assert "v2" not in store.blocked("digits-mlp")
+        assert store.missing(bundles.v2.manifest) == [entry]  # so a deployment fetches it
+        store.put_blob(entry.sha256, bundles.v2.files[MODEL_FILE])
+        assert service.install(bundles.v2.manifest)
+        assert _serving(service) == "v2"
+    finally:
+        service.stop()
+
+
+def test_a_damaged_feedback_file_is_set_aside_not_fatal(tmp_path: Path, bundles: Bundles) -> None:
+    service = InferenceService(agent_config(tmp_path), _store_with(tmp_path, bundles),
+                               tmp_path / "data")  # fmt: skip
+    service.start()
+    try:
+        assert service.wait_idle(60)
+        path = service.feedback_log.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"PK\x03\x04 cut short")
+        pid = service.predict(bundles.pixels[0]).prediction_id
+        assert service.feedback(pid, 3)["stored"]  # (it used to fail until deleted by hand)
+        assert list(path.parent.glob("feedback.npz.damaged-*"))
+    finally:
+        service.stop()
+
+
+def _store_with(tmp_path: Path, bundles: Bundles) -> ModelStore:
+    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
+    put(store, bundles.v1)
+    return store

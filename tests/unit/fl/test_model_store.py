@@ -141,8 +141,10 @@ def test_a_damaged_version_pointer_is_ignored(store: ModelStore, garbage: bytes)
     store.activate(v1)
     (store.root / "models" / "digits" / "current").write_bytes(garbage)
     (store.root / "models" / "digits" / "deployed").write_bytes(garbage)
+    (store.root / "models" / "digits" / "blocked").write_bytes(garbage + b"\nv7\n")
     assert store.current("digits") is None
     assert store.deployed("digits") is None
+    assert store.blocked("digits") == {"v7"} | ({"v1", "v2"} if b" " in garbage else set())
     store.activate(v1)
     assert store.current("digits") == v1
 
