@@ -290,9 +290,13 @@ class Offloader:
         """Prometheus lines: ``offload_requests_total{outcome}``, ``low_confidence_kept_total``."""
         p = "fedge_agent_"
         with self._lock:
-            lines = [f"# TYPE {p}offload_requests_total counter"]
+            lines = [f"# HELP {p}offload_requests_total Low-confidence predictions offloaded to"
+                     " the cloud model, by outcome (answered, timeout, error, skipped).",
+                     f"# TYPE {p}offload_requests_total counter"]  # fmt: skip
             lines += [f'{p}offload_requests_total{{outcome="{o}"}} {n}'
                       for o, n in sorted(self.counts.items())]  # fmt: skip
-            lines += [f"# TYPE {p}low_confidence_kept_total counter",
+            lines += [f"# HELP {p}low_confidence_kept_total Low-confidence inputs kept as"
+                      " candidates for local training.",
+                      f"# TYPE {p}low_confidence_kept_total counter",
                       f"{p}low_confidence_kept_total {self.kept}"]  # fmt: skip
         return lines

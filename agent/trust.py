@@ -133,7 +133,9 @@ class ManifestTrust:
         """Prometheus lines: ``fedge_agent_manifests_rejected_total{reason}``."""
         name = "fedge_agent_manifests_rejected_total"
         with self._lock:
-            lines = [f"# TYPE {name} counter"]
+            lines = [f"# HELP {name} Model manifests refused, by reason (unsigned, bad_signature,"
+                     " untrusted_key, ...).",
+                     f"# TYPE {name} counter"]  # fmt: skip
             lines += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.counts.items())]
         return lines
 

@@ -164,3 +164,11 @@ def test_an_unreadable_candidates_file_is_ignored_not_fatal(tmp_path: Path, dama
     path.write_bytes(damage)  # (a truncated file used to stop the agent at start)
     log = CandidateLog(path, 10)
     assert log.append(np.ones((2, 4), np.float32)) == 2
+
+
+def test_the_offload_counts_are_prometheus_lines_with_help(tmp_path: Path) -> None:
+    lines = _offloader(tmp_path).metrics_lines()
+    types = [i for i, line in enumerate(lines) if line.startswith("# TYPE ")]
+    assert len(types) == 2
+    for i in types:
+        assert lines[i - 1].startswith(f"# HELP {lines[i].split()[2]} ")

@@ -86,3 +86,10 @@ def test_unsigned_manifests_only_when_allowed(tmp_path: Path) -> None:
     trust.verify(_manifest())
     assert trust.unsigned_accepted == 1
     assert _refused(trust, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+
+
+def test_the_refusal_counts_are_prometheus_lines_with_help(tmp_path: Path) -> None:
+    lines = ManifestTrust((), tmp_path).metrics_lines()
+    name = "fedge_agent_manifests_rejected_total"
+    assert lines[:2] == [lines[0], f"# TYPE {name} counter"]
+    assert lines[0].startswith(f"# HELP {name} Model manifests refused")
