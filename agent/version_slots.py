@@ -118,7 +118,6 @@ class VersionSlots:
                 self.metrics.model_loaded(swapped=True)
                 self._publish_models()
                 return True
-            self.versions.begin(manifest.version)
         served = self._load_or_fail(manifest, model_bytes)
         if served is None:
             return False
@@ -141,8 +140,9 @@ class VersionSlots:
         self._publish_models()
 
     def _load_or_fail(self, manifest: ModelManifest, model_bytes: bytes) -> ServedModel | None:
-        """`load` (its version's lifecycle begun by the caller); None (the failure recorded)
-        if it fails."""
+        """`load`, its version's lifecycle begun; None (the failure recorded) if it fails."""
+        with self._swap_lock:
+            self.versions.begin(manifest.version)
         try:
             return self.load(manifest, model_bytes)
         except ModelLoadError as exc:
@@ -156,7 +156,6 @@ class VersionSlots:
         with self._swap_lock:
             if self._needs_no_standby(manifest):
                 return True
-            self.versions.begin(manifest.version)
         served = self._load_or_fail(manifest, model_bytes)
         if served is None:
             return False
