@@ -658,11 +658,17 @@ def test_operations_doc_gives_applications_the_clients_group_only() -> None:
     assert "unix:/run/fedge-agent/agent.sock" in text
 
 
-def test_build_deb_refuses_a_32_bit_arm_coordinator_wheel(tmp_path: Path) -> None:
+def _stand_in_wheels(directory: Path, arch: str) -> None:
+    """The pure wheel and a coordinator wheel for `arch` (stand-ins: build-deb.sh reads
+    only their names), or skip without dpkg-deb."""
     if shutil.which("dpkg-deb") is None:
         pytest.skip("dpkg-deb is not installed (Debian/Ubuntu: apt-get install dpkg)")
-    (tmp_path / "fedge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
-    (tmp_path / "fedge-0.1.0-cp311-abi3-linux_armv7l.whl").write_bytes(b"stand-in")
+    (directory / "fedge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
+    (directory / f"fedge-0.1.0-cp311-abi3-linux_{arch}.whl").write_bytes(b"stand-in")
+
+
+def test_build_deb_refuses_a_32_bit_arm_coordinator_wheel(tmp_path: Path) -> None:
+    _stand_in_wheels(tmp_path, "armv7l")
     result = _build_debs(tmp_path)
     assert result.returncode != 0
     assert "32-bit ARM (armhf)" in result.stderr
@@ -670,10 +676,7 @@ def test_build_deb_refuses_a_32_bit_arm_coordinator_wheel(tmp_path: Path) -> Non
 
 
 def test_build_deb_ships_every_maintainer_script_filled_in(tmp_path: Path) -> None:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("dpkg-deb is not installed (Debian/Ubuntu: apt-get install dpkg)")
-    (tmp_path / "fedge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
-    (tmp_path / "fedge-0.1.0-cp311-abi3-linux_aarch64.whl").write_bytes(b"stand-in")
+    _stand_in_wheels(tmp_path, "aarch64")
     result = _build_debs(tmp_path)
     assert result.returncode == 0, result.stderr
     debs = {
