@@ -260,7 +260,10 @@ def worker_main(
     parent = os.getppid()
     last = time.monotonic()
     try:
-        conn.send_bytes(encode_message("ready", {}))
+        try:
+            conn.send_bytes(encode_message("ready", {}))
+        except OSError:
+            return  # the parent died before its child was ready (a kill -9): nothing to say
         while True:
             idle = time.monotonic() - last
             if idle >= idle_timeout_s or os.getppid() != parent:

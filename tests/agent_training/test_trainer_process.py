@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent import train_worker
 from agent.train_worker import train_head
 from agent.trainer import TrainerProcess, TrainingError, TrainingTimeoutError, WorkerCrashedError
 from tests.agent_training.conftest import MLP, Digits
@@ -242,3 +244,12 @@ def test_the_daemon_side_never_imports_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert json.loads(out.stdout) == []
+
+
+def test_a_child_whose_parent_died_before_it_was_ready_exits_quietly() -> None:
+    # (a daemon killed with -9 while its child started: the child's "ready" met a broken
+    # pipe, and its traceback went to the journal)
+    parent_end, child_end = multiprocessing.Pipe()
+    parent_end.close()
+    train_worker.worker_main(child_end, idle_timeout_s=1.0)  # returns, raises nothing
+    assert child_end.closed
