@@ -60,13 +60,10 @@ def test_a_good_version_after_many_failed_ones_is_served_and_acknowledged(
 def test_a_restart_whose_current_version_is_broken_serves_the_previous(
     tmp_path: Path, bundles: Bundles
 ) -> None:
-    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
-    put(store, bundles.v1)
-    put(store, broken(bundles.v2, "v2", b"not an onnx model"))  # current v2, previous v1
-    service = InferenceService(agent_config(tmp_path), store, tmp_path / "data")
-    service.start()
+    broken_v2 = broken(bundles.v2, "v2", b"not an onnx model")
+    store = _store_with(tmp_path, bundles.v1, broken_v2)  # current v2, previous v1
+    service = _started(tmp_path, store)
     try:
-        assert service.wait_idle(60)
         assert _serving(service) == "v1"
         assert service.health()[0]
         assert len(service.predict(bundles.pixels[0]).classes) == 1
@@ -82,15 +79,11 @@ def test_a_current_version_damaged_on_disk_is_fetched_again_not_blocked(
 ) -> None:
     # Its bytes no longer match its hash: never served as that version, and not held
     # against the version either (it used to be blocked, so never deployed here again).
-    store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
-    put(store, bundles.v1)
-    put(store, bundles.v2)  # current v2, previous v1
+    store = _store_with(tmp_path, bundles.v1, bundles.v2)  # current v2, previous v1
     entry = next(f for f in bundles.v2.manifest.files if f.name == MODEL_FILE)
     store.blob_path(entry.sha256).write_bytes(b"\0" * entry.size)
-    service = InferenceService(agent_config(tmp_path), store, tmp_path / "data")
-    service.start()
+    service = _started(tmp_path, store)
     try:
-        assert service.wait_idle(60)
         assert _serving(service) == "v1"
         assert "v2" not in store.blocked("digits-mlp")
         assert store.missing(bundles.v2.manifest) == [entry]  # so a deployment fetches it
@@ -102,11 +95,8 @@ def test_a_current_version_damaged_on_disk_is_fetched_again_not_blocked(
 
 
 def test_a_damaged_feedback_file_is_set_aside_not_fatal(tmp_path: Path, bundles: Bundles) -> None:
-    service = InferenceService(agent_config(tmp_path), _store_with(tmp_path, bundles),
-                               tmp_path / "data")  # fmt: skip
-    service.start()
+    service = _started(tmp_path, _store_with(tmp_path, bundles.v1))
     try:
-        assert service.wait_idle(60)
         path = service.feedback_log.path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"PK\x03\x04 cut short")
@@ -117,7 +107,19 @@ def test_a_damaged_feedback_file_is_set_aside_not_fatal(tmp_path: Path, bundles:
         service.stop()
 
 
-def _store_with(tmp_path: Path, bundles: Bundles) -> ModelStore:
+def _store_with(tmp_path: Path, *versions: Bundle) -> ModelStore:
+    """The agent's model store with `versions` put in order (the last one current)."""
     store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
-    put(store, bundles.v1)
+    for bundle in versions:
+        put(store, bundle)
     return store
+
+
+def _started(tmp_path: Path, store: ModelStore) -> InferenceService:
+    """An inference service on `store`, started and done loading."""
+    service = InferenceService(agent_config(tmp_path), store, tmp_path / "data")
+    service.start()
+    if not service.wait_idle(60):
+        service.stop()
+        raise AssertionError("the service did not finish loading in 60 s")
+    return service
