@@ -10,11 +10,11 @@ leave the version it went back to, and block it). The ids are kept in
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from agent.atomic_file import write_bytes_atomically
 from protocols.messages import Command
 from protocols.topics import valid_id
 
@@ -62,12 +62,8 @@ class CommandLog:
                 self._ids.popitem(last=False)
             self._path.parent.mkdir(parents=True, exist_ok=True)
             if self._lines >= 2 * self._keep:  # compact: only the ids kept
-                tmp = self._path.with_name(self._path.name + ".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    f.write("".join(f"{i}\n" for i in self._ids))
-                    f.flush()
-                    os.fsync(f.fileno())  # (not an empty file after a power cut)
-                tmp.replace(self._path)
+                text = "".join(f"{i}\n" for i in self._ids)
+                write_bytes_atomically(self._path, text.encode("utf-8"))
                 self._lines = len(self._ids)
             else:
                 with open(self._path, "a", encoding="utf-8") as f:

@@ -26,7 +26,6 @@ this as slightly closer to dense FedAvg than a per-tensor selection.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from agent.atomic_file import write_atomically
 from agent.errors import AgentError
 from protocols.errors import EncodeError
 from protocols.tensors import WireTensor, decode_tensor, encode_dense, encode_sparse
@@ -224,17 +224,11 @@ class Compressor:
         if self.residual_path is None:
             return
         path = self.residual_path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         names = sorted(self._residuals)
         # Positional arrays (arr_0: the names, arr_1...: the residuals); never pickled.
         arrays = [np.array(names, dtype=np.str_)] + [self._residuals[name] for name in names]
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.savez(f, *arrays, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_atomically(path, lambda f: np.savez(f, *arrays, allow_pickle=False))
         except OSError as exc:
             raise CompressionError(f"cannot save residuals to {path}: {exc}") from exc
 

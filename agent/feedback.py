@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.atomic_file import write_atomically
 from agent.errors import AgentError
 from agent.local_data import FEEDBACK_FILE, load_feedback
 
@@ -221,11 +222,5 @@ class FeedbackLog:
 
     def _write(self, xs: npt.NDArray[Any], ys: npt.NDArray[np.int64]) -> None:
         """Write the file atomically, then keep `xs` and `ys` as its rows."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, x=xs, y=ys)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, lambda f: np.savez(f, x=xs, y=ys))
         self._x, self._y = xs, ys

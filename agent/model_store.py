@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+from agent.atomic_file import write_bytes_atomically
 from agent.errors import AgentError
 from protocols.errors import DecodeError
 from protocols.field_checks import valid_sha256
@@ -34,26 +35,8 @@ log = logging.getLogger(__name__)
 RESERVED_VERSIONS = frozenset({"current", "previous", "deployed", "blocked", ".", ".."})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # (a full disk: the part written goes too)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself survives a power cut only once its directory is on disk
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def _remove_stale_temps(directory: Path) -> None:
-    """Delete what `_atomic_write` of an earlier process left (it was cut off mid-write)."""
+    """Delete what `write_atomically` of an earlier process left (it was cut off mid-write)."""
     own = f".{os.getpid()}.tmp"
     for path in directory.glob(".*.tmp"):
         if not path.name.endswith(own):
@@ -88,7 +71,7 @@ class ModelStore:
         """Cache `data` under its hash; ModelStoreError if the hash does not match."""
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ModelStoreError(f"blob does not match its sha256 {sha256[:12]}…")
-        _atomic_write(self.blob_path(sha256), data)
+        write_bytes_atomically(self.blob_path(sha256), data)
         self.evict(keep=sha256)
 
     def read_blob(self, sha256: str) -> bytes:
@@ -119,7 +102,7 @@ class ModelStore:
         named like one of the store's own files (``current``, ``blocked``, ``..``)."""
         if manifest.version in RESERVED_VERSIONS:
             raise ModelStoreError(f"version name {manifest.version!r} is reserved on devices")
-        _atomic_write(self._model_dir(manifest.name) / manifest.version, encode(manifest))
+        write_bytes_atomically(self._model_dir(manifest.name) / manifest.version, encode(manifest))
         newest = self._newest.get(manifest.name)
         if newest is None or manifest.created >= newest.created:
             self._newest[manifest.name] = manifest  # (what eviction spares: being fetched)
@@ -176,8 +159,8 @@ class ModelStore:
         if current == manifest.version:
             return
         if current is not None:
-            _atomic_write(directory / "previous", current.encode())
-        _atomic_write(directory / "current", manifest.version.encode())
+            write_bytes_atomically(directory / "previous", current.encode())
+        write_bytes_atomically(directory / "current", manifest.version.encode())
 
     def point(self, name: str, current: str, previous: str | None) -> None:
         """Set both version pointers (after a rollback or a version that failed to load)."""
@@ -185,8 +168,8 @@ class ModelStore:
         if previous is None:
             (directory / "previous").unlink(missing_ok=True)
         else:
-            _atomic_write(directory / "previous", previous.encode())
-        _atomic_write(directory / "current", current.encode())
+            write_bytes_atomically(directory / "previous", previous.encode())
+        write_bytes_atomically(directory / "current", current.encode())
 
     def deployed(self, name: str) -> str | None:
         """The version last deployed to this device, or None (never deployed)."""
@@ -194,7 +177,7 @@ class ModelStore:
 
     def set_deployed(self, name: str, version: str) -> None:
         """Record that `version` of `name` was deployed (served versions follow deploys)."""
-        _atomic_write(self._model_dir(name) / "deployed", version.encode())
+        write_bytes_atomically(self._model_dir(name) / "deployed", version.encode())
 
     def block(self, name: str, version: str) -> None:
         """Never make `version` of `name` current again (it failed, or was rolled back)."""

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from agent.atomic_file import write_atomically
 from agent.config import AgentConfig
 from agent.feedback import FeedbackError, RecentInputs
 from agent.predictions import Predictions
@@ -133,14 +134,9 @@ class CandidateLog:
 
     def _write(self) -> None:
         """Write every kept row atomically (the caller holds the lock)."""
-        assert self._x is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, x=self._x)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        rows = self._x
+        assert rows is not None
+        write_atomically(self.path, lambda f: np.savez(f, x=rows))
         self._pending = 0
         self._written_at = time.monotonic()
 

@@ -13,11 +13,11 @@ message says what to do.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import Counter
 from pathlib import Path
 
+from agent.atomic_file import write_bytes_atomically
 from agent.errors import AgentError
 from protocols.messages import ModelManifest
 from protocols.signing import (
@@ -107,14 +107,8 @@ class ManifestTrust:
         verify_manifest(manifest, self._keys)
 
     def _pin(self, key: bytes) -> None:
-        self.pin_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.pin_path.with_name(f".{self.pin_path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="ascii") as f:
-            f.write(key_text(key) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # (a power cut must not leave an empty pin: see _read_pins)
-        os.replace(tmp, self.pin_path)
-        _fsync_dir(self.pin_path.parent)
+        # (durable: a power cut must not leave an empty pin, see _read_pins)
+        write_bytes_atomically(self.pin_path, (key_text(key) + "\n").encode("ascii"))
         self._keys = {key}
         log.warning(
             "trusting model-signing key %s on first use, pinned in %s: only models it signs "
@@ -138,17 +132,3 @@ class ManifestTrust:
                      f"# TYPE {name} counter"]  # fmt: skip
             lines += [f'{name}{{reason="{r}"}} {n}' for r, n in sorted(self.counts.items())]
         return lines
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in directory `path` durable (where the platform allows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
