@@ -106,12 +106,11 @@ class JobRunner:
                 template, spec.model, version, spec.seed, backbone=backbone
             )
             holdout = datasets.server_data(template, spec.data_seed).holdout
-            accuracy, loss = self.versions.scored(bundle, holdout)
             orphan = self.versions.registered(spec.model, version)
             if orphan is not None:  # registered by a create that stopped before its job row
                 bundle = self._adopt(spec, bundle, orphan)
-                accuracy, loss = self.versions.scored(bundle, holdout)
-            else:
+            accuracy, loss = self.versions.scored(bundle, holdout)
+            if orphan is None:
                 bundle = self.versions.finished(bundle, holdout, accuracy, spec.int8_variant)
                 metrics = {"accuracy": accuracy, "loss": loss}
                 self.models.put(bundle, job_id=spec.job_id, round=0, devices=(), metrics=metrics)
