@@ -21,15 +21,17 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import onnx
 import onnxruntime as ort
 import torch
-from onnx import numpy_helper
 
 from cloud_coordinator.templates import FusedModel, Template
+
+if TYPE_CHECKING:  # (`onnx` is imported where used: it costs a coordinator start 0.8 s)
+    import onnx
 from protocols.chunks import PIECE_SIZE, piece_digests
 from protocols.messages import FileEntry, ModelManifest, TensorSpec
 from protocols.model_format import (
@@ -162,6 +164,8 @@ def _transposed(graph: onnx.GraphProto, name: str) -> bool:
 
 def _write_head(model: onnx.ModelProto, head_state: Mapping[str, npt.NDArray[np.floating]]) -> None:
     """Overwrite the head's initializers of `model` in place with `head_state`."""
+    from onnx import numpy_helper
+
     by_name = {init.name: init for init in model.graph.initializer}
     for key, value in head_state.items():
         name = HEAD_PREFIX + key
@@ -179,6 +183,9 @@ def _write_head(model: onnx.ModelProto, head_state: Mapping[str, npt.NDArray[np.
 
 def read_head(model_onnx: bytes, keys: tuple[str, ...]) -> HeadState:
     """The head parameters `keys` as stored in `model_onnx`, in torch layout."""
+    import onnx
+    from onnx import numpy_helper
+
     model = onnx.load_from_string(model_onnx)
     by_name = {init.name: init for init in model.graph.initializer}
     out: HeadState = {}
@@ -252,6 +259,8 @@ def next_bundle(
     expected = {k: v.shape for k, v in previous.head_state().items()}
     if {k: v.shape for k, v in state.items()} != expected:
         raise ValueError(f"head state {list(state)} does not match the previous head {expected}")
+    import onnx
+
     model = onnx.load_from_string(previous.files[MODEL_FILE])
     _write_head(model, state)
     files = dict(previous.files)

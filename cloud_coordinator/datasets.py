@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.datasets import load_breast_cancer, load_digits
-from sklearn.model_selection import train_test_split
 
 from cloud_coordinator.templates import Template
 from protocols.topics import check_id
@@ -73,6 +71,9 @@ def preprocess(template: Template, raw: npt.NDArray[np.floating]) -> Features:
 
 def load_dataset(template: Template) -> Samples:
     """The template's whole data set, preprocessed."""
+    # (scikit-learn is imported here, not above: it costs a coordinator start about 1 s)
+    from sklearn.datasets import load_breast_cancer, load_digits
+
     if template.dataset == "digits":
         raw, target = load_digits(return_X_y=True)
     else:
@@ -89,6 +90,8 @@ def split_holdout(
         raise ValueError(f"{len(x)} inputs but {len(y)} labels")
     if not 0.0 < fraction < 1.0:
         raise ValueError("fraction must be in (0, 1)")
+    from sklearn.model_selection import train_test_split
+
     rows = np.arange(len(y), dtype=np.int64)
     kept, held = train_test_split(rows, test_size=fraction, random_state=seed, stratify=y)
     return np.sort(np.asarray(kept, dtype=np.int64)), np.sort(np.asarray(held, dtype=np.int64))
