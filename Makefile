@@ -9,8 +9,13 @@ TORCH_VERSION ?= 2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.fedge-installed
 PYTEST_ARGS ?=
-# Workers for the tests that start no broker (pytest-xdist); the integration tier, with its
-# wall-clock limits (online within 2 s, ...), always runs alone and in order after them.
+# Python's own bytecode cache, even where the environment turns it off: the tests start
+# some hundred interpreters (agents, coordinators, pytest workers), and each would compile
+# the project again and pytest rewrite every test module's asserts (15 s a collection).
+unexport PYTHONDONTWRITEBYTECODE
+# Workers for the tests (pytest-xdist), integration tests included: each starts its own
+# broker on free ports. The few that assert a wall-clock limit (online within 2 s, ...;
+# marked `wallclock`) run after them, alone and in order, on an otherwise idle machine.
 PYTEST_WORKERS ?= 2
 
 .PHONY: help setup broker demo-broker test test-fast test-integration lint demo bench dist clean
@@ -70,14 +75,15 @@ lint: $(STAMP)
 	$(BIN)/mypy agent cloud_coordinator protocols bench
 
 test: setup lint
-	$(BIN)/pytest -m "not integration" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
-	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not wallclock" -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/pytest -m wallclock $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not integration and not slow" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration and not slow and not wallclock" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-integration: setup
-	$(BIN)/pytest -m integration $(PYTEST_ARGS)
+	$(BIN)/pytest -m "integration and not wallclock" -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(BIN)/pytest -m "integration and wallclock" $(PYTEST_ARGS)
 
 demo: $(STAMP) demo-broker
 	$(BIN)/fedge-coordinator demo $(DEMO_ARGS)

@@ -52,6 +52,7 @@ class Mosquitto:
     host: str = "127.0.0.1"
     process: subprocess.Popen[bytes] | None = None
     server: CertFiles | None = None
+    started: bool = False  # (once clients know its ports, a restart must keep them)
 
     @property
     def log_file(self) -> Path:
@@ -98,16 +99,26 @@ class Mosquitto:
         conf = self.directory / "mosquitto.conf"
         conf.write_text(self.config_text())
         err_file = self.directory / "stderr.log"
-        with open(err_file, "wb") as err_out:
-            self.process = subprocess.Popen(
-                [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err_out
-            )
-        if not (
-            wait_for_port(self.host, self.port, 10, self.process)
-            and wait_for_port(self.host, self.tls_port, 10, self.process)
-        ):
+        for attempt in range(3):
+            with open(err_file, "wb") as err_out:
+                self.process = subprocess.Popen(
+                    [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err_out
+                )
+            if wait_for_port(self.host, self.port, 10, self.process) and wait_for_port(
+                self.host, self.tls_port, 10, self.process
+            ):
+                self.started = True
+                return
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {err_file.read_text(errors='replace')}")
+            error = err_file.read_text(errors="replace")
+            if self.log_file.exists():
+                error += self.log_file.read_text(errors="replace")
+            # A port found free can be taken before the broker binds it (by another test
+            # on a parallel worker, or as a client's ephemeral port): a first start moves.
+            if self.started or "Address already in use" not in error or attempt == 2:
+                raise RuntimeError(f"mosquitto did not start: {error}")
+            self.port, self.tls_port = free_port(), free_port()
+            conf.write_text(self.config_text())
 
     def stop(self) -> None:
         """Stop the broker by PID (SIGTERM, then SIGKILL)."""

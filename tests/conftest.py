@@ -17,6 +17,12 @@ settings.register_profile("fedge", deadline=None)
 settings.load_profile("fedge")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Integration tests first: on parallel workers the long ones start at once, and the
+    short unit tests fill the gaps and the end (the order within each group is kept)."""
+    items.sort(key=lambda item: item.get_closest_marker("integration") is None)
+
+
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A Mosquitto with a plain and an mTLS listener on free loopback ports, stopped by PID."""

@@ -96,6 +96,7 @@ def test_fedprox_with_a_moderate_mu_moves_less(digits: Digits) -> None:
     assert _distance(prox, base) < _distance(free, base)
 
 
+@pytest.mark.wallclock
 def test_max_seconds_stops_between_batches(digits: Digits) -> None:
     started = time.monotonic()
     result = train_head(_request(digits, epochs=100_000, max_seconds=0.5))

@@ -34,6 +34,7 @@ def coordinator(mosquitto: Mosquitto, tmp_path: Path) -> Coordinator:
     coord.stop()
 
 
+@pytest.mark.wallclock
 def test_agent_is_online_within_two_seconds_of_start(
     mosquitto: Mosquitto, coordinator: Coordinator, tmp_path: Path
 ) -> None:
@@ -47,6 +48,7 @@ def test_agent_is_online_within_two_seconds_of_start(
         assert record.agent_version
 
 
+@pytest.mark.wallclock
 def test_killed_agent_is_offline_within_one_and_a_half_keepalives(
     mosquitto: Mosquitto, coordinator: Coordinator, tmp_path: Path
 ) -> None:
@@ -63,6 +65,7 @@ def test_killed_agent_is_offline_within_one_and_a_half_keepalives(
     assert elapsed <= 1.5 * KEEPALIVE, f"offline after {elapsed:.2f}s"
 
 
+@pytest.mark.wallclock
 def test_sigterm_publishes_offline_at_once_and_exits_zero(
     mosquitto: Mosquitto, coordinator: Coordinator, tmp_path: Path
 ) -> None:
