@@ -190,6 +190,28 @@ class ModelManifest:
 
 @fast_constructor
 @dataclass(frozen=True, slots=True)
+class Deployment:
+    """Tells one device to serve `manifest` now: sequence ``seq`` (strictly increasing per
+    coordinator), signed by the coordinator over `protocols.signing.deployment_signed_bytes`."""
+
+    KIND: ClassVar[str] = "deployment"
+    VERSION: ClassVar[int] = 1
+    device_id: str
+    seq: int
+    issued: float
+    manifest: ModelManifest
+    signer_key: bytes = b""
+    signature: bytes = b""
+
+    def __post_init__(self) -> None:
+        _ids(device_id=self.device_id)
+        _finite("issued", (self.issued,))
+        if not 1 <= self.seq < 1 << 63:
+            raise ValueError("seq must be 1 to 2**63-1")
+
+
+@fast_constructor
+@dataclass(frozen=True, slots=True)
 class TrainTask:
     """Asks a device to train one round of a job from a base version."""
 
@@ -311,6 +333,7 @@ Message = (
     | Command
     | Ack
     | ModelManifest
+    | Deployment
     | TrainTask
     | ModelUpdate
     | BlobChunk
@@ -319,7 +342,7 @@ Message = (
     | InferenceResponse
 )
 MESSAGE_TYPES: tuple[type[Any], ...] = (
-    Status, Telemetry, Command, Ack, ModelManifest, TrainTask,
+    Status, Telemetry, Command, Ack, ModelManifest, Deployment, TrainTask,
     ModelUpdate, BlobChunk, BlobRequest, InferenceRequest, InferenceResponse,
 )  # fmt: skip
 _BY_KIND: dict[str, tuple[type[Any], Callable[..., Any]]] = {
@@ -332,6 +355,7 @@ _BY_KIND: dict[str, tuple[type[Any], Callable[..., Any]]] = {
 KIND_MAX_BYTES: dict[type[Any], int] = {
     Status: 64 * 1024, Telemetry: 256 * 1024, Command: 64 * 1024, Ack: 64 * 1024,
     BlobRequest: 64 * 1024, TrainTask: 1024 * 1024, ModelManifest: 8 * 1024 * 1024,
+    Deployment: 8 * 1024 * 1024,  # (a manifest and a few fields more)
 }  # fmt: skip
 _ENCODERS: dict[type[Any], Callable[[Any], dict[str, Any]]] = {}
 _NO_VERSION: Any = object()

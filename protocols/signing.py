@@ -1,4 +1,4 @@
-"""Ed25519 signatures on model manifests: the coordinator signs, devices verify.
+"""Ed25519 signatures on model manifests and deployments: the coordinator signs, devices verify.
 
 The signed bytes are the manifest encoded with an empty ``signature`` (``signer_key``
 included), so any change to a file hash, the schema, the labels or the chosen variant
@@ -8,6 +8,11 @@ first one it met); `verify_manifest` raises `SignatureError` with the reason it 
 - ``unsigned``: no signature or no signer key;
 - ``untrusted_key``: signed, but by a key the device does not trust;
 - ``bad_signature``: the signature does not match the bytes (tampered, or corrupted).
+
+A `Deployment` (the envelope that tells one device to serve a manifest now) is signed the
+same way, over itself encoded with an empty ``signature`` (its device id, sequence number,
+issue time and the whole signed manifest): `sign_deployment` / `verify_deployment`, the
+same reasons.
 
 Signing (the coordinator) uses the `cryptography` package, imported when first needed;
 verifying (devices) uses `protocols.ed25519`, so a device never loads `cryptography`.
@@ -24,7 +29,7 @@ from collections.abc import Collection
 
 from protocols.ed25519 import signature_matches
 from protocols.errors import DecodeError
-from protocols.messages import ModelManifest, encode
+from protocols.messages import Deployment, ModelManifest, encode
 
 KEY_BYTES = 32
 SIGNATURE_REASONS = frozenset({"unsigned", "untrusted_key", "bad_signature"})
@@ -108,5 +113,39 @@ def verify_manifest(manifest: ModelManifest, trusted: Collection[bytes]) -> None
         raise SignatureError(
             f"manifest {manifest.name} {manifest.version}: the signature does not match"
             " (tampered with, or corrupted)",
+            reason="bad_signature",
+        )
+
+
+def deployment_signed_bytes(deployment: Deployment) -> bytes:
+    """The bytes a deployment's signature covers: the deployment with an empty signature."""
+    return encode(dataclasses.replace(deployment, signature=b""))
+
+
+def sign_deployment(deployment: Deployment, private_key: bytes) -> Deployment:
+    """`deployment` with ``signer_key`` set to the key's public half and signed by it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    unsigned = dataclasses.replace(deployment, signer_key=public_key(private_key), signature=b"")
+    key = Ed25519PrivateKey.from_private_bytes(private_key)
+    return dataclasses.replace(unsigned, signature=key.sign(deployment_signed_bytes(unsigned)))
+
+
+def verify_deployment(deployment: Deployment, trusted: Collection[bytes]) -> None:
+    """Return if `deployment` (its envelope) is signed by a `trusted` key; else SignatureError."""
+    manifest = deployment.manifest
+    what = f"deployment {deployment.seq} of {manifest.name} {manifest.version}"
+    if not deployment.signature or not deployment.signer_key:
+        raise SignatureError(f"{what} is not signed", reason="unsigned")
+    if deployment.signer_key not in trusted:
+        raise SignatureError(
+            f"{what} is signed by key {key_text(deployment.signer_key)}, which this device"
+            " does not trust",
+            reason="untrusted_key",
+        )
+    signed = deployment_signed_bytes(deployment)
+    if not signature_matches(deployment.signer_key, deployment.signature, signed):
+        raise SignatureError(
+            f"{what}: the signature does not match (tampered with, or corrupted)",
             reason="bad_signature",
         )

@@ -19,6 +19,7 @@ from protocols.messages import (
     BlobChunk,
     BlobRequest,
     Command,
+    Deployment,
     FileEntry,
     InferenceRequest,
     InferenceResponse,
@@ -113,6 +114,10 @@ def samples() -> dict[str, Message]:
         InferenceRequest("req-9", "detector", tensors[:2], "fedge/v1/dev/cam-01/infer/resp", 5.5),
         InferenceResponse("req-9", "v7", (tensors[0],), ""),
     ]
+    manifest = next(m for m in found if isinstance(m, ModelManifest))
+    found.append(
+        Deployment("cam-01", 12, 1_700_000_005.5, manifest, bytes(range(100, 132)), bytes(64))
+    )
     return {type(m).KIND: m for m in found}
 
 

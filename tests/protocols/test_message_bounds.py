@@ -67,6 +67,25 @@ def test_blob_requests_name_a_hash_and_sane_indices(fields: dict[str, Any]) -> N
     assert ok == BlobRequest("d", _SHA, (0, 7))
 
 
+_MANIFEST = {"name": "m", "version": "v1", "created": 1.0, "files": [], "inputs": [],
+             "outputs": []}  # fmt: skip
+
+
+@pytest.mark.parametrize("seq", [0, -1, 1 << 63])
+def test_deployment_sequence_numbers_start_at_one(seq: int) -> None:
+    fields = {"device_id": "d", "issued": 1.0, "manifest": _MANIFEST}
+    with pytest.raises(DecodeError) as info:
+        messages.decode_as(messages.Deployment, _payload(messages.Deployment, seq=seq, **fields))
+    assert info.value.reason == "bad_field"
+    ok = messages.decode_as(messages.Deployment, _payload(messages.Deployment, seq=1, **fields))
+    assert (ok.seq, ok.manifest.version) == (1, "v1")
+
+
+def test_a_deployment_is_capped_like_a_manifest() -> None:
+    caps = messages.KIND_MAX_BYTES
+    assert caps[messages.Deployment] == caps[messages.ModelManifest]
+
+
 def test_small_kinds_have_small_caps_whatever_the_caller_allows() -> None:
     # An unknown field of empty arrays: about 70 bytes of memory per byte once decoded.
     junk = [[] for _ in range(70_000)]
@@ -91,6 +110,8 @@ def test_small_kinds_have_small_caps_whatever_the_caller_allows() -> None:
                               "base_version": "v", "deadline": float("nan")}),
         (messages.InferenceRequest, {"request_id": "r", "model_name": "m", "inputs": [],
                                      "reply_to": "x", "deadline": float("nan")}),
+        (messages.Deployment, {"device_id": "d", "seq": 1, "issued": float("inf"),
+                               "manifest": _MANIFEST}),
     ],
 )  # fmt: skip
 def test_nan_times_are_refused(kind: type[Any], fields: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Manifest signatures: sign and verify, and every way a manifest can fail verification."""
+"""Manifest and deployment signatures: sign and verify, and every way either can fail."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ import dataclasses
 import pytest
 
 from protocols import messages
-from protocols.messages import FileEntry, ModelManifest
+from protocols.messages import Deployment, FileEntry, ModelManifest
 from protocols.signing import (
     SignatureError,
+    deployment_signed_bytes,
     generate_private_key,
     key_text,
     parse_key,
     public_key,
+    sign_deployment,
     sign_manifest,
     signed_bytes,
+    verify_deployment,
     verify_manifest,
 )
 from tests.protocols.golden_samples import samples
@@ -104,3 +107,46 @@ def test_the_signature_covers_the_signer_key() -> None:
     signed = sign_manifest(_manifest(), generate_private_key())
     assert signed.signer_key in signed_bytes(signed)
     assert signed.signature not in signed_bytes(signed)
+
+
+def _deployment(key: bytes) -> Deployment:
+    return Deployment("cam-01", 3, 1_700_000_000.0, sign_manifest(_manifest(), key))
+
+
+def test_a_signed_deployment_verifies_after_a_trip_over_the_wire() -> None:
+    key = generate_private_key()
+    signed = sign_deployment(_deployment(key), key)
+    assert signed.signer_key == public_key(key)
+    assert signed.signature not in deployment_signed_bytes(signed)
+    received = messages.decode_as(Deployment, messages.encode(signed))
+    verify_deployment(received, {public_key(key)})
+    verify_manifest(received.manifest, {public_key(key)})
+
+
+@pytest.mark.parametrize(
+    "change", [{"seq": 4}, {"device_id": "cam-02"}, {"issued": 1_700_000_001.0}]
+)
+def test_a_changed_deployment_fails_verification(change: dict[str, object]) -> None:
+    key = generate_private_key()
+    tampered = dataclasses.replace(sign_deployment(_deployment(key), key), **change)  # type: ignore[arg-type]
+    with pytest.raises(SignatureError) as info:
+        verify_deployment(tampered, {public_key(key)})
+    assert info.value.reason == "bad_signature"
+
+
+def test_a_deployment_of_another_signed_manifest_fails_verification() -> None:
+    key = generate_private_key()
+    signed = sign_deployment(_deployment(key), key)
+    other = sign_manifest(dataclasses.replace(_manifest(), version="v8"), key)
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_deployment(dataclasses.replace(signed, manifest=other), {public_key(key)})
+
+
+def test_unsigned_and_foreign_deployments_are_refused_by_reason() -> None:
+    mine, theirs = generate_private_key(), generate_private_key()
+    with pytest.raises(SignatureError) as info:
+        verify_deployment(_deployment(mine), {public_key(mine)})
+    assert info.value.reason == "unsigned"
+    with pytest.raises(SignatureError) as info:
+        verify_deployment(sign_deployment(_deployment(mine), theirs), {public_key(mine)})
+    assert info.value.reason == "untrusted_key"
