@@ -3,12 +3,13 @@
 `RolloutManager.create` picks the target devices (every device, or those whose ``fleet``
 is the group), a canary share of them (``canary_fraction``, at least one device; 0 sends
 to all at once), remembers what each served before and the counters each reported, and
-publishes the version's signed manifest **retained** on each canary's
-``dev/{id}/deploy``. Its thread then judges the canary every second by the rule in
-`rollout_rules` and either promotes (the manifest goes to the rest) or rolls back (each
-canary gets back the manifest of the version it served before). A device that cannot load
-a deployed version says so in an ``Ack`` (ref ``deploy/{model}/{version}``), which rolls
-the canary back at once. Operators can also promote or roll back by hand. Every decision
+publishes the version's signed manifest, in a numbered and signed `Deployment`
+(`deployments`), **retained** on each canary's ``dev/{id}/deploy``. Its thread then
+judges the canary every second by the rule in `rollout_rules` and either promotes (the
+version is deployed to the rest) or rolls back (each canary gets a new deployment, with a
+higher number, of the version it served before). A device that cannot load a deployed
+version says so in an ``Ack`` (ref ``deploy/{model}/{version}``), which rolls the canary
+back at once. Operators can also promote or roll back by hand. Every decision
 is stored with its reason (SQLite, ``rollouts`` table), so a restart resumes judging.
 """
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_coordinator.blob_server import Publisher
+from cloud_coordinator.deployments import DeploymentSigner
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.registry import DeviceRecord
@@ -42,19 +44,15 @@ from cloud_coordinator.rollout_rules import (
     next_rollout_state,
 )
 from cloud_coordinator.ticker import Ticker
-from protocols.messages import Ack, encode
+from protocols.messages import Ack
 from protocols.topics import DeviceChannel, device_topic, valid_id
 
 log = logging.getLogger(__name__)
 TICK_S = 1.0
 ACK_PREFIX = "deploy/"
+REFUSED = "deployment_rejected_"  # (the agent's deployer: an envelope it refused)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    rollout_id TEXT PRIMARY KEY,
-    body       TEXT NOT NULL
-);
-"""
+_SCHEMA = "CREATE TABLE IF NOT EXISTS rollouts (rollout_id TEXT PRIMARY KEY, body TEXT NOT NULL);"
 
 
 class RolloutError(ValueError):
@@ -136,9 +134,11 @@ class RolloutManager:
         models: ModelRegistry,
         publisher: Publisher,
         devices: Callable[[], list[DeviceRecord]],
+        signer: DeploymentSigner,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.signer = signer
         self.models = models
         self.publisher = publisher
         self.devices = devices
@@ -205,18 +205,9 @@ class RolloutManager:
                     f" (POST /v1/rollouts/{other.rollout_id}/promote or /rollback)"
                 )
 
-    def _start(
-        self,
-        model: str,
-        version: str,
-        group: str,
-        fraction: float,
-        rule: Rule,
-        targets: list[str],
-        ranked: list[str],
-        count: int,
-        records: Mapping[str, DeviceRecord],
-    ) -> dict[str, Any]:
+    def _start(self, model: str, version: str, group: str, fraction: float, rule: Rule,
+               targets: list[str], ranked: list[str], count: int,
+               records: Mapping[str, DeviceRecord]) -> dict[str, Any]:  # fmt: skip
         """Deploy a checked rollout to its canary (or, with none, to all) and store it."""
         rollout = Rollout(
             rollout_id=uuid.uuid4().hex[:12], model=model, version=version, group=group,
@@ -265,8 +256,8 @@ class RolloutManager:
 
     # --- deploy and decide ---------------------------------------------------------------
     def _deploy(self, rollout: Rollout, devices: list[str], version: str | None = None) -> None:
-        """Publish a version's manifest, retained, on each device's deploy topic (a device
-        that cannot be sent it is logged, and the others are still sent theirs)."""
+        """Publish a new deployment of a version, retained, on each device's deploy topic (a
+        device that cannot be sent it is logged, and the others are still sent theirs)."""
         for device_id in devices:
             target = version if version is not None else rollout.version
             if not target:
@@ -275,8 +266,9 @@ class RolloutManager:
                 continue
             try:
                 manifest = self.models.manifest(rollout.model, target)
+                payload = self.signer.payload(device_id, manifest)
                 self.publisher.publish(device_topic(device_id, DeviceChannel.DEPLOY),
-                                       encode(manifest), qos=1, retain=True)  # fmt: skip
+                                       payload, qos=1, retain=True)  # fmt: skip
             except Exception as exc:  # noqa: BLE001 - one device's failure (a store or
                 # broker error) must not keep the rest of the fleet on the old decision
                 log.error("rollout %s: %s %s not sent to %s: %s", rollout.rollout_id,
@@ -320,8 +312,9 @@ class RolloutManager:
             return rollout.as_json()
 
     def on_ack(self, device_id: str, ack: Ack) -> None:
-        """Note a device's answer to a deployment (a failed load rolls its canary back)."""
-        if not ack.ref.startswith(ACK_PREFIX) or ack.ok:
+        """Note a device's answer to a deployment (a failed load rolls its canary back; a
+        deployment the device refused unread, as replayed or forged, says nothing of it)."""
+        if not ack.ref.startswith(ACK_PREFIX) or ack.ok or ack.reason.startswith(REFUSED):
             return
         model, _, version = ack.ref.removeprefix(ACK_PREFIX).rpartition("/")
         with self._lock:

@@ -19,6 +19,7 @@ from cloud_coordinator.aggregation import set_threads
 from cloud_coordinator.blob_server import BlobServer
 from cloud_coordinator.cloud_inference import CloudInference
 from cloud_coordinator.config import CoordinatorConfig
+from cloud_coordinator.deployments import DeploymentSigner
 from cloud_coordinator.http_api import ApiServer, ApiState
 from cloud_coordinator.ingest import SUBSCRIBED, Ingest
 from cloud_coordinator.job_store import JobStore
@@ -60,6 +61,7 @@ class Coordinator:
         )
         if config.aggregation_threads:
             set_threads(config.aggregation_threads)
+        signing_key = load_or_create_key(Path(config.data_dir))
         self.models = ModelRegistry(Path(config.data_dir) / "models")
         self.job_store = JobStore(config.db_path)
         self.runner = JobRunner(
@@ -69,12 +71,13 @@ class Coordinator:
             self._candidates,
             device=config.aggregation_device,
             chunk_size=config.effective_chunk_size,
-            signing_key=load_or_create_key(Path(config.data_dir)),
+            signing_key=signing_key,
         )
         self.rollout_store = RolloutStore(config.db_path)
-        self.rollouts = RolloutManager(
-            self.rollout_store, self.models, self.mqtt, lambda: read_devices(config.db_path)
-        )
+        self.deployments = DeploymentSigner(config.db_path, signing_key)
+        self.rollouts = RolloutManager(self.rollout_store, self.models, self.mqtt,
+                                       lambda: read_devices(config.db_path),
+                                       self.deployments)  # fmt: skip
         self.inference = CloudInference(
             self.models, self.mqtt, rolled_back=self.rollouts.rolled_back
         )
@@ -174,5 +177,6 @@ class Coordinator:
         self.registry.close()
         self.job_store.close()
         self.rollout_store.close()
+        self.deployments.close()
         self.models.close()
         return 0

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from cloud_coordinator import bundles
+from cloud_coordinator.deployments import DeploymentSigner
 from cloud_coordinator.model_registry import ModelRegistry
 from cloud_coordinator.registry import DeviceRecord
 from cloud_coordinator.rollout_rules import (
@@ -32,7 +33,8 @@ from cloud_coordinator.rollouts import (
     RolloutStore,
 )
 from cloud_coordinator.templates import get_template
-from protocols.messages import Ack, ModelManifest, decode_as
+from protocols.messages import Ack, Deployment, decode_as
+from protocols.signing import generate_private_key, public_key, verify_deployment
 from tests.unit.fl.test_job_runner import FakePublisher
 
 RULE = Rule(min_duration_s=60, max_wait_s=600, min_requests=100)
@@ -148,6 +150,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelRegistry]:
     registry.close()
 
 
+KEY = generate_private_key()
+
+
 class World:
     """A manager over a fresh store, six devices (four in group 'lab', two in 'field')."""
 
@@ -162,20 +167,30 @@ class World:
     def open(self) -> None:
         self.publisher = FakePublisher()
         self.store = RolloutStore(self.root / "coordinator.db")
+        self.signer = DeploymentSigner(self.root / "coordinator.db", KEY)
         self.manager = RolloutManager(self.store, self.models, self.publisher,
-                                      self.fleet.devices, clock=lambda: self.fleet.now)  # fmt: skip
+                                      self.fleet.devices, self.signer,
+                                      clock=lambda: self.fleet.now)  # fmt: skip
 
     def restart(self) -> None:
         self.store.close()
+        self.signer.close()
         self.open()
+
+    def deployments(self) -> list[Deployment]:
+        """Every deployment published, in order, each checked: retained, signed, addressed."""
+        found = []
+        for p in self.publisher.sent:
+            assert (p.retain, p.qos) == (True, 1)
+            deployment = decode_as(Deployment, p.payload)
+            verify_deployment(deployment, {public_key(KEY)})
+            assert deployment.device_id == p.topic.split("/")[3]
+            found.append(deployment)
+        return found
 
     def deployed(self) -> dict[str, str]:
         """The version last published on each device's deploy topic."""
-        out = {}
-        for p in self.publisher.sent:
-            assert (p.retain, p.qos) == (True, 1)
-            out[p.topic.split("/")[3]] = decode_as(ModelManifest, p.payload).version
-        return out
+        return {d.device_id: d.manifest.version for d in self.deployments()}
 
     def serve(self, devices: list[str], version: str, ok: float, **kw: Any) -> None:
         for d in devices:
@@ -244,6 +259,33 @@ def test_a_canary_that_cannot_load_rolls_back_at_once(world: World) -> None:
     assert done is not None
     assert (done["state"], done["load_failures"]) == ("rolled_back", {canary: "warmup"})
     assert f"{canary}: warmup" in done["reason"]
+
+
+def test_a_deployment_the_device_refused_unread_rolls_nothing_back(world: World) -> None:
+    # (anyone who can publish on the deploy topic can make a device refuse a replay)
+    r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0.1})
+    (canary,) = r["canary"]
+    for reason in ("replayed", "wrong_device", "bad_signature"):
+        refused = Ack("deploy/m/v2", False, 0.0, f"deployment_rejected_{reason}")
+        world.manager.on_ack(canary, refused)
+    world.manager.tick()
+    assert state_of(world, r) == "canary"
+
+
+def test_every_deployment_is_signed_and_numbered_higher_also_after_a_restart(
+    world: World,
+) -> None:
+    r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0.5})
+    sent = world.deployments()
+    world.restart()
+    world.manager.steer(r["rollout_id"], "rollback")  # the canary goes back to v1
+    back = world.deployments()
+    world.restart()
+    world.manager.create({"model": "m", "version": "v2", "group": "field"})
+    sent += back + world.deployments()
+    assert [d.seq for d in sent] == list(range(1, len(sent) + 1))  # one counter, all devices
+    assert [(d.device_id, d.manifest.version) for d in back] == [(c, "v1") for c in r["canary"]]
+    assert all(d.manifest == world.models.manifest("m", d.manifest.version) for d in sent)
 
 
 def test_no_canary_sends_to_all_and_operators_can_decide(world: World) -> None:
