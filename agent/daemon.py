@@ -29,6 +29,7 @@ from protocols.messages import (
     Ack,
     BlobChunk,
     Command,
+    Deployment,
     InferenceResponse,
     ModelManifest,
     Status,
@@ -141,10 +142,12 @@ class Agent:
             )
             channels = [DeviceChannel.BLOB]
             if self.inference is not None:
+                from agent.deploy_sequence import DeploySequence
                 from agent.deployer import Deployer
 
                 self.deployer = Deployer(dev, self.learner.store, self.trust, self.learner,
-                                         self.inference, self.mqtt)  # fmt: skip
+                                         self.inference, self.mqtt,
+                                         DeploySequence(data_dir))  # fmt: skip
                 self.learner.blob_listener = self.deployer
                 channels.append(DeviceChannel.DEPLOY)
                 if config.offload:
@@ -203,7 +206,7 @@ class Agent:
                 and topic.channel is DeviceChannel.DEPLOY
                 and self.deployer is not None
             ):
-                self.deployer.on_deploy(decode_as(ModelManifest, message.payload, cap))
+                self.deployer.on_deploy(decode_as(Deployment, message.payload, cap))
             elif (
                 isinstance(topic, DeviceTopic)
                 and topic.channel is DeviceChannel.INFER_RESPONSE
@@ -299,6 +302,8 @@ class Agent:
             extra["outbox_set_aside"] = float(self.learner.outbox.set_aside is not None)
         if self.trust is not None:
             extra.update(self.trust.telemetry_extra())
+        if self.deployer is not None:
+            extra["deploy_sequence_reset"] = float(self.deployer.sequence.resets)
         if self.inference is not None:
             extra.update(self.inference.telemetry_extra())
         # (a NaN or Inf would make the whole message invalid: the rest still goes)

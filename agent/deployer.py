@@ -1,13 +1,21 @@
 """Deployments: the coordinator names, on the retained ``dev/{id}/deploy`` topic, the
-version this device is to serve (its signed manifest); the deployer verifies it, has the
-learner fetch its blobs, has the inference service load, warm and swap it in, and answers
-with an `Ack` (``ref = deploy/{model}/{version}``): ``ok``, or not ok with the reason the
-version could not be served (the previous one keeps serving). From the first deployment
+version this device is to serve (a signed, numbered `Deployment` carrying its signed
+manifest); the deployer verifies both, has the learner fetch its blobs, has the
+inference service load, warm and swap it in, and answers with an `Ack` (``ref =
+deploy/{model}/{version}``): ``ok``, or not ok with the reason the version could not be
+served (the previous one keeps serving). From the first deployment
 on, the served version follows deployments, not the newest training version (the store's
 ``deployed`` pointer, kept across restarts). A version this device blocked (it failed to
 load here, or was rolled back here) is refused, not served again: the retained deploy
 message, seen again after a reconnect or a restart, does not undo a local rollback.
 Lifecycle: `agent.deployment`.
+
+A deployment is refused, acknowledged not ok as ``deployment_rejected_<reason>`` and
+raised (the daemon counts it), when it is not signed by the trusted key (the signature
+reasons), is for another device (``wrong_device``), or is older than, or differs from
+with the same number, the highest one this device accepted (``replayed``,
+`agent.deploy_sequence`): an old, validly signed deployment replayed on the topic cannot
+downgrade the device. The same deployment again (the retained message) is not a replay.
 """
 
 from __future__ import annotations
@@ -18,10 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.deploy_sequence import DeploySequence
 from agent.deployment import FINISHED, DeployEvent, DeployState, ack_ref, next_deploy_state
 from agent.model_store import ModelStore
 from agent.trust import ManifestTrust
-from protocols.messages import Ack, ModelManifest, encode
+from protocols.errors import DecodeError, RefusedMessageError
+from protocols.messages import Ack, Deployment, ModelManifest, encode
 from protocols.mqtt import MqttError
 from protocols.signing import SignatureError
 from protocols.topics import DeviceChannel, device_topic
@@ -70,7 +80,10 @@ class Deployer:
     """Follows this device's deploy topic (MQTT thread in, loader thread out)."""
 
     def __init__(self, device_id: str, store: ModelStore, trust: ManifestTrust,
-                 fetcher: Fetcher, server: Server, publisher: Publisher) -> None:  # fmt: skip
+                 fetcher: Fetcher, server: Server, publisher: Publisher,
+                 sequence: DeploySequence) -> None:  # fmt: skip
+        self.device_id = device_id
+        self.sequence = sequence
         self.store = store
         self.trust = trust
         self.fetcher = fetcher
@@ -85,13 +98,28 @@ class Deployer:
         """The latest deployment's state (None before the first)."""
         return self._current.state if self._current else None
 
-    def on_deploy(self, manifest: ModelManifest) -> None:
-        """Start deploying `manifest` (SignatureError, acknowledged not ok, if refused)."""
+    def on_deploy(self, deployment: Deployment) -> None:
+        """Start deploying what `deployment` names (DecodeError, acknowledged not ok, if
+        refused: SignatureError, or RefusedMessageError for another device or a replay)."""
+        manifest = deployment.manifest
+        try:
+            self.trust.verify_deployment(deployment)
+            if deployment.device_id != self.device_id:
+                raise RefusedMessageError(
+                    f"deployment {deployment.seq} is for {deployment.device_id!r}, not this"
+                    f" device ({self.device_id!r})",
+                    reason="wrong_device",
+                )
+            self.sequence.check(deployment)
+        except DecodeError as exc:
+            self._ack(manifest, False, f"deployment_rejected_{exc.reason}")
+            raise
         try:
             self.trust.verify(manifest)
         except SignatureError as exc:
             self._ack(manifest, False, f"manifest_rejected_{exc.reason}")
             raise
+        self.sequence.accept(deployment)
         with self._lock:
             old = self._current
             again = old is not None and old.manifest == manifest

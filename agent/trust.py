@@ -8,6 +8,13 @@ at warning level) and only that key is trusted from then on, across restarts. Un
 manifests are refused unless ``allow_unsigned_models``. Every refusal is counted by its
 reason (`protocols.signing.SIGNATURE_REASONS`) and raised as a `SignatureError` whose
 message says what to do.
+
+A `Deployment` (the signed envelope on ``dev/{id}/deploy``) passes `verify_deployment`
+first: it must be signed by a trusted key. Before any key is pinned, its own signer is
+checked, and must be the signer of the manifest it carries; the manifest's own check then
+pins that key (first use). With ``allow_unsigned_models``, an unsigned deployment passes as
+an unsigned manifest does. Deployment refusals are not counted here (the daemon counts
+every refused message, ``message_rejected_<reason>``).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ from pathlib import Path
 
 from agent.atomic_file import write_bytes_atomically
 from agent.errors import AgentError
-from protocols.messages import ModelManifest
+from protocols.messages import Deployment, ModelManifest
 from protocols.signing import (
     SIGNATURE_REASONS,
     SignatureError,
     key_text,
     parse_key,
+    verify_deployment,
     verify_manifest,
 )
 
@@ -105,6 +113,26 @@ class ManifestTrust:
             self._pin(manifest.signer_key)
             return
         verify_manifest(manifest, self._keys)
+
+    def verify_deployment(self, deployment: Deployment) -> None:
+        """Return if `deployment` is signed by a trusted key (or may be unsigned, by config);
+        else raise SignatureError (not counted here; its manifest is checked by `verify`)."""
+        with self._lock:
+            keys = set(self._keys)
+        unsigned = not deployment.signature or not deployment.signer_key
+        try:
+            if unsigned and self.allow_unsigned:
+                return
+            if not keys and not unsigned:  # first use: the manifest's check pins the key
+                verify_deployment(deployment, {deployment.signer_key})
+                if deployment.manifest.signer_key != deployment.signer_key:
+                    raise SignatureError("the deployment and its manifest are signed by "
+                                         "different keys", reason="untrusted_key")  # fmt: skip
+                return
+            verify_deployment(deployment, keys)
+        except SignatureError as exc:
+            advice = _ADVICE.get(exc.reason, "").format(pin=self.pin_path)
+            raise SignatureError(f"{exc}; {advice}", reason=exc.reason) from exc
 
     def _pin(self, key: bytes) -> None:
         # (durable: a power cut must not leave an empty pin, see _read_pins)

@@ -2,7 +2,10 @@
 
     ProtocolError
     ├── DecodeError        bytes from the wire could not be turned into a message (the peer's fault)
-    │   └── VersionError   the message names a major version this side does not speak
+    │   ├── VersionError   the message names a major version this side does not speak
+    │   └── RefusedMessageError  a valid message this side must not act on: meant for another
+    │                            receiver (``wrong_device``), or older than one it acted on
+    │                            (``replayed``)
     └── EncodeError        a message could not be encoded (this side's fault)
 
 `DecodeError` is the only exception a decoder lets out, whatever the input. Each carries a
@@ -33,6 +36,12 @@ class VersionError(DecodeError):
     """A message names a major version this side does not speak."""
 
     reason = "version"
+
+
+class RefusedMessageError(DecodeError):
+    """A well-formed, authentic message that is not for this receiver, or a replay."""
+
+    reason = "replayed"
 
 
 class EncodeError(ProtocolError):

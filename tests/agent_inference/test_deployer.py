@@ -1,23 +1,49 @@
-"""The deployment lifecycle table, and the deployer against fakes: fetch, load, ack."""
+"""The deployment lifecycle table, and the deployer against fakes: fetch, load, ack; and
+every deployment it refuses (forged, for another device, replayed)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
 
+from agent.deploy_sequence import SEQUENCE_FILE, DeploySequence
 from agent.deployer import BLOCKED, DeployDone, Deployer
 from agent.deployment import DeployEvent, DeployState, next_deploy_state
 from agent.errors import IllegalTransitionError
 from agent.inference_service import InferenceService
 from agent.model_store import ModelStore
 from agent.trust import ManifestTrust
-from protocols.messages import Ack, ModelManifest, decode_as
-from protocols.signing import SignatureError, generate_private_key, public_key, sign_manifest
+from protocols.errors import DecodeError
+from protocols.messages import Ack, Deployment, ModelManifest, decode_as, encode
+from protocols.signing import (
+    SignatureError,
+    generate_private_key,
+    public_key,
+    sign_deployment,
+    sign_manifest,
+)
 from tests.agent_inference.conftest import Bundles, agent_config, put
 
 KEY = generate_private_key()
+_SEQ = itertools.count(1)
+
+
+def deployment(
+    manifest: ModelManifest, seq: int | None = None, device: str = "dev-1", key: bytes = KEY
+) -> Deployment:
+    """`manifest` deployed to `device`, numbered `seq` (else the next number), signed by `key`."""
+    number = next(_SEQ) if seq is None else seq
+    return sign_deployment(Deployment(device, number, 1_700_000_000.0, manifest), key)
+
+
+def deployer_on(tmp_path: Path, fakes: _Fakes, keys: tuple[bytes, ...] = (public_key(KEY),)
+                ) -> Deployer:  # fmt: skip
+    """A deployer of device ``dev-1`` over fakes, its state under `tmp_path`."""
+    return Deployer("dev-1", ModelStore(tmp_path / "models"), ManifestTrust(keys, tmp_path),
+                    fakes, fakes, fakes, DeploySequence(tmp_path))  # fmt: skip
 
 
 class _Fakes:
@@ -52,9 +78,10 @@ def test_a_deployment_loads_once_its_blobs_are_here_and_is_acknowledged(
     store = ModelStore(tmp_path / "models")
     fakes = _Fakes()
     trust = ManifestTrust((public_key(KEY),), tmp_path)
-    deployer = Deployer("dev-1", store, trust, fakes, fakes, fakes)
+    deployer = Deployer("dev-1", store, trust, fakes, fakes, fakes, DeploySequence(tmp_path))
     manifest = sign_manifest(bundles.v1.manifest, KEY)
-    deployer.on_deploy(manifest)
+    first = deployment(manifest)
+    deployer.on_deploy(first)
     assert (deployer.state, fakes.fetched, fakes.loads) == (DeployState.FETCHING, ["v1"], [])
     assert store.deployed("digits-mlp") == "v1"
     for name, data in bundles.v1.files.items():
@@ -65,10 +92,10 @@ def test_a_deployment_loads_once_its_blobs_are_here_and_is_acknowledged(
     assert [(a.ref, a.ok, a.reason) for a in fakes.acks] == [
         ("deploy/digits-mlp/v1", False, "warmup: boom")
     ]
-    deployer.on_deploy(manifest)  # the retained message again: the same answer, no reload
+    deployer.on_deploy(first)  # the retained message again: the same answer, no reload
     assert (len(fakes.loads), fakes.acks[-1].duplicate, fakes.acks[-1].ok) == (1, True, False)
     with pytest.raises(SignatureError):
-        deployer.on_deploy(bundles.v2.manifest)  # unsigned
+        deployer.on_deploy(deployment(bundles.v2.manifest))  # its manifest unsigned
     assert (fakes.acks[-1].ref, fakes.acks[-1].reason) == (
         "deploy/digits-mlp/v2", "manifest_rejected_unsigned",
     )  # fmt: skip
@@ -97,22 +124,24 @@ def _boot(tmp_path: Path) -> tuple[InferenceService, Deployer, _Storefront]:
     assert service.wait_idle(60)
     front = _Storefront(store)
     trust = ManifestTrust((public_key(KEY),), tmp_path)
-    return service, Deployer("dev-1", store, trust, front, service, front), front
+    sequence = DeploySequence(tmp_path)
+    return service, Deployer("dev-1", store, trust, front, service, front, sequence), front
 
 
 def _v2_deployed_over_v1(
     tmp_path: Path, bundles: Bundles
-) -> tuple[InferenceService, Deployer, _Storefront, ModelManifest]:
-    """A device serving v1 (signed, stored), then deployed v2; v2's manifest."""
+) -> tuple[InferenceService, Deployer, _Storefront, Deployment]:
+    """A device serving v1 (signed, stored), then deployed v2; v2's deployment."""
     store = ModelStore(Path(agent_config(tmp_path).data_dir) / "models")
     v1, v2 = (dataclasses.replace(b, manifest=sign_manifest(b.manifest, KEY))
               for b in (bundles.v1, bundles.v2))  # fmt: skip
     put(store, v1)
     put(store, v2, activate=False)
     service, deployer, front = _boot(tmp_path)
-    deployer.on_deploy(v2.manifest)
+    deployed = deployment(v2.manifest)
+    deployer.on_deploy(deployed)
     assert service.wait_idle(60)
-    return service, deployer, front, v2.manifest
+    return service, deployer, front, deployed
 
 
 def _serving(service: InferenceService) -> str | None:
@@ -159,18 +188,17 @@ def test_a_load_finishing_for_an_earlier_deployment_of_the_version_is_ignored(
 ) -> None:
     """A, then B, then A again while A's first load is still queued: that load's end must
     not be taken for the new A deployment (it is still fetching), nor crash the loader."""
-    store = ModelStore(tmp_path / "models")
     fakes = _Fakes()
-    deployer = Deployer("dev-1", store, ManifestTrust((public_key(KEY),), tmp_path),
-                        fakes, fakes, fakes)  # fmt: skip
+    deployer = deployer_on(tmp_path, fakes)
+    store = deployer.store
     a, b = (sign_manifest(x.manifest, KEY) for x in (bundles.v1, bundles.v2))
-    deployer.on_deploy(a)
+    deployer.on_deploy(deployment(a))
     for name, data in bundles.v1.files.items():
         store.put_blob(next(f.sha256 for f in a.files if f.name == name), data)
     deployer.blob_stored()
     assert fakes.loads == [a]  # A is loading
-    deployer.on_deploy(b)  # B: its blobs not here yet
-    deployer.on_deploy(a)  # A again: a new deployment, fetching
+    deployer.on_deploy(deployment(b))  # B: its blobs not here yet
+    deployer.on_deploy(deployment(a))  # A again: a new deployment, fetching
     deployer.deploy_finished(a, True, "")  # the first load of A ends: not this deployment's
     assert deployer.state is DeployState.FETCHING
     assert fakes.acks == []
@@ -179,3 +207,107 @@ def test_a_load_finishing_for_an_earlier_deployment_of_the_version_is_ignored(
     deployer.deploy_finished(a, True, "")  # its own load
     assert deployer.state is DeployState.SERVED
     assert [(x.ref, x.ok) for x in fakes.acks] == [("deploy/digits-mlp/v1", True)]
+
+
+# --- refused deployments ---------------------------------------------------------------------
+
+
+def _refused(deployer: Deployer, fakes: _Fakes, refused: Deployment) -> str:
+    """The reason `deployer` refuses `refused` with; it must also acknowledge it not ok."""
+    acks = len(fakes.acks)
+    with pytest.raises(DecodeError) as info:
+        deployer.on_deploy(refused)
+    (ack,) = fakes.acks[acks:]
+    assert (ack.ok, ack.reason) == (False, f"deployment_rejected_{info.value.reason}")
+    assert ack.ref == f"deploy/{refused.manifest.name}/{refused.manifest.version}"
+    return info.value.reason
+
+
+def test_forged_deployments_are_refused(tmp_path: Path, bundles: Bundles) -> None:
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes)
+    v1 = sign_manifest(bundles.v1.manifest, KEY)
+    theirs = deployment(v1, key=generate_private_key())
+    assert _refused(deployer, fakes, theirs) == "untrusted_key"
+    unsigned = dataclasses.replace(deployment(v1), signature=b"")
+    assert _refused(deployer, fakes, unsigned) == "unsigned"
+    renumbered = dataclasses.replace(deployment(v1, 7), seq=8)  # (the signature is for 7)
+    assert _refused(deployer, fakes, renumbered) == "bad_signature"
+    assert (fakes.fetched, deployer.sequence.seq) == ([], 0)  # nothing acted on
+
+
+def test_a_deployment_for_another_device_is_refused(tmp_path: Path, bundles: Bundles) -> None:
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes)
+    other = deployment(sign_manifest(bundles.v1.manifest, KEY), device="dev-2")
+    assert _refused(deployer, fakes, other) == "wrong_device"
+    assert (fakes.fetched, deployer.sequence.seq) == ([], 0)
+
+
+def test_a_replayed_older_deployment_is_refused_also_after_a_restart(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes)
+    v1, v2 = (sign_manifest(b.manifest, KEY) for b in (bundles.v1, bundles.v2))
+    old, new = deployment(v1, 5), deployment(v2, 6)
+    deployer.on_deploy(old)
+    deployer.on_deploy(new)
+    assert _refused(deployer, fakes, old) == "replayed"
+    assert (fakes.fetched, deployer.store.deployed("digits-mlp")) == (["v1", "v2"], "v2")
+    same_number = deployment(v1, 6)  # signed, but not the deployment 6 this device took
+    assert _refused(deployer, fakes, same_number) == "replayed"
+    restarted = deployer_on(tmp_path, fakes)  # the number is kept in the data dir
+    assert restarted.sequence.seq == 6
+    assert _refused(restarted, fakes, old) == "replayed"
+    restarted.on_deploy(new)  # the retained deployment after the restart: taken again
+    assert fakes.fetched == ["v1", "v2", "v2"]
+    restarted.on_deploy(deployment(v1, 7))  # a genuine rollback: a newer number
+    assert (restarted.store.deployed("digits-mlp"), restarted.sequence.seq) == ("v1", 7)
+
+
+def test_the_retained_deployment_again_is_a_duplicate_not_a_replay(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes)
+    retained = deployment(sign_manifest(bundles.v1.manifest, KEY))
+    deployer.on_deploy(retained)
+    for name, data in bundles.v1.files.items():
+        manifest = retained.manifest
+        deployer.store.put_blob(next(f.sha256 for f in manifest.files if f.name == name), data)
+    deployer.blob_stored()
+    deployer.deploy_finished(retained.manifest, True, "")
+    again = decode_as(Deployment, encode(retained))  # as the broker delivers it again
+    deployer.on_deploy(again)
+    assert [(a.ok, a.duplicate, a.reason) for a in fakes.acks] == [(True, False, ""),
+                                                                   (True, True, "")]  # fmt: skip
+    assert len(fakes.loads) == 1
+
+
+def test_a_damaged_sequence_file_resets_to_zero_and_is_counted(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    (tmp_path / SEQUENCE_FILE).parent.mkdir(parents=True)
+    (tmp_path / SEQUENCE_FILE).write_bytes(b"\xff\x00 garbage")
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes)  # the agent starts
+    assert (deployer.sequence.seq, deployer.sequence.resets) == (0, 1)
+    deployer.on_deploy(deployment(sign_manifest(bundles.v1.manifest, KEY), 3))
+    assert DeploySequence(tmp_path).seq == 3  # the file is whole again
+    assert DeploySequence(tmp_path).resets == 0
+
+
+def test_without_a_pinned_key_the_first_deployment_pins_its_signer(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    fakes = _Fakes()
+    deployer = deployer_on(tmp_path, fakes, keys=())
+    other = generate_private_key()
+    mixed = deployment(sign_manifest(bundles.v1.manifest, KEY), key=other)
+    assert _refused(deployer, fakes, mixed) == "untrusted_key"  # two signers: neither pinned
+    assert deployer.trust.keys == frozenset()
+    deployer.on_deploy(deployment(sign_manifest(bundles.v1.manifest, KEY)))
+    assert deployer.trust.keys == {public_key(KEY)}
+    later = deployment(sign_manifest(bundles.v2.manifest, other), key=other)
+    assert _refused(deployer, fakes, later) == "untrusted_key"

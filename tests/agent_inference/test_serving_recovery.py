@@ -14,7 +14,7 @@ from cloud_coordinator.bundles import Bundle
 from protocols.model_format import MODEL_FILE
 from protocols.signing import sign_manifest
 from tests.agent_inference.conftest import Bundles, agent_config, broken, put
-from tests.agent_inference.test_deployer import KEY, _boot, _serving
+from tests.agent_inference.test_deployer import KEY, _boot, _serving, deployment
 
 
 def test_the_version_log_never_forgets_what_is_served() -> None:
@@ -42,13 +42,13 @@ def test_a_good_version_after_many_failed_ones_is_served_and_acknowledged(
         for n in range(20):  # more than the version log keeps
             bad = _signed(broken(bundles.v1, f"bad{n}", b"not an onnx model"))
             put(store, bad, activate=False)
-            deployer.on_deploy(bad.manifest)
+            deployer.on_deploy(deployment(bad.manifest))
             assert service.wait_idle(60)
         assert _serving(service) == "v1"
         assert [a.ok for a in front.acks] == [False] * 20
         good = _signed(bundles.v2)
         put(store, good, activate=False)
-        deployer.on_deploy(good.manifest)
+        deployer.on_deploy(deployment(good.manifest))
         assert service.wait_idle(60)
         assert _serving(service) == "v2"
         assert (front.acks[-1].ref, front.acks[-1].ok) == ("deploy/digits-mlp/v2", True)

@@ -32,16 +32,16 @@ CHUNK = 64 * 1024
 class CuttingCloud(FakeCloud):
     """Answers the first request for each blob with only its first half of chunks."""
 
-    def __init__(self, mosquitto: Mosquitto) -> None:
+    def __init__(self, mosquitto: Mosquitto, key: bytes) -> None:
         self.requests: list[BlobRequest] = []
         self.sent: defaultdict[str, list[int]] = defaultdict(list)
         self.cutting = True
         self.forged = 0
         self.lock = threading.Lock()
-        super().__init__(mosquitto)
+        super().__init__(mosquitto, key)
 
     def _on_message(self, message: InboundMessage) -> None:
-        if message.topic.endswith("/ack"):
+        if message.topic.endswith(("/ack", "/telemetry")):
             super()._on_message(message)
             return
         request = decode_as(BlobRequest, message.payload)
@@ -73,7 +73,7 @@ def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
     mosquitto: Mosquitto, bundles: Bundles, tmp_path: Path
 ) -> None:
     key = generate_private_key()
-    cloud = CuttingCloud(mosquitto)
+    cloud = CuttingCloud(mosquitto, key)
     sock = tmp_path / "api.sock"
     agent = Agent(DEV, tmp_path / "dev", mosquitto.env(), "--no-train", "--listen",
                   f"unix:{sock}", "--model-key", key_text(public_key(key)))  # fmt: skip
