@@ -285,11 +285,12 @@ def test_the_retained_deployment_again_is_a_duplicate_not_a_replay(
     assert len(fakes.loads) == 1
 
 
+@pytest.mark.parametrize("damage", [b"\xff\x00 garbage", b"", b"12", b"-3 " + b"a" * 64])
 def test_a_damaged_sequence_file_resets_to_zero_and_is_counted(
-    tmp_path: Path, bundles: Bundles
+    tmp_path: Path, bundles: Bundles, damage: bytes
 ) -> None:
     (tmp_path / SEQUENCE_FILE).parent.mkdir(parents=True)
-    (tmp_path / SEQUENCE_FILE).write_bytes(b"\xff\x00 garbage")
+    (tmp_path / SEQUENCE_FILE).write_bytes(damage)
     fakes = _Fakes()
     deployer = deployer_on(tmp_path, fakes)  # the agent starts
     assert (deployer.sequence.seq, deployer.sequence.resets) == (0, 1)

@@ -32,13 +32,13 @@ CHUNK = 64 * 1024
 class CuttingCloud(FakeCloud):
     """Answers the first request for each blob with only its first half of chunks."""
 
-    def __init__(self, mosquitto: Mosquitto, key: bytes) -> None:
+    def __init__(self, mosquitto: Mosquitto, key: bytes, db_dir: Path) -> None:
         self.requests: list[BlobRequest] = []
         self.sent: defaultdict[str, list[int]] = defaultdict(list)
         self.cutting = True
         self.forged = 0
         self.lock = threading.Lock()
-        super().__init__(mosquitto, key)
+        super().__init__(mosquitto, key, db_dir)
 
     def _on_message(self, message: InboundMessage) -> None:
         if message.topic.endswith(("/ack", "/telemetry")):
@@ -73,7 +73,7 @@ def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
     mosquitto: Mosquitto, bundles: Bundles, tmp_path: Path
 ) -> None:
     key = generate_private_key()
-    cloud = CuttingCloud(mosquitto, key)
+    cloud = CuttingCloud(mosquitto, key, tmp_path)
     sock = tmp_path / "api.sock"
     agent = Agent(DEV, tmp_path / "dev", mosquitto.env(), "--no-train", "--listen",
                   f"unix:{sock}", "--model-key", key_text(public_key(key)))  # fmt: skip
@@ -103,6 +103,7 @@ def test_a_cut_transfer_resumes_with_only_the_missing_chunks(
     finally:
         client.close()
         cloud.client.stop()
+        cloud.signer.close()
     resumed = [r for r in cloud.requests[first:] if r.blob_sha256 == big and r.indices]
     assert resumed, [(r.blob_sha256[:8], r.indices) for r in cloud.requests]
     n, half = counts[big], counts[big] // 2

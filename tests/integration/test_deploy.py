@@ -6,7 +6,6 @@ does not downgrade it."""
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -17,12 +16,12 @@ import pytest
 from agent.client import ClientError, InferenceClient
 from agent.predictions import ModelUnavailableError
 from cloud_coordinator.bundles import Bundle
+from cloud_coordinator.deployments import DeploymentSigner
 from protocols.chunks import split_blob
 from protocols.messages import (
     Ack,
     BlobRequest,
     Command,
-    Deployment,
     ModelManifest,
     Telemetry,
     decode_as,
@@ -33,7 +32,6 @@ from protocols.signing import (
     generate_private_key,
     key_text,
     public_key,
-    sign_deployment,
     sign_manifest,
 )
 from protocols.topics import DeviceChannel, device_topic
@@ -46,12 +44,12 @@ DEV = "dev-9"
 
 
 class FakeCloud:
-    """Publishes deployments, numbered and signed with the coordinator's key as the
-    coordinator does, and answers the device's blob requests with chunks."""
+    """Publishes deployments, numbered and signed by the coordinator's own code
+    (`DeploymentSigner`, its counter in a database under `db_dir`), and answers the
+    device's blob requests with chunks."""
 
-    def __init__(self, mosquitto: Mosquitto, key: bytes) -> None:
-        self.key = key
-        self.seq = itertools.count(1)
+    def __init__(self, mosquitto: Mosquitto, key: bytes, db_dir: Path) -> None:
+        self.signer = DeploymentSigner(db_dir / "coordinator.db", key)
         self.blobs: dict[str, bytes] = {}
         self.acks: queue.Queue[Ack] = queue.Queue()
         self.telemetry: queue.Queue[Telemetry] = queue.Queue()
@@ -82,8 +80,7 @@ class FakeCloud:
         """Deploy `manifest` (its blobs from `bundle`) as the next deployment; its bytes."""
         for entry in manifest.files:
             self.blobs[entry.sha256] = bundle.files[entry.name]
-        unsigned = Deployment(DEV, next(self.seq), time.time(), manifest)
-        payload = encode(sign_deployment(unsigned, self.key))
+        payload = self.signer.payload(DEV, manifest)
         self.publish(payload)
         return payload
 
@@ -134,7 +131,7 @@ def test_deployments_are_served_acknowledged_and_refused_with_the_reason(
     mosquitto: Mosquitto, bundles: Bundles, tmp_path: Path
 ) -> None:
     key = generate_private_key()
-    cloud = FakeCloud(mosquitto, key)
+    cloud = FakeCloud(mosquitto, key, tmp_path)
     sock = tmp_path / "api.sock"
     agent = Agent(DEV, tmp_path / "dev", mosquitto.env(), "--no-train", "--listen",
                   f"unix:{sock}", "--model-key", key_text(public_key(key)))  # fmt: skip
@@ -166,6 +163,7 @@ def test_deployments_are_served_acknowledged_and_refused_with_the_reason(
     finally:
         client.close()
         cloud.client.stop()
+        cloud.signer.close()
     log = agent.output()
     assert "Traceback" not in log
     assert "deployment of digits-mlp v2-bad failed" in log
@@ -175,7 +173,7 @@ def test_an_older_deployment_replayed_on_the_topic_does_not_downgrade_the_device
     mosquitto: Mosquitto, bundles: Bundles, tmp_path: Path
 ) -> None:
     key = generate_private_key()
-    cloud = FakeCloud(mosquitto, key)
+    cloud = FakeCloud(mosquitto, key, tmp_path)
     sock = tmp_path / "api.sock"
     flags = ("--no-train", "--listen", f"unix:{sock}", "--model-key", key_text(public_key(key)))
     agent = Agent(DEV, tmp_path / "dev", mosquitto.env(), *flags)
@@ -206,4 +204,5 @@ def test_an_older_deployment_replayed_on_the_topic_does_not_downgrade_the_device
     finally:
         client.close()
         cloud.client.stop()
+        cloud.signer.close()
     assert "Traceback" not in agent.output()
