@@ -37,7 +37,7 @@ class DeviceChannel(StrEnum):
     UPDATE_ACK = "update/ack"
     BLOB = "blob"
     BLOB_REQUEST = "blob/req"
-    DEPLOY = "deploy"  # retained: the signed manifest of the version the device is to serve
+    DEPLOY = "deploy"  # retained: the signed `Deployment` of the version to serve
 
 
 class ModelChannel(StrEnum):
