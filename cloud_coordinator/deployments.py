@@ -2,17 +2,22 @@
 
 Each publish is a `protocols.messages.Deployment` signed with the model-signing key: the
 device it is for, the version's signed manifest, the time, and a sequence number taken
-from one counter in the coordinator's database (table ``deploy_sequence``), so it grows
-strictly across every device and every restart, whatever the wall clock does. A device
+from one counter in the coordinator's database (table ``deploy_sequence``). A device
 refuses a deployment whose number is below the highest it accepted (a replay of an older,
 validly signed one), so a deployment back to an earlier version (a rollback) is a new
-deployment with a new number. Restoring the database from a backup would move the counter
-back: devices would refuse what follows until it passes their highest (see
-docs/operations.md).
+deployment with a new number.
+
+The next number is the larger of the counter plus one and the wall clock in milliseconds.
+The counter makes the numbers grow strictly across every device and every restart, even
+when the clock steps back; the clock keeps them growing when the counter does not: a
+database restored from a backup (or a coordinator rebuilt on a new disk) numbers its next
+deployment above everything it sent before the backup was taken, as long as the clock has
+moved on since (see docs/operations.md).
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import threading
 import time
@@ -54,8 +59,9 @@ class DeploymentSigner:
             try:
                 with self._db:
                     self._db.execute(
-                        "INSERT INTO deploy_sequence VALUES (1, 1)"
-                        " ON CONFLICT (id) DO UPDATE SET seq = seq + 1"
+                        "INSERT INTO deploy_sequence VALUES (1, :floor)"
+                        " ON CONFLICT (id) DO UPDATE SET seq = max(seq + 1, :floor)",
+                        {"floor": self._clock_floor()},
                     )
                     (seq,) = self._db.execute(
                         "SELECT seq FROM deploy_sequence WHERE id = 1"
@@ -63,6 +69,11 @@ class DeploymentSigner:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot take a deployment sequence number: {exc}") from exc
         return int(seq)
+
+    def _clock_floor(self) -> int:
+        """The wall clock in milliseconds (at least 1; 1 for a clock that reads nonsense)."""
+        now = self.clock()
+        return int(now * 1000) if math.isfinite(now) and 0 < now < 1e15 else 1
 
     def deployment(self, device_id: str, manifest: ModelManifest) -> Deployment:
         """A new signed deployment of `manifest` to `device_id`; StoreError if unnumbered."""
