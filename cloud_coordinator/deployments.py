@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloud_coordinator.errors import StoreError
+from cloud_coordinator.sqlite_db import open_db
 from protocols.messages import Deployment, ModelManifest, encode
 from protocols.signing import sign_deployment
 
@@ -45,13 +46,7 @@ class DeploymentSigner:
         self.signing_key = signing_key
         self.clock = clock
         self._lock = threading.Lock()
-        try:
-            self._db = sqlite3.connect(db_path, timeout=10.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            with self._db:
-                self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the deployment counter in {db_path}: {exc}") from exc
+        self._db = open_db(db_path, _SCHEMA, "the deployment counter in")
 
     def next_seq(self) -> int:
         """Take the next sequence number (committed before it is used); StoreError if not."""

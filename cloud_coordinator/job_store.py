@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud_coordinator.errors import StoreError
 from cloud_coordinator.job_spec import JobSpec
+from cloud_coordinator.sqlite_db import open_db
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -104,14 +104,7 @@ class JobStore:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")  # acknowledged updates survive power loss
-            with self._db:
-                self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the job store {path}: {exc}") from exc
+        self._db = open_db(path, _SCHEMA, "the job store")  # (acknowledged updates: synced)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
 

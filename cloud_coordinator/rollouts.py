@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from cloud_coordinator.rollout_rules import (
     judge,
     next_rollout_state,
 )
+from cloud_coordinator.sqlite_db import open_db
 from cloud_coordinator.ticker import Ticker
 from protocols.messages import Ack
 from protocols.topics import DeviceChannel, device_topic, valid_id
@@ -97,13 +97,7 @@ class RolloutStore:
     """Rollouts in the coordinator's database (one JSON body per rollout)."""
 
     def __init__(self, path: Path) -> None:
-        try:
-            self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            with self._db:
-                self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the rollout store {path}: {exc}") from exc
+        self._db = open_db(path, _SCHEMA, "the rollout store")
         self._lock = threading.Lock()
 
     def put(self, rollout: Rollout) -> None:

@@ -26,6 +26,7 @@ import base64
 import binascii
 import dataclasses
 from collections.abc import Collection
+from typing import TypeVar
 
 from protocols.ed25519 import signature_matches
 from protocols.errors import DecodeError
@@ -88,13 +89,22 @@ def signed_bytes(manifest: ModelManifest) -> bytes:
     return encode(dataclasses.replace(manifest, signature=b""))
 
 
-def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
-    """`manifest` with ``signer_key`` set to the key's public half and signed by it."""
+_Signable = TypeVar("_Signable", ModelManifest, Deployment)
+
+
+def _signed(message: _Signable, private_key: bytes) -> _Signable:
+    """`message` with ``signer_key`` set to the key's public half, signed over its encoding
+    with an empty signature (what `signed_bytes` / `deployment_signed_bytes` return)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    unsigned = dataclasses.replace(manifest, signer_key=public_key(private_key), signature=b"")
+    unsigned = dataclasses.replace(message, signer_key=public_key(private_key), signature=b"")
     key = Ed25519PrivateKey.from_private_bytes(private_key)
-    return dataclasses.replace(unsigned, signature=key.sign(signed_bytes(unsigned)))
+    return dataclasses.replace(unsigned, signature=key.sign(encode(unsigned)))
+
+
+def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
+    """`manifest` with ``signer_key`` set to the key's public half and signed by it."""
+    return _signed(manifest, private_key)
 
 
 def verify_manifest(manifest: ModelManifest, trusted: Collection[bytes]) -> None:
@@ -124,11 +134,7 @@ def deployment_signed_bytes(deployment: Deployment) -> bytes:
 
 def sign_deployment(deployment: Deployment, private_key: bytes) -> Deployment:
     """`deployment` with ``signer_key`` set to the key's public half and signed by it."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    unsigned = dataclasses.replace(deployment, signer_key=public_key(private_key), signature=b"")
-    key = Ed25519PrivateKey.from_private_bytes(private_key)
-    return dataclasses.replace(unsigned, signature=key.sign(deployment_signed_bytes(unsigned)))
+    return _signed(deployment, private_key)
 
 
 def verify_deployment(deployment: Deployment, trusted: Collection[bytes]) -> None:
