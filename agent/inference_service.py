@@ -72,6 +72,7 @@ class InferenceService:
             queue.Queue()
         )
         self._lock = threading.Lock()
+        self._point_lock = threading.Lock()
         self._limits: tuple[object, InputLimits] | None = None  # (of this served version)
         self._loader = threading.Thread(target=self._load_loop, name="model-loader", daemon=True)
 
@@ -195,10 +196,14 @@ class InferenceService:
         self._point_store()  # (it may be served now: what a restart serves then)
 
     def _point_store(self) -> None:
-        serving, standby = self.runtime.serving, self.runtime.standby
-        if serving is not None:
-            name = serving.manifest.name
-            self.store.point(name, serving.version, standby.version if standby else None)
+        # One writer at a time, each reading what is served once it may write: the loader
+        # (after a standby load) and a rollback both point the store, and a write of what
+        # was served just before the other's swap must not land last.
+        with self._point_lock:
+            serving, standby = self.runtime.serving, self.runtime.standby
+            if serving is not None:
+                name = serving.manifest.name
+                self.store.point(name, serving.version, standby.version if standby else None)
 
     # --- the API (Backend) ----------------------------------------------------------------
     def predict(self, x: object) -> Predictions:

@@ -5,6 +5,8 @@ is served rather than nothing (the real service, real ONNX models, a real store)
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from pathlib import Path
 
 from agent.inference_service import InferenceService
@@ -123,3 +125,34 @@ def _started(tmp_path: Path, store: ModelStore) -> InferenceService:
         service.stop()
         raise AssertionError("the service did not finish loading in 60 s")
     return service
+
+
+def test_a_rollback_during_the_loaders_pointer_write_is_what_a_restart_serves(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    # The loader points the store at what is served after it keeps a standby; a rollback
+    # then, while that write was on its way, was overwritten by it: the device served v1,
+    # acknowledged the rollback, and a restart served v2 again.
+    store = _store_with(tmp_path, bundles.v1, bundles.v2)
+    service = _started(tmp_path, store)
+    entered = threading.Event()
+    point = store.point
+
+    def slow_point(name: str, current: str, previous: str | None) -> None:
+        if threading.current_thread().name == "loader-like":
+            entered.set()
+            time.sleep(0.5)  # (the write of what was served before the rollback, slow)
+        point(name, current, previous)
+
+    try:
+        store.point = slow_point  # type: ignore[method-assign]
+        loader = threading.Thread(target=service._point_store, name="loader-like")
+        loader.start()
+        assert entered.wait(10)
+        assert service.rollback()["serving"]["version"] == "v1"
+        loader.join(10)
+    finally:
+        service.stop()
+    current = ModelStore(store.root).current("digits-mlp")
+    assert current is not None
+    assert current.version == "v1"
