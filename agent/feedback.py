@@ -13,6 +13,7 @@ trains on them in its next round.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -23,9 +24,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent import feedback_journal
 from agent.atomic_file import write_atomically
 from agent.errors import AgentError
-from agent.local_data import FEEDBACK_FILE, load_feedback
+from agent.local_data import FEEDBACK_FILE, load_feedback_npz
+
+log = logging.getLogger(__name__)
+
+#: Compaction folds the journal into the npz once it holds this many records and as many
+#: as the rows kept, or this many bytes and as many as the rows kept take: each label
+#: costs O(1) amortised (the npz rewritten once per at least as many labels as it has rows).
+COMPACT_RECORDS = 1024
+COMPACT_BYTES = 1 << 20
 
 #: A kept input: (request number, the batch, model, version).
 _Kept = tuple[int, npt.NDArray[Any], str, str]
@@ -144,30 +154,74 @@ class RecentInputs:
 
 
 class FeedbackLog:
-    """Appends labelled inputs to ``<dataset_dir>/feedback.npz`` (thread-safe); a row
-    labelled again under the same key (its prediction) gets the new label instead."""
+    """Labelled inputs in ``<dataset_dir>/feedback.npz`` and its journal (thread-safe): a
+    label is one record appended to ``feedback.journal`` and fsynced, folded into the npz
+    once the journal outgrows `COMPACT_RECORDS` records and the rows kept (or
+    `COMPACT_BYTES` bytes and the rows' bytes); a row labelled again under the same key
+    (its prediction) gets the new label instead."""
 
     def __init__(self, dataset_dir: Path, max_rows: int) -> None:
         self.path = dataset_dir / FEEDBACK_FILE
+        self.journal_path = feedback_journal.path_for(self.path)
         self.max_rows = max_rows
         self._lock = threading.Lock()
-        self._x: npt.NDArray[Any] | None = None
-        self._y: npt.NDArray[np.int64] | None = None
+        self._rows: feedback_journal.Rows | None = None  # None: not loaded yet
+        self._generation = 0  # of the npz the journal applies to
+        self._end: int | None = None  # the journal's size; None: to be created first
+        self._records = 0  # in the journal
         self._added = 0  # rows ever added (loaded ones included): the next row's number
         self._keys: OrderedDict[Hashable, int] = OrderedDict()  # key → row number, oldest first
 
     def rows(self) -> int:
         """How many labelled rows the file holds."""
         with self._lock:
-            self._load()
-            return 0 if self._y is None else len(self._y)
+            return len(self._load())
 
-    def _load(self) -> None:
-        if self._x is None:
-            loaded = load_feedback(self.path)  # (a damaged file is set aside)
-            if loaded is not None:
-                self._x, self._y = loaded
-                self._added = len(self._y)
+    def _load(self) -> feedback_journal.Rows:
+        """The rows kept, read from the npz and the journal the first time."""
+        if self._rows is None:
+            base = load_feedback_npz(self.path)  # (a damaged file is set aside)
+            self._generation = 0 if base is None else base[2]
+            self._rows = (
+                feedback_journal.Rows() if base is None else feedback_journal.Rows(*base[:2])
+            )
+            self._open_journal()
+            self._added = len(self._rows)
+        return self._rows
+
+    def _open_journal(self) -> None:
+        """Replay the journal onto the npz's rows; set aside or drop what cannot apply."""
+        assert self._rows is not None
+        try:
+            journal = feedback_journal.read(self.journal_path)
+        except feedback_journal.JournalError as exc:
+            log.error(
+                "%s; set aside as %s", exc, feedback_journal.set_aside(self.journal_path).name
+            )
+            return
+        if journal is None or journal.generation < self._generation:
+            return  # (none, or folded into the npz by a compaction cut short: a new one)
+        if journal.generation > self._generation:  # (its npz deleted, or set aside)
+            aside = feedback_journal.set_aside(self.journal_path).name
+            log.error("%s is of generation %d, %s of %d: set aside as %s", self.journal_path.name,
+                      journal.generation, self.path.name, self._generation, aside)  # fmt: skip
+            return
+        applied = self._rows.replay(journal)
+        if journal.damage is not None:
+            aside = feedback_journal.set_aside(self.journal_path).name
+            log.error("%s: %s; set aside as %s, the %d records before it kept",
+                      self.journal_path.name, journal.damage, aside, applied)  # fmt: skip
+            if applied:
+                try:
+                    self._compact()
+                except OSError as exc:  # (its rows are in memory: the next compaction)
+                    log.error("cannot write %s: %s", self.path.name, exc)
+            return
+        if journal.torn:
+            log.warning("%s: a record cut short at byte %d (never acknowledged) dropped",
+                        self.journal_path.name, journal.end)  # fmt: skip
+            os.truncate(self.journal_path, journal.end)
+        self._end, self._records = journal.end, len(journal.records)
 
     def append(self, x: npt.NDArray[Any], label: int) -> int:
         """Add one row; return the number of rows now kept (0: `max_rows` is 0, none kept).
@@ -177,50 +231,78 @@ class FeedbackLog:
     def put(self, key: Hashable | None, x: npt.NDArray[Any], label: int) -> tuple[int, bool]:
         """`append`, except that a `key` put before whose row is still kept has that row's
         label replaced; (rows now kept, whether a label was replaced)."""
-        row = np.asarray(x, dtype=np.float32)[None, ...]
+        row = np.array(x, dtype=np.float32)  # (a copy: not a view holding its whole batch)
         if not np.isfinite(row).all():
             raise FeedbackError("that prediction's input holds NaN or Inf: not kept", "invalid")
         if self.max_rows <= 0:
             return 0, False
+        label = int(np.int64(label))  # (OverflowError beyond int64, as before)
+        if label < 0:  # (training could never read it again: the whole file set aside)
+            raise FeedbackError(f"label {label} is negative: not kept", "invalid")
         with self._lock:
             self._load()
             at = self._kept_at(key)
-            if at is not None and self._x is not None and self._y is not None:
-                ys = self._y.copy()
-                ys[at] = label
-                self._write(self._x, ys)
-                return len(ys), True
-            if self._x is None or self._y is None or self._x.shape[1:] != row.shape[1:]:
-                if self._x is not None and self._x.shape[1:] != row.shape[1:]:
-                    # A new model with another input shape: its feedback starts afresh.
-                    self._x = self._y = None
-                xs, ys = row, np.asarray([label], dtype=np.int64)
-            else:  # (max_rows > 0: the slices keep the newest max_rows)
-                xs = np.concatenate([self._x, row])[-self.max_rows :]
-                ys = np.concatenate([self._y, np.asarray([label], np.int64)])[-self.max_rows :]
-            self._write(xs, ys)
+            if at is not None:
+                return self._write(feedback_journal.Relabel(at, label)), True
+            kept = self._write(feedback_journal.Add(row, label, self.max_rows))
             self._added += 1
             if key is not None:
                 self._keys[key] = self._added - 1
             self._forget_dropped()
-            return len(ys), False
+            return kept, False
 
     def _kept_at(self, key: Hashable | None) -> int | None:
         """The index in the kept rows of `key`'s row; None if never put or dropped since."""
         number = self._keys.get(key) if key is not None else None
-        if number is None or self._y is None:
+        if number is None or self._rows is None:
             return None
-        at = number - (self._added - len(self._y))
-        return at if 0 <= at < len(self._y) else None
+        at = number - (self._added - len(self._rows))
+        return at if 0 <= at < len(self._rows) else None
 
     def _forget_dropped(self) -> None:
         """Forget the keys of rows no longer kept (the oldest first)."""
-        first = self._added - (0 if self._y is None else len(self._y))
+        first = self._added - (0 if self._rows is None else len(self._rows))
         keys = self._keys
         while keys and next(iter(keys.values())) < first:
             keys.popitem(last=False)
 
-    def _write(self, xs: npt.NDArray[Any], ys: npt.NDArray[np.int64]) -> None:
-        """Write the file atomically, then keep `xs` and `ys` as its rows."""
-        write_atomically(self.path, lambda f: np.savez(f, x=xs, y=ys))
-        self._x, self._y = xs, ys
+    def _write(self, record: feedback_journal.Add | feedback_journal.Relabel) -> int:
+        """Append `record` to the journal (fsynced), then apply it, compacting when due; the
+        rows now kept."""
+        assert self._rows is not None
+        if isinstance(record, feedback_journal.Relabel):
+            encoded = feedback_journal.encode_relabel(record.index, record.label)
+        else:
+            encoded = feedback_journal.encode_add(record.row, record.label, record.max_rows)
+        if self._end is None:
+            if self._generation == 0 and self.path.is_file() and len(self._rows):
+                self._compact()  # (an npz written before journals: given a generation first)
+            if self._end is None:
+                self._end = feedback_journal.create(self.journal_path, self._generation)
+        self._end = feedback_journal.append(self.journal_path, encoded, self._end)
+        self._records += 1
+        self._rows.apply(record)
+        row_bytes = len(self._rows) * self._rows.x[-1].nbytes
+        if self._records >= max(COMPACT_RECORDS, len(self._rows)) or self._end >= max(
+            COMPACT_BYTES, row_bytes
+        ):
+            try:
+                self._compact()
+            except OSError as exc:  # (the label is in the journal: the next one tries again)
+                log.error("cannot fold %s into %s: %s", self.journal_path.name, self.path.name, exc)
+        return len(self._rows)
+
+    def _compact(self) -> None:
+        """Write the rows as the npz of the next generation, then start an empty journal."""
+        assert self._rows is not None
+        arrays = self._rows.arrays()
+        if arrays is not None:
+            xs, ys = arrays
+            generation = self._generation + 1
+            write_atomically(
+                self.path, lambda f: np.savez(f, x=xs, y=ys, generation=np.int64(generation))
+            )
+            self._generation = generation
+            self._rows = feedback_journal.Rows(xs, ys)
+        self._end, self._records = None, 0  # (if creating it fails, the next label tries)
+        self._end = feedback_journal.create(self.journal_path, self._generation)
