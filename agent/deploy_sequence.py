@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from protocols.signing import deployment_signed_bytes
 
 log = logging.getLogger(__name__)
 SEQUENCE_FILE = Path("deploy") / "sequence"
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def digest(deployment: Deployment) -> str:
@@ -60,7 +64,12 @@ class DeploySequence:
         except (OSError, UnicodeDecodeError) as exc:
             return self._damaged(f"unreadable ({exc})")
         parts = text.split()
-        if len(parts) != 2 or not parts[0].isdigit() or len(parts[1]) != 64:
+        if (
+            len(parts) != 2
+            or not (parts[0].isascii() and parts[0].isdigit() and len(parts[0]) <= 19)
+            or not 1 <= int(parts[0]) < 1 << 63  # (what a Deployment's number can be)
+            or _HEX64.fullmatch(parts[1]) is None
+        ):
             return self._damaged(f"not '<seq> <sha256>': {text[:80]!r}")
         return int(parts[0]), parts[1]
 

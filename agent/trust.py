@@ -121,8 +121,8 @@ class ManifestTrust:
             keys = set(self._keys)
         unsigned = not deployment.signature or not deployment.signer_key
         try:
-            if unsigned and self.allow_unsigned:
-                return
+            if unsigned and self.allow_unsigned and not keys and not deployment.manifest.signature:
+                return  # (an unsigned fleet: nothing trusted, nothing signed)
             if not keys and not unsigned:  # first use: the manifest's check pins the key
                 verify_deployment(deployment, {deployment.signer_key})
                 if deployment.manifest.signer_key != deployment.signer_key:

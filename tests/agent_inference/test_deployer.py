@@ -285,7 +285,12 @@ def test_the_retained_deployment_again_is_a_duplicate_not_a_replay(
     assert len(fakes.loads) == 1
 
 
-@pytest.mark.parametrize("damage", [b"\xff\x00 garbage", b"", b"12", b"-3 " + b"a" * 64])
+@pytest.mark.parametrize("damage", [
+    b"\xff\x00 garbage", b"", b"12", b"-3 " + b"a" * 64,
+    b"9" * 5000 + b" " + b"a" * 64,  # (int() refuses over 4,300 digits: the agent did not start)
+    str(1 << 63).encode() + b" " + b"a" * 64,  # past any number: every deployment refused
+    b"0 " + b"a" * 64, b"12 " + b"z" * 64,  # (no deployment is numbered 0; not hex)
+])  # fmt: skip
 def test_a_damaged_sequence_file_resets_to_zero_and_is_counted(
     tmp_path: Path, bundles: Bundles, damage: bytes
 ) -> None:
@@ -312,3 +317,32 @@ def test_without_a_pinned_key_the_first_deployment_pins_its_signer(
     assert deployer.trust.keys == {public_key(KEY)}
     later = deployment(sign_manifest(bundles.v2.manifest, other), key=other)
     assert _refused(deployer, fakes, later) == "untrusted_key"
+
+
+def test_with_unsigned_models_allowed_an_unsigned_deployment_cannot_pass_a_pinned_key(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    # allow_unsigned_models let an unsigned envelope around an old, genuinely signed
+    # manifest through, numbered 2**63-1: the device downgraded and refused every real
+    # deployment after, for good
+    fakes = _Fakes()
+    trust = ManifestTrust((public_key(KEY),), tmp_path, allow_unsigned=True)
+    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
+                        DeploySequence(tmp_path))  # fmt: skip
+    v1, v2 = (sign_manifest(b.manifest, KEY) for b in (bundles.v1, bundles.v2))
+    deployer.on_deploy(deployment(v2, 10))
+    forged = Deployment("dev-1", (1 << 63) - 1, 1_700_000_000.0, v1)  # (not signed)
+    assert _refused(deployer, fakes, forged) == "unsigned"
+    assert (deployer.store.deployed("digits-mlp"), deployer.sequence.seq) == ("v2", 10)
+
+
+def test_an_unsigned_fleet_takes_unsigned_deployments_and_keeps_no_number(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    fakes = _Fakes()
+    trust = ManifestTrust((), tmp_path, allow_unsigned=True)
+    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
+                        DeploySequence(tmp_path))  # fmt: skip
+    deployer.on_deploy(Deployment("dev-1", (1 << 63) - 1, 1.0, bundles.v1.manifest))
+    deployer.on_deploy(Deployment("dev-1", 1, 2.0, bundles.v2.manifest))
+    assert (deployer.store.deployed("digits-mlp"), deployer.sequence.seq) == ("v2", 0)
