@@ -12,6 +12,7 @@ trains on them in its next round.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -171,6 +172,7 @@ class FeedbackLog:
         self._records = 0  # in the journal
         self._added = 0  # rows ever added (loaded ones included): the next row's number
         self._keys: OrderedDict[Hashable, int] = OrderedDict()  # key → row number, oldest first
+        self._damaged_journal = False  # a damaged journal waits to be folded and set aside
 
     def rows(self) -> int:
         """How many labelled rows the file holds."""
@@ -199,8 +201,13 @@ class FeedbackLog:
                 "%s; set aside as %s", exc, feedback_journal.set_aside(self.journal_path).name
             )
             return
-        if journal is None or journal.generation < self._generation:
-            return  # (none, or folded into the npz by a compaction cut short: a new one)
+        if journal is None:
+            return
+        if journal.generation < self._generation:  # (folded into the npz by a compaction
+            if journal.damage is not None:  # cut short: a new one replaces it; a damaged
+                with contextlib.suppress(OSError):  # one is kept to look into)
+                    feedback_journal.set_aside(self.journal_path)
+            return
         if journal.generation > self._generation:  # (its npz deleted, or set aside)
             aside = feedback_journal.set_aside(self.journal_path).name
             log.error("%s is of generation %d, %s of %d: set aside as %s", self.journal_path.name,
@@ -208,14 +215,17 @@ class FeedbackLog:
             return
         applied = self._rows.replay(journal)
         if journal.damage is not None:
-            aside = feedback_journal.set_aside(self.journal_path).name
-            log.error("%s: %s; set aside as %s, the %d records before it kept",
-                      self.journal_path.name, journal.damage, aside, applied)  # fmt: skip
-            if applied:
-                try:
-                    self._compact()
-                except OSError as exc:  # (its rows are in memory: the next compaction)
-                    log.error("cannot write %s: %s", self.path.name, exc)
+            # Its readable records go into the npz of the next generation first (a crash
+            # before that leaves the journal as it was, to be read again), and only then
+            # is it set aside; until that is done no label is taken (`_write`).
+            log.error("%s: %s; the %d records before it are kept, the journal set aside",
+                      self.journal_path.name, journal.damage, applied)  # fmt: skip
+            self._damaged_journal = True
+            try:
+                self._compact()
+            except OSError as exc:
+                log.error("cannot write %s: %s (labels are refused until it can be)",
+                          self.path.name, exc)  # fmt: skip
             return
         if journal.torn:
             log.warning("%s: a record cut short at byte %d (never acknowledged) dropped",
@@ -275,8 +285,10 @@ class FeedbackLog:
         else:
             encoded = feedback_journal.encode_add(record.row, record.label, record.max_rows)
         if self._end is None:
-            if self._generation == 0 and self.path.is_file() and len(self._rows):
-                self._compact()  # (an npz written before journals: given a generation first)
+            if self._damaged_journal or (
+                self._generation == 0 and self.path.is_file() and len(self._rows)
+            ):  # (a damaged journal's rows folded first; an npz from before journals
+                self._compact()  # given a generation; OSError: this label is not taken)
             if self._end is None:
                 self._end = feedback_journal.create(self.journal_path, self._generation)
         self._end = feedback_journal.append(self.journal_path, encoded, self._end)
@@ -304,5 +316,9 @@ class FeedbackLog:
             )
             self._generation = generation
             self._rows = feedback_journal.Rows(xs, ys)
+        if self._damaged_journal:  # (its rows are in the npz now, or it had none)
+            aside = feedback_journal.set_aside(self.journal_path)
+            log.error("%s set aside as %s", self.journal_path.name, aside.name)
+            self._damaged_journal = False
         self._end, self._records = None, 0  # (if creating it fails, the next label tries)
         self._end = feedback_journal.create(self.journal_path, self._generation)

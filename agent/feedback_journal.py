@@ -23,8 +23,10 @@ as damaged) is ignored by readers and set aside by the writer.
 
 Damage. A torn last record (a crash during its append: cut short, or zeros) is dropped;
 it was never acknowledged. A record that fails its checks with more bytes after it is
-damage in the middle: readers use the records before it; the writer sets the journal
-aside as ``feedback.journal.damaged-<time>`` and folds those records into a new npz.
+damage in the middle: readers use the records before it; the writer folds those records
+into the npz of the next generation, then sets the journal aside as
+``feedback.journal.damaged-<time>`` (a crash between the two leaves it stale, to be set
+aside at the next start), and takes no label until both are done.
 """
 
 from __future__ import annotations
@@ -263,7 +265,15 @@ class Rows:
 
 
 def set_aside(path: Path) -> Path:
-    """Rename a damaged `path` to ``<name>.damaged-<time>``; the new path (OSError if not)."""
-    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
-    path.replace(aside)
-    return aside
+    """Rename a damaged `path` to ``<name>.damaged-<time>`` (``-2``, ``-3``... after it if
+    that is taken: never over an earlier one); the new path (OSError if not)."""
+    stem = f"{path.name}.damaged-{int(time.time())}"
+    for n in range(1, 1000):
+        aside = path.with_name(stem if n == 1 else f"{stem}-{n}")
+        try:
+            os.link(path, aside)  # (fails where `aside` exists: nothing is overwritten)
+        except FileExistsError:
+            continue
+        path.unlink()
+        return aside
+    raise OSError(f"cannot set {path} aside: {stem} and 998 more names are taken")

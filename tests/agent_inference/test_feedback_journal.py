@@ -317,3 +317,73 @@ def test_every_label_acknowledged_before_a_kill_9_is_there(tmp_path: Path) -> No
         key = (i - 2, 0) if i % 4 == 3 else (i, 0)
         model.put(key, [float(key[0])] * 3, i % 7)
     assert matches, f"{len(y)} rows stored are not what {acknowledged} or more labels leave"
+
+
+def _damaged_after_three(tmp_path: Path) -> Model:
+    """Six labels, the fourth record damaged: the oracle of the three before it."""
+    log, model = FeedbackLog(tmp_path, max_rows=50), Model(50)
+    ends = []
+    for i in range(6):
+        key, row, label = _label(i)
+        log.put(key, np.asarray(row), label)
+        if i < 3:
+            model.put(key, row, label)
+        ends.append(log.journal_path.stat().st_size)
+    data = bytearray(log.journal_path.read_bytes())
+    data[ends[2] + 14] ^= 0xFF
+    log.journal_path.write_bytes(bytes(data))
+    return model
+
+
+@pytest.mark.parametrize("crash", [_crash_before, _crash_after])
+def test_a_crash_while_a_damaged_journal_is_folded_loses_none_of_its_readable_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash: Callable[..., Any]
+) -> None:
+    # It was set aside first and folded after: a crash between the two lost the rows.
+    model = _damaged_after_three(tmp_path)
+    real = feedback.write_atomically
+    monkeypatch.setattr(feedback, "write_atomically", crash(real))
+    with pytest.raises(Crash):
+        FeedbackLog(tmp_path, max_rows=50).rows()
+    monkeypatch.setattr(feedback, "write_atomically", real)
+    reopened = FeedbackLog(tmp_path, max_rows=50)
+    assert reopened.rows() == 3
+    assert _stored(reopened.path) == (model.x, model.y)
+    assert reopened.put(None, np.full(3, 9.0), 2) == model.put(None, [9.0] * 3, 2)
+    assert _stored(reopened.path) == (model.x, model.y)
+    assert len(list(tmp_path.glob("feedback.journal.damaged-*"))) == 1
+
+
+def test_no_label_is_taken_while_a_damaged_journal_cannot_be_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed fold left the npz without the journal's rows, and the next label started a
+    # new journal of the same generation: labels and relabels lost, or put on other rows.
+    model = _damaged_after_three(tmp_path)
+    real = feedback.write_atomically
+
+    def disk_full(*args: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(feedback, "write_atomically", disk_full)
+    log = FeedbackLog(tmp_path, max_rows=50)
+    assert log.rows() == 3
+    with pytest.raises(OSError, match="No space"):
+        log.put(None, np.full(3, 7.0), 1)  # not acknowledged
+    monkeypatch.setattr(feedback, "write_atomically", real)
+    for i in (10, 11):
+        assert log.put((i, 0), np.full(3, float(i)), 4) == model.put((i, 0), [float(i)] * 3, 4)
+    assert log.put((10, 0), np.full(3, 10.0), 6) == model.put((10, 0), [10.0] * 3, 6)
+    assert _stored(log.path) == (model.x, model.y)
+    assert FeedbackLog(tmp_path, max_rows=50).rows() == len(model.y)
+
+
+def test_a_second_journal_set_aside_in_the_same_second_keeps_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "feedback.journal"
+    asides = []
+    for text in (b"first", b"second"):
+        path.write_bytes(text)
+        asides.append(feedback_journal.set_aside(path))
+    assert len(set(asides)) == 2
+    assert sorted(p.read_bytes() for p in asides) == [b"first", b"second"]
+    assert not path.exists()
