@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cloud_coordinator.broker import free_port
 from cloud_coordinator.errors import StoreError
 from cloud_coordinator.registry import DeviceRecord, read_devices, read_rejections
 
@@ -81,11 +81,28 @@ class Coordinator(Daemon):
 
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.data_dir = data_dir
-        self.http_port = free_port()
+        self._http_port: int | None = None
         data_dir.mkdir(parents=True, exist_ok=True)
         args = ["-m", "cloud_coordinator", "serve", "--data-dir", str(data_dir)]
-        args += ["--http", f"127.0.0.1:{self.http_port}"]
-        super().__init__(args, _env(env), data_dir / "coordinator.log")
+        # Port 0: the coordinator binds a free port itself and logs it (a port chosen here
+        # could be taken, by a test on another worker, before the coordinator binds it).
+        args += ["--http", "127.0.0.1:0"]
+        log = data_dir / "coordinator.log"
+        self._log_start = log.stat().st_size if log.exists() else 0  # (a restart appends)
+        super().__init__(args, _env(env), log)
+
+    @property
+    def http_port(self) -> int:
+        """The port of its HTTP API, from its log (ConnectionRefusedError before it says)."""
+        if self._http_port is None:
+            with open(self.log, "rb") as log:
+                log.seek(self._log_start)
+                ours = log.read().decode(errors="replace")  # (this process's lines only)
+            found = re.search(r" API http://127\.0\.0\.1:(\d+),", ours)
+            if found is None:
+                raise ConnectionRefusedError("the coordinator has not opened its HTTP API yet")
+            self._http_port = int(found.group(1))
+        return self._http_port
 
     @property
     def db(self) -> Path:

@@ -926,17 +926,23 @@ def shipped_broker(tmp_path: Path) -> Iterator[ShippedBroker]:
     ca = TestCA(tmp_path / "pki")
     acl = workdir / "fedge.acl"
     shutil.copy(MOSQUITTO_DIR / "fedge.acl", acl)
-    port = free_port()
+    server = ca.issue("broker", server=True)
     conf = workdir / "fedge.conf"
-    conf.write_text(_shipped_conf(ca, ca.issue("broker", server=True), acl, port, workdir))
-    with open(workdir / "stderr.log", "wb") as err:
-        process = subprocess.Popen([binary, "-c", str(conf)], stdout=err, stderr=err)
+    for attempt in range(3):  # (a port found free can be taken before mosquitto binds it)
+        port = free_port()
+        conf.write_text(_shipped_conf(ca, server, acl, port, workdir))
+        with open(workdir / "stderr.log", "wb") as err:
+            process = subprocess.Popen([binary, "-c", str(conf)], stdout=err, stderr=err)
+        if wait_for_port("127.0.0.1", port, 10, process):
+            break
+        process.kill()
+        process.wait()
+        said = (workdir / "stderr.log").read_text(errors="replace")
+        if (workdir / "mosquitto.log").exists():
+            said += (workdir / "mosquitto.log").read_text(errors="replace")
+        if "Address already in use" not in said or attempt == 2:
+            raise RuntimeError(f"mosquitto did not start with the shipped config: {said}")
     try:
-        if not wait_for_port("127.0.0.1", port, 10, process):
-            raise RuntimeError(
-                "mosquitto did not start with the shipped config: "
-                + (workdir / "stderr.log").read_text(errors="replace")
-            )
         yield ShippedBroker(ca, port, process, workdir / "mosquitto.log")
     finally:
         if process.poll() is None:
@@ -1089,7 +1095,7 @@ def test_example_configs_bring_a_device_online_through_the_shipped_broker(
     agent_dir.mkdir()
     coordinator = Daemon(
         ["-m", "cloud_coordinator", "serve", "--config", str(PACKAGING / "coordinator.toml"),
-         "--http", f"127.0.0.1:{free_port()}"],
+         "--http", "127.0.0.1:0"],
         _daemon_env(shipped_broker.tls("fedge-coordinator-main"), coord_dir),
         coord_dir / "coordinator.log",
     )  # fmt: skip

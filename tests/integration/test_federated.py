@@ -159,6 +159,7 @@ def test_replayed_update_counts_once_and_forgeries_are_refused(
     assert 'fedge_messages_accepted_total{channel="update"} 4' in metrics
 
 
+@pytest.mark.wallclock  # (the two others must train and answer within the 5-s deadline)
 def test_straggler_does_not_block_the_round_and_its_late_update_is_refused(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:

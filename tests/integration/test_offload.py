@@ -34,6 +34,7 @@ def _predict_json(client: InferenceClient, x: object) -> dict[str, Any] | None:
         return None
 
 
+@pytest.mark.wallclock  # (the cloud's first answer must come within the 5-s deadline)
 def test_a_low_confidence_prediction_is_answered_by_the_coordinator(
     mosquitto: Mosquitto, bundles: Bundles, tmp_path: Path
 ) -> None:

@@ -3,9 +3,10 @@ minute), not at debug level where a default install never shows it."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
-from cloud_coordinator.broker import free_port
 from protocols import mqtt
 from protocols.config import BrokerConfig
 from protocols.mqtt import ConnectError, MqttClient, settings_from_config
@@ -24,9 +25,13 @@ def test_a_broker_that_cannot_be_reached_is_a_warning_saying_why(
     host: str, cause: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(mqtt, "FAILURE_LOG_EVERY_S", 1.0)
-    port = free_port()  # nothing listens there
+    # bound and never listening: connecting is refused, and no broker of a test on another
+    # worker can take the port meanwhile
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
     client = _client(BrokerConfig(host=host, port=port))
-    with caplog.at_level("WARNING", logger="protocols.mqtt"):
+    with holder, caplog.at_level("WARNING", logger="protocols.mqtt"):
         client.start()
         try:
             with pytest.raises(ConnectError, match=cause):
