@@ -308,7 +308,12 @@ class RolloutManager:
     def on_ack(self, device_id: str, ack: Ack) -> None:
         """Note a device's answer to a deployment (a failed load rolls its canary back; a
         deployment the device refused unread, as replayed or forged, says nothing of it)."""
-        if not ack.ref.startswith(ACK_PREFIX) or ack.ok or ack.reason.startswith(REFUSED):
+        if not ack.ref.startswith(ACK_PREFIX) or ack.ok:
+            return
+        if ack.reason.startswith(REFUSED):  # (said, for whoever runs the fleet to look into)
+            log.warning("%s refused a deployment of %s unread (%s): a replay or a forgery on"
+                        " its deploy topic, or its pinned key is not this coordinator's",
+                        device_id, ack.ref.removeprefix(ACK_PREFIX), ack.reason)  # fmt: skip
             return
         model, _, version = ack.ref.removeprefix(ACK_PREFIX).rpartition("/")
         with self._lock:

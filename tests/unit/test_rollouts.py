@@ -261,15 +261,21 @@ def test_a_canary_that_cannot_load_rolls_back_at_once(world: World) -> None:
     assert f"{canary}: warmup" in done["reason"]
 
 
-def test_a_deployment_the_device_refused_unread_rolls_nothing_back(world: World) -> None:
+def test_a_deployment_the_device_refused_unread_rolls_nothing_back(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
     # (anyone who can publish on the deploy topic can make a device refuse a replay)
     r = world.manager.create({"model": "m", "version": "v2", "canary_fraction": 0.1})
     (canary,) = r["canary"]
     for reason in ("replayed", "wrong_device", "bad_signature"):
         refused = Ack("deploy/m/v2", False, 0.0, f"deployment_rejected_{reason}")
-        world.manager.on_ack(canary, refused)
+        with caplog.at_level("WARNING", logger="cloud_coordinator.rollouts"):
+            world.manager.on_ack(canary, refused)
     world.manager.tick()
     assert state_of(world, r) == "canary"
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 3
+    assert f"{canary} refused a deployment of m/v2 unread (deployment_rejected_replayed)" in said[0]
 
 
 def test_every_deployment_is_signed_and_numbered_higher_also_after_a_restart(
