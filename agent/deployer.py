@@ -110,7 +110,7 @@ class Deployer:
                     f" device ({self.device_id!r})",
                     reason="wrong_device",
                 )
-            if deployment.signature:  # (an unsigned fleet's numbers prove nothing: not kept)
+            if deployment.signer_key:  # (verified above; an unsigned fleet's keep no number)
                 self.sequence.check(deployment)
         except DecodeError as exc:
             self._ack(manifest, False, f"deployment_rejected_{exc.reason}")
@@ -120,7 +120,7 @@ class Deployer:
         except SignatureError as exc:
             self._ack(manifest, False, f"manifest_rejected_{exc.reason}")
             raise
-        if deployment.signature:
+        if deployment.signer_key:
             self.sequence.accept(deployment)
         with self._lock:
             old = self._current

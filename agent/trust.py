@@ -103,7 +103,8 @@ class ManifestTrust:
 
     def _verify(self, manifest: ModelManifest) -> None:
         unsigned = not manifest.signature or not manifest.signer_key
-        if unsigned and self.allow_unsigned:
+        if unsigned and self.allow_unsigned and not self._keys:  # (once a key is trusted,
+            # configured or pinned, an unsigned manifest could replace what it signed)
             if not self.unsigned_accepted:
                 log.warning("accepting unsigned model manifests (allow_unsigned_models = true)")
             self.unsigned_accepted += 1
@@ -121,7 +122,12 @@ class ManifestTrust:
             keys = set(self._keys)
         unsigned = not deployment.signature or not deployment.signer_key
         try:
-            if unsigned and self.allow_unsigned and not keys and not deployment.manifest.signature:
+            if (
+                self.allow_unsigned
+                and not (deployment.signature or deployment.signer_key)
+                and not keys
+                and not deployment.manifest.signature
+            ):
                 return  # (an unsigned fleet: nothing trusted, nothing signed)
             if not keys and not unsigned:  # first use: the manifest's check pins the key
                 verify_deployment(deployment, {deployment.signer_key})

@@ -346,3 +346,19 @@ def test_an_unsigned_fleet_takes_unsigned_deployments_and_keeps_no_number(
     deployer.on_deploy(Deployment("dev-1", (1 << 63) - 1, 1.0, bundles.v1.manifest))
     deployer.on_deploy(Deployment("dev-1", 1, 2.0, bundles.v2.manifest))
     assert (deployer.store.deployed("digits-mlp"), deployer.sequence.seq) == ("v2", 0)
+
+
+def test_a_half_signed_deployment_is_not_taken_for_an_unsigned_one(
+    tmp_path: Path, bundles: Bundles
+) -> None:
+    # a signature without a signer key passed as "unsigned" in an unsigned fleet, and its
+    # number (2**63-1) was kept: every real deployment after it was a "replay"
+    fakes = _Fakes()
+    trust = ManifestTrust((), tmp_path, allow_unsigned=True)
+    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
+                        DeploySequence(tmp_path))  # fmt: skip
+    junk = Deployment("dev-1", (1 << 63) - 1, 1.0, bundles.v1.manifest, signature=b"x")
+    assert _refused(deployer, fakes, junk) == "unsigned"
+    assert DeploySequence(tmp_path).seq == 0
+    deployer.on_deploy(deployment(sign_manifest(bundles.v2.manifest, KEY), 5))
+    assert (deployer.store.deployed("digits-mlp"), deployer.sequence.seq) == ("v2", 5)

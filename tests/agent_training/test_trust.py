@@ -81,11 +81,17 @@ def test_a_pin_file_holding_no_key_is_refused_not_taken_as_no_pin(
         ManifestTrust((), tmp_path)
 
 
-def test_unsigned_manifests_only_when_allowed(tmp_path: Path) -> None:
-    trust = ManifestTrust((public_key(KEY_A),), tmp_path, allow_unsigned=True)
+def test_unsigned_manifests_only_when_allowed_and_no_key_is_trusted(tmp_path: Path) -> None:
+    trust = ManifestTrust((), tmp_path / "fleet", allow_unsigned=True)
     trust.verify(_manifest())
     assert trust.unsigned_accepted == 1
-    assert _refused(trust, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+    trust.verify(sign_manifest(_manifest(), KEY_A))  # the first signer is pinned ...
+    assert _refused(trust, _manifest()) == "unsigned"  # ... and then nothing unsigned
+    # (an unsigned manifest made newer than any real one would have frozen the device)
+    configured = ManifestTrust((public_key(KEY_A),), tmp_path, allow_unsigned=True)
+    assert _refused(configured, _manifest()) == "unsigned"
+    assert _refused(configured, sign_manifest(_manifest(), KEY_B)) == "untrusted_key"
+    assert configured.unsigned_accepted == 0
 
 
 def test_the_refusal_counts_are_prometheus_lines_with_help(tmp_path: Path) -> None:
