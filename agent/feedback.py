@@ -173,6 +173,7 @@ class FeedbackLog:
         self._added = 0  # rows ever added (loaded ones included): the next row's number
         self._keys: OrderedDict[Hashable, int] = OrderedDict()  # key → row number, oldest first
         self._damaged_journal = False  # a damaged journal waits to be folded and set aside
+        self._fold_written = False  # its rows are in the npz already
 
     def rows(self) -> int:
         """How many labelled rows the file holds."""
@@ -187,7 +188,11 @@ class FeedbackLog:
             self._rows = (
                 feedback_journal.Rows() if base is None else feedback_journal.Rows(*base[:2])
             )
-            self._open_journal()
+            try:
+                self._open_journal()
+            except OSError:  # (a journal that could not be set aside: read again next time,
+                self._rows = None  # never written over)
+                raise
             self._added = len(self._rows)
         return self._rows
 
@@ -224,8 +229,9 @@ class FeedbackLog:
             try:
                 self._compact()
             except OSError as exc:
-                log.error("cannot write %s: %s (labels are refused until it can be)",
-                          self.path.name, exc)  # fmt: skip
+                log.error("cannot fold %s into %s or set it aside: %s (labels are refused"
+                          " until it can be)", self.journal_path.name, self.path.name,
+                          exc)  # fmt: skip
             return
         if journal.torn:
             log.warning("%s: a record cut short at byte %d (never acknowledged) dropped",
@@ -307,7 +313,7 @@ class FeedbackLog:
     def _compact(self) -> None:
         """Write the rows as the npz of the next generation, then start an empty journal."""
         assert self._rows is not None
-        arrays = self._rows.arrays()
+        arrays = None if self._fold_written else self._rows.arrays()
         if arrays is not None:
             xs, ys = arrays
             generation = self._generation + 1
@@ -317,8 +323,9 @@ class FeedbackLog:
             self._generation = generation
             self._rows = feedback_journal.Rows(xs, ys)
         if self._damaged_journal:  # (its rows are in the npz now, or it had none)
+            self._fold_written = True  # (if setting it aside fails: only that is tried again)
             aside = feedback_journal.set_aside(self.journal_path)
             log.error("%s set aside as %s", self.journal_path.name, aside.name)
-            self._damaged_journal = False
+            self._damaged_journal = self._fold_written = False
         self._end, self._records = None, 0  # (if creating it fails, the next label tries)
         self._end = feedback_journal.create(self.journal_path, self._generation)

@@ -270,10 +270,14 @@ def set_aside(path: Path) -> Path:
     stem = f"{path.name}.damaged-{int(time.time())}"
     for n in range(1, 1000):
         aside = path.with_name(stem if n == 1 else f"{stem}-{n}")
-        try:
-            os.link(path, aside)  # (fails where `aside` exists: nothing is overwritten)
-        except FileExistsError:
+        try:  # the name reserved first (fails where it exists: nothing is overwritten), then
+            os.close(os.open(aside, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:  # taken by a rename (no hard links: vfat on an SD card)
             continue
-        path.unlink()
+        try:
+            path.replace(aside)
+        except OSError:
+            aside.unlink(missing_ok=True)
+            raise
         return aside
     raise OSError(f"cannot set {path} aside: {stem} and 998 more names are taken")

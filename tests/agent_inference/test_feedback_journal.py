@@ -387,3 +387,31 @@ def test_a_second_journal_set_aside_in_the_same_second_keeps_the_first(tmp_path:
     assert len(set(asides)) == 2
     assert sorted(p.read_bytes() for p in asides) == [b"first", b"second"]
     assert not path.exists()
+
+
+def test_a_damaged_journal_that_cannot_be_set_aside_is_folded_once_and_set_aside_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each refused label wrote the npz again under a new generation; now only the
+    # set-aside is tried again. (`set_aside` itself needs no hard links: vfat has none.)
+    model = _damaged_after_three(tmp_path)
+    real = feedback_journal.set_aside
+    monkeypatch.setattr(os, "link", None)  # (none used: an SD card's vfat has no links)
+    failing = [OSError(30, "Read-only file system")] * 2
+
+    def flaky(path: Path) -> Path:
+        if failing:
+            raise failing.pop()
+        return real(path)
+
+    monkeypatch.setattr(feedback_journal, "set_aside", flaky)
+    log = FeedbackLog(tmp_path, max_rows=50)
+    assert log.rows() == 3
+    generation = int(np.load(log.path)["generation"])
+    with pytest.raises(OSError, match="Read-only"):
+        log.put(None, np.full(3, 7.0), 1)  # not acknowledged
+    assert int(np.load(log.path)["generation"]) == generation  # the fold is not redone
+    assert log.put(None, np.full(3, 8.0), 1) == model.put(None, [8.0] * 3, 1)
+    assert int(np.load(log.path)["generation"]) == generation
+    assert _stored(log.path) == (model.x, model.y)
+    assert len(list(tmp_path.glob("feedback.journal.damaged-*"))) == 1
