@@ -41,6 +41,19 @@ def acl_text() -> str:
     )
 
 
+def mosquitto_running(log_file: Path, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """True once mosquitto logs that it runs (every listener bound: a port answering may be
+    another process's, taken before mosquitto could bind it); False if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        if log_file.exists() and " running" in log_file.read_text(errors="replace"):
+            return process.poll() is None
+        time.sleep(0.02)
+    return False
+
+
 @dataclass
 class Mosquitto:
     """A running Mosquitto started by a test."""
@@ -104,8 +117,10 @@ class Mosquitto:
                 self.process = subprocess.Popen(
                     [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=err_out
                 )
-            if wait_for_port(self.host, self.port, 10, self.process) and wait_for_port(
-                self.host, self.tls_port, 10, self.process
+            if (
+                wait_for_port(self.host, self.port, 10, self.process)
+                and wait_for_port(self.host, self.tls_port, 10, self.process)
+                and mosquitto_running(self.log_file, self.process, 10)
             ):
                 self.started = True
                 return

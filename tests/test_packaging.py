@@ -38,6 +38,7 @@ from protocols import __version__
 from protocols.config import EXIT_CONFIG, BrokerConfig
 from protocols.mqtt import ConnectError, InboundMessage, MqttClient, settings_from_config
 from protocols.topics import device_acl_pattern
+from tests.broker import mosquitto_running
 from tests.pki import CertFiles, TestCA
 from tests.procs import Daemon, running, wait_until
 
@@ -933,7 +934,9 @@ def shipped_broker(tmp_path: Path) -> Iterator[ShippedBroker]:
         conf.write_text(_shipped_conf(ca, server, acl, port, workdir))
         with open(workdir / "stderr.log", "wb") as err:
             process = subprocess.Popen([binary, "-c", str(conf)], stdout=err, stderr=err)
-        if wait_for_port("127.0.0.1", port, 10, process):
+        if wait_for_port("127.0.0.1", port, 10, process) and mosquitto_running(
+            workdir / "mosquitto.log", process, 10
+        ):
             break
         process.kill()
         process.wait()
