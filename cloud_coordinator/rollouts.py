@@ -138,6 +138,7 @@ class RolloutManager:
         self.devices = devices
         self.clock = clock
         self._lock = threading.RLock()
+        self._refusals_said: dict[str, float] = {}  # device → when its last refusal was logged
         self._rollouts = {r.rollout_id: r for r in store.all()}
         self._ticker = Ticker("rollouts", TICK_S, self.tick)
 
@@ -310,10 +311,13 @@ class RolloutManager:
         deployment the device refused unread, as replayed or forged, says nothing of it)."""
         if not ack.ref.startswith(ACK_PREFIX) or ack.ok:
             return
-        if ack.reason.startswith(REFUSED):  # (said, for whoever runs the fleet to look into)
-            log.warning("%s refused a deployment of %s unread (%s): a replay or a forgery on"
-                        " its deploy topic, or its pinned key is not this coordinator's",
-                        device_id, ack.ref.removeprefix(ACK_PREFIX), ack.reason)  # fmt: skip
+        if ack.reason.startswith(REFUSED):  # (said, for whoever runs the fleet to look into,
+            now = self.clock()  # once a minute a device: forgeries could flood the log)
+            if now - self._refusals_said.get(device_id, -math.inf) >= 60.0:
+                self._refusals_said[device_id] = now
+                log.warning("%s refused a deployment of %s unread (%s): a replay or a forgery"
+                            " on its deploy topic, or its pinned key is not this coordinator's",
+                            device_id, ack.ref.removeprefix(ACK_PREFIX), ack.reason)  # fmt: skip
             return
         model, _, version = ack.ref.removeprefix(ACK_PREFIX).rpartition("/")
         with self._lock:

@@ -274,7 +274,7 @@ def test_a_deployment_the_device_refused_unread_rolls_nothing_back(
     world.manager.tick()
     assert state_of(world, r) == "canary"
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(said) == 3
+    assert len(said) == 1  # (once a minute a device: forgeries could flood the log)
     assert f"{canary} refused a deployment of m/v2 unread (deployment_rejected_replayed)" in said[0]
 
 
