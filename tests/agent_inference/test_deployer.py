@@ -39,10 +39,11 @@ def deployment(
     return sign_deployment(Deployment(device, number, 1_700_000_000.0, manifest), key)
 
 
-def deployer_on(tmp_path: Path, fakes: _Fakes, keys: tuple[bytes, ...] = (public_key(KEY),)
-                ) -> Deployer:  # fmt: skip
+def deployer_on(tmp_path: Path, fakes: _Fakes, keys: tuple[bytes, ...] = (public_key(KEY),),
+                allow_unsigned: bool = False) -> Deployer:  # fmt: skip
     """A deployer of device ``dev-1`` over fakes, its state under `tmp_path`."""
-    return Deployer("dev-1", ModelStore(tmp_path / "models"), ManifestTrust(keys, tmp_path),
+    trust = ManifestTrust(keys, tmp_path, allow_unsigned)
+    return Deployer("dev-1", ModelStore(tmp_path / "models"), trust,
                     fakes, fakes, fakes, DeploySequence(tmp_path))  # fmt: skip
 
 
@@ -326,9 +327,7 @@ def test_with_unsigned_models_allowed_an_unsigned_deployment_cannot_pass_a_pinne
     # manifest through, numbered 2**63-1: the device downgraded and refused every real
     # deployment after, for good
     fakes = _Fakes()
-    trust = ManifestTrust((public_key(KEY),), tmp_path, allow_unsigned=True)
-    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
-                        DeploySequence(tmp_path))  # fmt: skip
+    deployer = deployer_on(tmp_path, fakes, (public_key(KEY),), allow_unsigned=True)
     v1, v2 = (sign_manifest(b.manifest, KEY) for b in (bundles.v1, bundles.v2))
     deployer.on_deploy(deployment(v2, 10))
     forged = Deployment("dev-1", (1 << 63) - 1, 1_700_000_000.0, v1)  # (not signed)
@@ -340,9 +339,7 @@ def test_an_unsigned_fleet_takes_unsigned_deployments_and_keeps_no_number(
     tmp_path: Path, bundles: Bundles
 ) -> None:
     fakes = _Fakes()
-    trust = ManifestTrust((), tmp_path, allow_unsigned=True)
-    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
-                        DeploySequence(tmp_path))  # fmt: skip
+    deployer = deployer_on(tmp_path, fakes, (), allow_unsigned=True)
     deployer.on_deploy(Deployment("dev-1", (1 << 63) - 1, 1.0, bundles.v1.manifest))
     deployer.on_deploy(Deployment("dev-1", 1, 2.0, bundles.v2.manifest))
     assert (deployer.store.deployed("digits-mlp"), deployer.sequence.seq) == ("v2", 0)
@@ -354,9 +351,7 @@ def test_a_half_signed_deployment_is_not_taken_for_an_unsigned_one(
     # a signature without a signer key passed as "unsigned" in an unsigned fleet, and its
     # number (2**63-1) was kept: every real deployment after it was a "replay"
     fakes = _Fakes()
-    trust = ManifestTrust((), tmp_path, allow_unsigned=True)
-    deployer = Deployer("dev-1", ModelStore(tmp_path / "models"), trust, fakes, fakes, fakes,
-                        DeploySequence(tmp_path))  # fmt: skip
+    deployer = deployer_on(tmp_path, fakes, (), allow_unsigned=True)
     junk = Deployment("dev-1", (1 << 63) - 1, 1.0, bundles.v1.manifest, signature=b"x")
     assert _refused(deployer, fakes, junk) == "unsigned"
     assert DeploySequence(tmp_path).seq == 0

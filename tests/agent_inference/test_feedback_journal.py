@@ -131,17 +131,8 @@ def test_a_torn_last_record_loses_only_itself(
 def test_a_damaged_record_in_the_middle_sets_the_journal_aside_keeping_those_before(
     tmp_path: Path,
 ) -> None:
-    log, model = FeedbackLog(tmp_path, max_rows=50), Model(50)
-    ends = []
-    for i in range(6):
-        key, row, label = _label(i)
-        log.put(key, np.asarray(row), label)
-        if i < 3:
-            model.put(key, row, label)
-        ends.append(log.journal_path.stat().st_size)
-    data = bytearray(log.journal_path.read_bytes())
-    data[ends[2] + 14] ^= 0xFF  # the fourth record's payload
-    log.journal_path.write_bytes(bytes(data))
+    model = _damaged_after_three(tmp_path)
+    log = FeedbackLog(tmp_path, max_rows=50)  # (not read yet: nothing set aside)
     assert load_feedback(log.path) is not None
     assert _stored_lenient(log.path) == (model.x, model.y)  # readers: those before it
     with pytest.raises(Exception, match="checksum"):
@@ -330,7 +321,7 @@ def _damaged_after_three(tmp_path: Path) -> Model:
             model.put(key, row, label)
         ends.append(log.journal_path.stat().st_size)
     data = bytearray(log.journal_path.read_bytes())
-    data[ends[2] + 14] ^= 0xFF
+    data[ends[2] + 14] ^= 0xFF  # the fourth record's payload
     log.journal_path.write_bytes(bytes(data))
     return model
 
