@@ -33,7 +33,7 @@ from pathlib import Path
 from agent.atomic_file import write_bytes_atomically
 from protocols.errors import RefusedMessageError
 from protocols.messages import Deployment
-from protocols.signing import deployment_signed_bytes
+from protocols.signing import signed_bytes
 
 log = logging.getLogger(__name__)
 SEQUENCE_FILE = Path("deploy") / "sequence"
@@ -44,7 +44,7 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 def digest(deployment: Deployment) -> str:
     """The sha256 (hex) of what `deployment`'s signature covers: its identity."""
-    return hashlib.sha256(deployment_signed_bytes(deployment)).hexdigest()
+    return hashlib.sha256(signed_bytes(deployment)).hexdigest()
 
 
 class DeploySequence:

@@ -192,7 +192,7 @@ class ModelManifest:
 @dataclass(frozen=True, slots=True)
 class Deployment:
     """Tells one device to serve `manifest` now: sequence ``seq`` (strictly increasing per
-    coordinator), signed by the coordinator over `protocols.signing.deployment_signed_bytes`."""
+    coordinator), signed by the coordinator over `protocols.signing.signed_bytes`."""
 
     KIND: ClassVar[str] = "deployment"
     VERSION: ClassVar[int] = 1

@@ -84,22 +84,38 @@ def _raw(key: bytes, what: str) -> bytes:
     return bytes(key)
 
 
-def signed_bytes(manifest: ModelManifest) -> bytes:
-    """The bytes a manifest's signature covers: the manifest with an empty signature."""
-    return encode(dataclasses.replace(manifest, signature=b""))
-
-
 _Signable = TypeVar("_Signable", ModelManifest, Deployment)
 
 
+def signed_bytes(message: _Signable) -> bytes:
+    """The bytes a manifest's or a deployment's signature covers: it with an empty signature."""
+    return encode(dataclasses.replace(message, signature=b""))
+
+
 def _signed(message: _Signable, private_key: bytes) -> _Signable:
-    """`message` with ``signer_key`` set to the key's public half, signed over its encoding
-    with an empty signature (what `signed_bytes` / `deployment_signed_bytes` return)."""
+    """`message` with ``signer_key`` set to the key's public half and signed by it."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     unsigned = dataclasses.replace(message, signer_key=public_key(private_key), signature=b"")
     key = Ed25519PrivateKey.from_private_bytes(private_key)
-    return dataclasses.replace(unsigned, signature=key.sign(encode(unsigned)))
+    return dataclasses.replace(unsigned, signature=key.sign(signed_bytes(unsigned)))
+
+
+def _check(message: _Signable, what: str, trusted: Collection[bytes]) -> None:
+    """Return if `message` (`what` names it) is signed by a `trusted` key; else SignatureError."""
+    if not message.signature or not message.signer_key:
+        raise SignatureError(f"{what} is not signed", reason="unsigned")
+    if message.signer_key not in trusted:
+        raise SignatureError(
+            f"{what} is signed by key {key_text(message.signer_key)}, which this device"
+            " does not trust",
+            reason="untrusted_key",
+        )
+    if not signature_matches(message.signer_key, message.signature, signed_bytes(message)):
+        raise SignatureError(
+            f"{what}: the signature does not match (tampered with, or corrupted)",
+            reason="bad_signature",
+        )
 
 
 def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
@@ -109,27 +125,7 @@ def sign_manifest(manifest: ModelManifest, private_key: bytes) -> ModelManifest:
 
 def verify_manifest(manifest: ModelManifest, trusted: Collection[bytes]) -> None:
     """Return if `manifest` is signed by one of the `trusted` keys; SignatureError if not."""
-    if not manifest.signature or not manifest.signer_key:
-        raise SignatureError(
-            f"manifest {manifest.name} {manifest.version} is not signed", reason="unsigned"
-        )
-    if manifest.signer_key not in trusted:
-        raise SignatureError(
-            f"manifest {manifest.name} {manifest.version} is signed by key"
-            f" {key_text(manifest.signer_key)}, which this device does not trust",
-            reason="untrusted_key",
-        )
-    if not signature_matches(manifest.signer_key, manifest.signature, signed_bytes(manifest)):
-        raise SignatureError(
-            f"manifest {manifest.name} {manifest.version}: the signature does not match"
-            " (tampered with, or corrupted)",
-            reason="bad_signature",
-        )
-
-
-def deployment_signed_bytes(deployment: Deployment) -> bytes:
-    """The bytes a deployment's signature covers: the deployment with an empty signature."""
-    return encode(dataclasses.replace(deployment, signature=b""))
+    _check(manifest, f"manifest {manifest.name} {manifest.version}", trusted)
 
 
 def sign_deployment(deployment: Deployment, private_key: bytes) -> Deployment:
@@ -141,17 +137,4 @@ def verify_deployment(deployment: Deployment, trusted: Collection[bytes]) -> Non
     """Return if `deployment` (its envelope) is signed by a `trusted` key; else SignatureError."""
     manifest = deployment.manifest
     what = f"deployment {deployment.seq} of {manifest.name} {manifest.version}"
-    if not deployment.signature or not deployment.signer_key:
-        raise SignatureError(f"{what} is not signed", reason="unsigned")
-    if deployment.signer_key not in trusted:
-        raise SignatureError(
-            f"{what} is signed by key {key_text(deployment.signer_key)}, which this device"
-            " does not trust",
-            reason="untrusted_key",
-        )
-    signed = deployment_signed_bytes(deployment)
-    if not signature_matches(deployment.signer_key, deployment.signature, signed):
-        raise SignatureError(
-            f"{what}: the signature does not match (tampered with, or corrupted)",
-            reason="bad_signature",
-        )
+    _check(deployment, what, trusted)
